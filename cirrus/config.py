@@ -1,0 +1,60 @@
+"""Configuration: one YAML file, every key overridable by a CIRRUS_... variable.
+
+The file is ``deploy/cirrus.yaml`` unless CIRRUS_CONFIG names another. A key
+``section: {key: value}`` is overridden by ``CIRRUS_SECTION_KEY``; the value is
+read as YAML, so numbers and booleans keep their type.
+"""
+import os
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PATH = REPO_ROOT / "deploy" / "cirrus.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _flatten(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def env_name(path):
+    return "CIRRUS_" + "_".join(path).upper()
+
+
+def load(path=None, environ=None):
+    """Return the configuration as nested dicts, with the environment applied."""
+    environ = os.environ if environ is None else environ
+    path = Path(path or environ.get("CIRRUS_CONFIG") or DEFAULT_PATH)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    for key_path, _ in list(_flatten(tree)):
+        name = env_name(key_path)
+        if name in environ:
+            node = tree
+            for part in key_path[:-1]:
+                node = node[part]
+            node[key_path[-1]] = yaml.safe_load(environ[name])
+    return tree
+
+
+_cached = None
+
+
+def get():
+    """The process-wide configuration, loaded once."""
+    global _cached
+    if _cached is None:
+        _cached = load()
+    return _cached

@@ -1,0 +1,105 @@
+"""The database schema: the single source of truth for every service."""
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow():
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(32), default="user")   # admin | user
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Token(Base):
+    __tablename__ = "tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)   # sha256 of the token
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Host(Base):
+    """A hypervisor node. Capacity is in OpenNebula's units: CPU in percent of
+    a core (4 cores = 400), memory in MB. *_usage is what VMs have allocated."""
+    __tablename__ = "hosts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default="INIT")  # INIT MONITORED ERROR DISABLED
+    max_cpu: Mapped[int] = mapped_column(Integer, default=0)
+    max_mem: Mapped[int] = mapped_column(Integer, default=0)
+    cpu_usage: Mapped[int] = mapped_column(Integer, default=0)
+    mem_usage: Mapped[int] = mapped_column(Integer, default=0)
+    running_vms: Mapped[int] = mapped_column(Integer, default=0)
+    monitoring: Mapped[dict] = mapped_column(JSONB, default=dict)
+    last_monitored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class VirtualMachine(Base):
+    __tablename__ = "vms"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    lcm_state: Mapped[str] = mapped_column(String(32))
+    seq: Mapped[int] = mapped_column(Integer, default=0)    # bumped at every transition
+    cpu: Mapped[float] = mapped_column(Float)
+    vcpu: Mapped[int] = mapped_column(Integer)
+    memory: Mapped[int] = mapped_column(Integer)             # MB
+    template: Mapped[dict] = mapped_column(JSONB, default=dict)
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id"), nullable=True, index=True)
+    deploy_id: Mapped[str] = mapped_column(String(128), nullable=True)
+    command_id: Mapped[str] = mapped_column(String(36), nullable=True)  # driver command in flight
+    error: Mapped[str] = mapped_column(Text, nullable=True)            # last driver failure
+    sched_message: Mapped[str] = mapped_column(Text, nullable=True)    # why it is not placed
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class VmHistory(Base):
+    """One row per transition: what was done, from where, to where, on which host."""
+    __tablename__ = "vm_history"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(32))
+    from_status: Mapped[str] = mapped_column(String(32), nullable=True)
+    to_status: Mapped[str] = mapped_column(String(32))
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id"), nullable=True)
+    message: Mapped[str] = mapped_column(Text, nullable=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Template(Base):
+    __tablename__ = "templates"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    body: Mapped[dict] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Outbox(Base):
+    """Messages written in the transaction that caused them, published after commit."""
+    __tablename__ = "outbox"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    exchange: Mapped[str] = mapped_column(String(128))
+    routing_key: Mapped[str] = mapped_column(String(256))
+    payload: Mapped[dict] = mapped_column(JSONB)
+    headers: Mapped[dict] = mapped_column(JSONB, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

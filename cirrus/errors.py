@@ -1,0 +1,46 @@
+"""Errors that cross service boundaries, each with the gRPC status it maps to.
+
+Services raise these; Nameko sends them as RemoteError(exc_type=<class name>),
+and the gateway turns the class name back into the status code.
+"""
+
+
+class CirrusError(Exception):
+    grpc_status = "INTERNAL"
+
+
+class InvalidArgument(CirrusError):
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class NotFound(CirrusError):
+    grpc_status = "NOT_FOUND"
+
+
+class AlreadyExists(CirrusError):
+    grpc_status = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(CirrusError):
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(CirrusError):
+    grpc_status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(CirrusError):
+    grpc_status = "PERMISSION_DENIED"
+
+
+class ResourceExhausted(CirrusError):
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+BY_NAME = {cls.__name__: cls for cls in CirrusError.__subclasses__()}
+
+
+def grpc_status_name(exc_type):
+    """The gRPC status name for a RemoteError's exc_type ('INTERNAL' if unknown)."""
+    cls = BY_NAME.get(exc_type)
+    return cls.grpc_status if cls else "INTERNAL"

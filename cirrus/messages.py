@@ -1,0 +1,53 @@
+"""What crosses the broker: exchanges, queues, and the shape of commands and events.
+
+- Events are Nameko events, so Nameko ``event_handler``s receive them: VM state
+  changes come from ``lifecycle`` (event type ``vm.state``), driver results and
+  host monitoring from ``node`` (``command.result``, ``host.monitor``).
+- Driver commands go to one durable queue per host, ``cirrus.node.<host>``,
+  through the direct exchange ``cirrus.commands``.
+"""
+import uuid
+
+from kombu import Exchange, Queue
+from nameko.standalone.events import get_event_exchange
+
+LIFECYCLE = "lifecycle"
+NODE = "node"
+VM_STATE = "vm.state"
+COMMAND_RESULT = "command.result"
+HOST_MONITOR = "host.monitor"
+
+COMMANDS = Exchange("cirrus.commands", type="direct", durable=True, delivery_mode=2)
+
+# what a driver worker accepts
+DRIVER_ACTIONS = ("deploy", "shutdown", "cancel", "poll", "clone", "delete")
+
+
+def event_exchange(source):
+    """The exchange Nameko's event_handler binds to for events of ``source``."""
+    return get_event_exchange(source, {})
+
+
+def node_queue(host):
+    return Queue(f"cirrus.node.{host}", COMMANDS, routing_key=host, durable=True,
+                 auto_delete=False)
+
+
+def vm_event_key(state, lcm_state, vm_id):
+    """OpenNebula's key for a VM state change: VM/<STATE>/<LCM_STATE>/<ID>."""
+    return f"VM/{state}/{lcm_state}/{vm_id}"
+
+
+def command(action, vm_id, host, **args):
+    """A driver command. ``id`` makes redelivery harmless: the worker may run
+    a command twice, and lifecycle takes only the first result for an id."""
+    assert action in DRIVER_ACTIONS, action
+    return {"id": str(uuid.uuid4()), "action": action, "vm_id": vm_id, "host": host,
+            "args": args}
+
+
+def result(cmd, success, info=None, error=None):
+    """A driver's answer to ``cmd``: SUCCESS with info, or FAILURE with a message."""
+    return {"command_id": cmd["id"], "action": cmd["action"], "vm_id": cmd["vm_id"],
+            "host": cmd["host"], "success": bool(success), "info": info or {},
+            "error": error}

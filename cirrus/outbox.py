@@ -1,0 +1,70 @@
+"""The transactional outbox.
+
+A service writes the messages a change causes into the ``outbox`` table in the
+same transaction as the change. ``Relay.flush`` then publishes them with
+publisher confirms and deletes them, so a message is never lost when a process
+dies after commit, and never sent for a change that rolled back. Delivery is at
+least once: consumers treat a repeat as a no-op (VM events carry ``seq``,
+driver results a command id).
+"""
+import logging
+
+from kombu import Connection
+from kombu.pools import producers
+from sqlalchemy import delete, select
+
+from cirrus import messages
+from cirrus.db.models import Outbox
+
+log = logging.getLogger(__name__)
+
+
+def add(session, exchange, routing_key, payload, headers=None):
+    session.add(Outbox(exchange=exchange, routing_key=routing_key, payload=payload,
+                       headers=headers or {}))
+
+
+def add_event(session, source, event_type, payload, headers=None):
+    add(session, messages.event_exchange(source).name, event_type, payload, headers)
+
+
+def add_command(session, cmd):
+    add(session, messages.COMMANDS.name, cmd["host"], cmd)
+
+
+class Relay:
+    """Publishes outbox rows. Several relays may run at once: each takes the
+    rows it publishes with SKIP LOCKED, so none is sent twice by two relays."""
+
+    def __init__(self, amqp_uri, session_factory, batch=500):
+        self.connection = Connection(amqp_uri, transport_options={"confirm_publish": True})
+        self.session_factory = session_factory
+        self.batch = batch
+
+    def _exchange(self, row):
+        if row.exchange == messages.COMMANDS.name:
+            return messages.COMMANDS, [messages.node_queue(row.routing_key)]
+        return messages.event_exchange(row.exchange.removesuffix(".events")), []
+
+    def flush(self):
+        """Publish what is waiting; returns how many messages went out."""
+        sent = 0
+        while True:
+            with self.session_factory() as session, session.begin():
+                rows = session.scalars(
+                    select(Outbox).order_by(Outbox.id).limit(self.batch)
+                    .with_for_update(skip_locked=True)).all()
+                if not rows:
+                    return sent
+                with producers[self.connection].acquire(block=True) as producer:
+                    for row in rows:
+                        exchange, queues = self._exchange(row)
+                        producer.publish(
+                            row.payload, exchange=exchange, routing_key=row.routing_key,
+                            headers=row.headers, serializer="json", delivery_mode=2,
+                            declare=[exchange, *queues], retry=True,
+                            retry_policy={"max_retries": 3})
+                session.execute(delete(Outbox).where(Outbox.id.in_([r.id for r in rows])))
+                sent += len(rows)
+            if len(rows) < self.batch:
+                return sent
