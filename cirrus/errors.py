@@ -44,3 +44,10 @@ def grpc_status_name(exc_type):
     """The gRPC status name for a RemoteError's exc_type ('INTERNAL' if unknown)."""
     cls = BY_NAME.get(exc_type)
     return cls.grpc_status if cls else "INTERNAL"
+
+
+def from_remote(exc):
+    """The CirrusError behind a Nameko RemoteError, so an error passes through
+    a chain of services unchanged; other remote errors are returned as they are."""
+    cls = BY_NAME.get(getattr(exc, "exc_type", None))
+    return cls(exc.value) if cls else exc

@@ -1,7 +1,7 @@
 """What crosses the broker: exchanges, queues, and the shape of commands and events.
 
 - Events are Nameko events, so Nameko ``event_handler``s receive them: VM state
-  changes come from ``lifecycle`` (event type ``vm.state``), driver results and
+  changes come from ``lifecycle`` (event types ``vm.state`` and ``host.state``), driver results and
   host monitoring from ``node`` (``command.result``, ``host.monitor``).
 - Driver commands go to one durable queue per host, ``cirrus.node.<host>``,
   through the direct exchange ``cirrus.commands``.
@@ -14,6 +14,7 @@ from nameko.standalone.events import get_event_exchange
 LIFECYCLE = "lifecycle"
 NODE = "node"
 VM_STATE = "vm.state"
+HOST_STATE = "host.state"
 COMMAND_RESULT = "command.result"
 HOST_MONITOR = "host.monitor"
 

@@ -8,6 +8,7 @@ least once: consumers treat a repeat as a no-op (VM events carry ``seq``,
 driver results a command id).
 """
 import logging
+from contextlib import contextmanager
 
 from kombu import Connection
 from kombu.pools import producers
@@ -40,6 +41,16 @@ class Relay:
         self.connection = Connection(amqp_uri, transport_options={"confirm_publish": True})
         self.session_factory = session_factory
         self.batch = batch
+
+    @contextmanager
+    def transaction(self):
+        """A session in a transaction; what it wrote to the outbox goes out after commit."""
+        with self.session_factory() as session, session.begin():
+            yield session
+        try:
+            self.flush()
+        except Exception:  # committed all the same: the periodic flush sends it later
+            log.warning("outbox flush after commit failed; will retry", exc_info=True)
 
     def _exchange(self, row):
         if row.exchange == messages.COMMANDS.name:

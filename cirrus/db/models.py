@@ -39,7 +39,8 @@ class Host(Base):
     __tablename__ = "hosts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
-    state: Mapped[str] = mapped_column(String(16), default="INIT")  # INIT MONITORED ERROR DISABLED
+    # INIT (never heard from), MONITORED, ERROR (stopped reporting), DISABLED (no new VMs)
+    state: Mapped[str] = mapped_column(String(16), default="INIT")
     max_cpu: Mapped[int] = mapped_column(Integer, default=0)
     max_mem: Mapped[int] = mapped_column(Integer, default=0)
     cpu_usage: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,0 +1,133 @@
+"""The lifecycle service: owns VMs, their states and history, hosts and VM templates.
+
+Entrypoints are thin: each opens a transaction through the outbox relay and
+calls a function of ``logic``. Driver results and host monitoring come in as
+events from the nodes; state changes and driver commands leave through the
+outbox after commit.
+"""
+from nameko.events import event_handler
+from nameko.rpc import rpc
+from nameko.timer import timer
+
+from cirrus import config, messages
+from cirrus.dependencies import OutboxRelay
+from cirrus.errors import CirrusError
+from services.lifecycle import logic
+
+OUTBOX_INTERVAL = config.get()["lifecycle"].get("outbox_interval", 1)
+
+api = rpc(expected_exceptions=CirrusError)
+
+
+class LifecycleService:
+    name = messages.LIFECYCLE
+
+    relay = OutboxRelay()
+
+    # -------------------------------------------------------------- VMs
+
+    @api
+    def allocate(self, owner_id, name, cpu, vcpu, memory, template, hold=False):
+        with self.relay.transaction() as session:
+            vm = logic.allocate(session, owner_id, name, cpu, vcpu, memory, template, hold)
+        return self.get_vm(vm.id)
+
+    @api
+    def deploy(self, vm_id, host_id):
+        with self.relay.transaction() as session:
+            return logic.deploy(session, vm_id, host_id)
+
+    @api
+    def terminate(self, vm_id, hard=False):
+        with self.relay.transaction() as session:
+            vm = logic.terminate(session, vm_id, hard)
+        return self.get_vm(vm.id)
+
+    @api
+    def get_vm(self, vm_id):
+        with self.relay.session_factory() as session:
+            return logic.get_vm(session, vm_id)
+
+    @api
+    def list_vms(self, owner_id=None, include_done=False):
+        with self.relay.session_factory() as session:
+            return logic.list_vms(session, owner_id, include_done)
+
+    @api
+    def set_sched_message(self, vm_id, message):
+        with self.relay.transaction() as session:
+            logic.set_sched_message(session, vm_id, message)
+
+    @event_handler(messages.NODE, messages.COMMAND_RESULT, requeue_on_error=True)
+    def on_command_result(self, result):
+        with self.relay.transaction() as session:
+            logic.handle_result(session, result)
+
+    @event_handler(messages.NODE, messages.HOST_MONITOR, requeue_on_error=True)
+    def on_host_monitor(self, report):
+        with self.relay.transaction() as session:
+            logic.handle_monitor(session, report)
+
+    @timer(interval=OUTBOX_INTERVAL)
+    def flush_outbox(self):
+        """Send what a crash or a broker outage left in the outbox."""
+        self.relay.flush()
+
+    # -------------------------------------------------------------- hosts
+
+    @api
+    def create_host(self, name):
+        with self.relay.transaction() as session:
+            host = logic.create_host(session, name)
+            return logic.host_to_dict(host)
+
+    @api
+    def get_host(self, host_id):
+        with self.relay.session_factory() as session:
+            return logic.host_to_dict(logic.get_host(session, host_id))
+
+    @api
+    def list_hosts(self):
+        with self.relay.session_factory() as session:
+            return logic.list_hosts(session)
+
+    @api
+    def enable_host(self, host_id):
+        with self.relay.transaction() as session:
+            return logic.host_to_dict(logic.set_host_enabled(session, host_id, True))
+
+    @api
+    def disable_host(self, host_id):
+        with self.relay.transaction() as session:
+            return logic.host_to_dict(logic.set_host_enabled(session, host_id, False))
+
+    @api
+    def delete_host(self, host_id):
+        with self.relay.transaction() as session:
+            return logic.delete_host(session, host_id)
+
+    # -------------------------------------------------------------- templates
+
+    @api
+    def create_template(self, owner_id, name, body):
+        with self.relay.transaction() as session:
+            template = logic.create_template(session, owner_id, name, body)
+        return self.get_template(template.id)
+
+    @api
+    def get_template(self, template_id):
+        with self.relay.session_factory() as session:
+            return logic.template_to_dict(session, logic.get_template(session, template_id))
+
+    @api
+    def list_templates(self, owner_id=None):
+        with self.relay.session_factory() as session:
+            return logic.list_templates(session, owner_id)
+
+    @api
+    def delete_template(self, template_id):
+        with self.relay.transaction() as session:
+            template = logic.get_template(session, template_id)
+            out = logic.template_to_dict(session, template)
+            session.delete(template)
+            return out
