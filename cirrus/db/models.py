@@ -68,6 +68,8 @@ class VirtualMachine(Base):
     command_id: Mapped[str] = mapped_column(String(36), nullable=True)  # driver command in flight
     error: Mapped[str] = mapped_column(Text, nullable=True)            # last driver failure
     sched_message: Mapped[str] = mapped_column(Text, nullable=True)    # why it is not placed
+    # the caller's request id: a create that is redelivered or retried finds its VM
+    request_id: Mapped[str] = mapped_column(String(64), nullable=True, unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 

@@ -36,7 +36,15 @@ def get_vm_locked(session, vm_id):
     return vm
 
 
-def allocate(session, owner_id, name, cpu, vcpu, memory, template, hold=False):
+def allocate(session, owner_id, name, cpu, vcpu, memory, template, hold=False,
+             request_id=None):
+    """Write a new VM as PENDING (or HOLD). A request id seen before returns
+    the VM that request made, so a retried or redelivered create makes one VM."""
+    if request_id:
+        existing = session.scalar(select(VirtualMachine).where(
+            VirtualMachine.request_id == request_id))
+        if existing is not None:
+            return existing
     if not name or not str(name).strip():
         raise InvalidArgument("name: must not be empty")
     if memory is None or memory <= 0:
@@ -47,7 +55,7 @@ def allocate(session, owner_id, name, cpu, vcpu, memory, template, hold=False):
         raise InvalidArgument(f"vcpu: must be a positive integer, got {vcpu}")
     vm = VirtualMachine(name=str(name).strip(), owner_id=owner_id, state="INIT",
                         lcm_state="LCM_INIT", seq=0, cpu=float(cpu), vcpu=int(vcpu),
-                        memory=int(memory), template=template or {})
+                        memory=int(memory), template=template or {}, request_id=request_id)
     session.add(vm)
     session.flush()
     apply(session, vm, "allocate_hold" if hold else "allocate")

@@ -27,9 +27,11 @@ class LifecycleService:
     # -------------------------------------------------------------- VMs
 
     @api
-    def allocate(self, owner_id, name, cpu, vcpu, memory, template, hold=False):
+    def allocate(self, owner_id, name, cpu, vcpu, memory, template, hold=False,
+                 request_id=None):
         with self.relay.transaction() as session:
-            vm = logic.allocate(session, owner_id, name, cpu, vcpu, memory, template, hold)
+            vm = logic.allocate(session, owner_id, name, cpu, vcpu, memory, template, hold,
+                                request_id)
         return self.get_vm(vm.id)
 
     @api

@@ -23,7 +23,8 @@ def build_vm_spec(spec, max_bytes):
             template[key.upper()] = str(spec[key])
     resources = vm_resources(template)
     return dict(name=resources["name"], cpu=resources["cpu"], vcpu=resources["vcpu"],
-                memory=resources["memory"], template=template, hold=bool(spec.get("hold")))
+                memory=resources["memory"], template=template, hold=bool(spec.get("hold")),
+                request_id=spec.get("request_id"))
 
 
 class RequestsService:

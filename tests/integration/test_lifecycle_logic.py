@@ -145,3 +145,13 @@ def test_leaving_the_host_releases_capacity(factory, admin_id, host):
         assert vm.state == "DONE"
         h = s.get(Host, host)
         assert (h.cpu_usage, h.mem_usage, h.running_vms) == (0, 0, 0)
+
+
+def test_a_repeated_create_request_makes_one_vm(factory, admin_id):
+    with factory() as s, s.begin():
+        first = logic.allocate(s, admin_id, "idem", 1, 1, 64, {}, request_id="req-42")
+    with factory() as s, s.begin():
+        again = logic.allocate(s, admin_id, "idem", 1, 1, 64, {}, request_id="req-42")
+        assert again.id == first.id
+        assert s.scalar(select(func.count()).select_from(VirtualMachine)
+                        .where(VirtualMachine.request_id == "req-42")) == 1

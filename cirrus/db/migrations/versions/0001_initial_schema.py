@@ -84,11 +84,13 @@ def upgrade():
     sa.Column('command_id', sa.String(length=36), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('sched_message', sa.Text(), nullable=True),
+    sa.Column('request_id', sa.String(length=64), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.ForeignKeyConstraint(['host_id'], ['hosts.id'], ),
     sa.ForeignKeyConstraint(['owner_id'], ['users.id'], ),
-    sa.PrimaryKeyConstraint('id')
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('request_id')
     )
     op.create_index(op.f('ix_vms_host_id'), 'vms', ['host_id'], unique=False)
     op.create_index(op.f('ix_vms_owner_id'), 'vms', ['owner_id'], unique=False)
