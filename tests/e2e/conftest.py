@@ -1,0 +1,134 @@
+"""End-to-end harness: a whole cluster started by ``cirrus-launch`` as processes,
+used through the ``cirrus`` CLI and gRPC, as an operator would.
+
+Each cluster gets its own database and RabbitMQ vhost, so clusters started
+one after another in a session never see each other's VMs or queues.
+"""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import uuid
+
+import pytest
+
+from tests.conftest import BASE_AMQP, BASE_DB, rabbitmqctl
+from tests.procs import BIN, Proc, wait_until
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CliError(AssertionError):
+    pass
+
+
+class Cluster:
+    def __init__(self, tmp_path, nodes=("node-1",), uri="test:///default", scale=None):
+        self.id = uuid.uuid4().hex[:8]
+        self.nodes, self.uri, self.scale = list(nodes), uri, scale
+        self.tmp = tmp_path
+        self.db_url = BASE_DB.rstrip("/") + f"/cirrus_e2e_{self.id}"
+        self.vhost = f"cirrus-e2e-{self.id}"
+        self.port = free_port()
+        (tmp_path / "home").mkdir(exist_ok=True)
+        (tmp_path / "datastore").mkdir(exist_ok=True)
+        self.env = {**os.environ,
+                    "HOME": str(tmp_path / "home"),
+                    "CIRRUS_DATABASE_URL": self.db_url,
+                    "CIRRUS_AMQP_URI": BASE_AMQP.rstrip("/") + "/" + self.vhost,
+                    "CIRRUS_GATEWAY_PORT": str(self.port),
+                    "CIRRUS_DRIVERS_DATASTORE": str(tmp_path / "datastore"),
+                    "CIRRUS_DRIVERS_MONITOR_INTERVAL": "1",
+                    "CIRRUS_SCHEDULER_SWEEP_INTERVAL": "2"}
+        for key in ("CIRRUS_TOKEN", "CIRRUS_USER", "CIRRUS_PASSWORD", "CIRRUS_CONFIG"):
+            self.env.pop(key, None)
+        self.proc = None
+
+    def start(self):
+        rabbitmqctl("add_vhost", self.vhost)
+        rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+        args = ["cirrus-launch", "--nodes", ",".join(self.nodes), "--uri", self.uri]
+        if self.scale:
+            args += ["--scale", self.scale]
+        self.proc = Proc(args, self.env, self.tmp / "cluster.log").start()
+        self.proc.wait_for("cirrus: cluster ready", timeout=120)
+        return self
+
+    def stop(self):
+        if self.proc:
+            self.proc.stop()
+        rabbitmqctl("delete_vhost", self.vhost)
+        from sqlalchemy import create_engine
+        admin = create_engine(BASE_DB.rstrip("/") + "/postgres", isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "cirrus_e2e_{self.id}" WITH (FORCE)')
+        admin.dispose()
+
+    # ------------------------------------------------------------ the CLI
+
+    def cli(self, *args, check=True, timeout=120):
+        done = subprocess.run([str(BIN / "cirrus"), *map(str, args)], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        if check and done.returncode != 0:
+            raise CliError(f"cirrus {' '.join(map(str, args))} exited {done.returncode}:\n"
+                           f"{done.stdout}\n{done.stderr}")
+        return done
+
+    def json(self, *args):
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def create_vm(self, *args):
+        return int(self.cli("vm", "create", *args).stdout.strip())
+
+    # ------------------------------------------------------------ processes
+
+    def pids(self, instance):
+        """Current pid of a supervised instance, e.g. ``lifecycle.1``."""
+        found = re.findall(rf"started {re.escape(instance)} \(pid (\d+)\)", self.proc.output())
+        return int(found[-1]) if found else None
+
+    def kill(self, instance, sig=signal.SIGKILL):
+        pid = self.pids(instance)
+        os.kill(pid, sig)
+        return pid
+
+    def domains(self, host):
+        """The Cirrus domains the node's driver reports, by deploy id."""
+        mon = self.json("host", "show", str(self.host_id(host)))["monitoring"]
+        return {vm["DEPLOY_ID"]: vm["STATE"] for vm in mon.get("VMS", [])}
+
+    def host_id(self, name):
+        return next(h["id"] for h in self.json("host", "list") if h["name"] == name)
+
+    def wait_status(self, vm_ids, status, timeout=120):
+        def reached():
+            vms = {vm["id"]: vm for vm in self.json("vm", "list", "--all")}
+            return all(vms[i]["status"] == status for i in vm_ids)
+        wait_until(reached, timeout, interval=0.5, what=f"VMs {vm_ids} {status}")
+
+
+@pytest.fixture
+def make_cluster(tmp_path_factory):
+    clusters = []
+
+    def make(**kwargs):
+        cluster = Cluster(tmp_path_factory.mktemp("cluster"), **kwargs).start()
+        clusters.append(cluster)
+        return cluster
+    yield make
+    for cluster in clusters:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One embedded-driver cluster shared by a module's tests."""
+    c = Cluster(tmp_path_factory.mktemp("cluster")).start()
+    yield c
+    c.stop()
