@@ -4,6 +4,7 @@ Our own entry point around ServiceRunner, because the ``nameko`` CLI of 2.14
 imports pkg_resources. It applies the eventlet monkey patch and makes psycopg2
 cooperative before anything else is imported.
 """
+import cirrus  # noqa: F401  (silences eventlet's deprecation warning before the import)
 import eventlet
 
 eventlet.monkey_patch()
