@@ -37,17 +37,26 @@ class ResourceExhausted(CirrusError):
     grpc_status = "RESOURCE_EXHAUSTED"
 
 
-BY_NAME = {cls.__name__: cls for cls in CirrusError.__subclasses__()}
+def by_name(exc_type):
+    """The CirrusError class called ``exc_type``, looked up at call time so
+    that subclasses defined elsewhere (TemplateError) are found too."""
+    pending = [CirrusError]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == exc_type:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return None
 
 
 def grpc_status_name(exc_type):
     """The gRPC status name for a RemoteError's exc_type ('INTERNAL' if unknown)."""
-    cls = BY_NAME.get(exc_type)
+    cls = by_name(exc_type)
     return cls.grpc_status if cls else "INTERNAL"
 
 
 def from_remote(exc):
     """The CirrusError behind a Nameko RemoteError, so an error passes through
     a chain of services unchanged; other remote errors are returned as they are."""
-    cls = BY_NAME.get(getattr(exc, "exc_type", None))
+    cls = by_name(getattr(exc, "exc_type", None))
     return cls(exc.value) if cls else exc
