@@ -87,7 +87,8 @@ class Console:
         self.colour = self.stream.isatty() if colour is None else colour
         self.width = len("cirrus")
         self._colours = {}
-        self._lock = threading.Lock()
+        # reentrant: the signal handler notes in the main thread, maybe mid-write
+        self._lock = threading.RLock()
 
     def make_room(self, names):
         self.width = max([self.width, *map(len, names)])
@@ -205,7 +206,8 @@ class Supervisor:
                 _signal_group(inst.proc, signal.SIGTERM)
         if running:
             self.console.note(f"stopping {len(running)} processes")
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
         stubborn = []
         for inst in running:
             try:
@@ -220,6 +222,8 @@ class Supervisor:
         for inst in self._instances.values():
             if inst.reader is not None:
                 inst.reader.join(timeout=2)  # so the last lines are written before we return
+        if running:
+            self.console.note(f"{len(running)} processes ended in {time.monotonic() - began:.1f} s")
         self._stopped_cleanly = not stubborn
         return self._stopped_cleanly
 

@@ -7,6 +7,16 @@ cd "$(dirname "$0")/.."
 
 say() { echo "setup: $*"; }
 
+# Run a noisy command silently; show its output only if it fails.
+quietly() {
+    local log rc=0
+    log=$(mktemp)
+    "$@" >"$log" 2>&1 || rc=$?
+    [ $rc -eq 0 ] || { cat "$log" >&2; say "failed ($rc): $*" >&2; }
+    rm -f "$log"
+    return $rc
+}
+
 if [ "$(id -u)" -eq 0 ]; then
     SUDO=()
 elif command -v sudo >/dev/null; then
@@ -41,9 +51,9 @@ for pkg in "${PACKAGES[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >/dev/null
+    quietly as_root apt-get update
+    quietly as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        "${missing[@]}"
 fi
 
 # -- PostgreSQL ----------------------------------------------------------------------
@@ -95,7 +105,7 @@ stamp=.venv/.cirrus-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "installing Cirrus into .venv (pip install -e .[test])"
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    quietly .venv/bin/pip install --disable-pip-version-check -e '.[test]'
     echo "$want" > "$stamp"
 fi
 
