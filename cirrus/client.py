@@ -1,0 +1,308 @@
+"""A small SDK for Cirrus's gRPC API: every method returns plain dicts.
+
+    from cirrus.client import Client
+    with Client() as cirrus:
+        vm = cirrus.create_vm(name="web", cpu=1, vcpu=1, memory=512)
+        cirrus.wait_vm(vm["id"], "RUNNING", timeout=60)
+
+Credentials, first found wins: the arguments; CIRRUS_TOKEN; the token file
+``~/.config/cirrus/token`` that ``cirrus login`` writes; CIRRUS_USER and
+CIRRUS_PASSWORD; the configuration's bootstrap admin. Errors raise
+ClientError with the gRPC status name and its details.
+"""
+import base64
+import os
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from cirrus import config, states
+from cirrus.v1 import (
+    host_pb2, host_pb2_grpc, session_pb2, session_pb2_grpc, template_pb2,
+    template_pb2_grpc, vm_pb2, vm_pb2_grpc,
+)
+
+# statuses a VM does not leave on its own: waiting for anything else is over
+FINAL_STATUSES = frozenset({"DONE"} | {s for s, short in states.SHORT_NAMES.items()
+                                       if short == "fail"})
+# a broken or refused stream: wait_vm carries on by polling with Get
+_RETRY_WATCH = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
+# well-known types that MessageToDict turns into plain JSON values
+_JSON_VALUED = {"google.protobuf.Struct", "google.protobuf.Timestamp",
+                "google.protobuf.Value", "google.protobuf.ListValue"}
+
+
+class ClientError(Exception):
+    """A failed call: ``code`` is the gRPC status name (NOT_FOUND...)."""
+
+    def __init__(self, code, details):
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details
+
+
+def token_path():
+    return Path.home() / ".config" / "cirrus" / "token"
+
+
+def save_token(token, path=None):
+    """Write the login token, readable by its owner only."""
+    path = Path(path or token_path())
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    os.chmod(path, 0o600)   # in case the file was there with looser bits
+    return path
+
+
+def read_token(path=None):
+    try:
+        return Path(path or token_path()).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def default_credentials(environ=None):
+    """{"token": T} or {"username": U, "password": P}, from the environment,
+    the token file, or the configuration's bootstrap admin."""
+    environ = os.environ if environ is None else environ
+    if environ.get("CIRRUS_TOKEN"):
+        return {"token": environ["CIRRUS_TOKEN"]}
+    token = read_token()
+    if token:
+        return {"token": token}
+    if environ.get("CIRRUS_USER"):
+        return {"username": environ["CIRRUS_USER"],
+                "password": environ.get("CIRRUS_PASSWORD", "")}
+    auth = config.get()["auth"]
+    return {"username": str(auth["admin_user"]), "password": str(auth["admin_password"])}
+
+
+def authorization(credentials):
+    """The ``authorization`` metadata value for credentials."""
+    if credentials.get("token"):
+        return f"Bearer {credentials['token']}"
+    pair = f"{credentials['username']}:{credentials.get('password') or ''}"
+    return "Basic " + base64.b64encode(pair.encode()).decode()
+
+
+def default_address():
+    gateway = config.get()["gateway"]
+    return f"{gateway['address']}:{gateway['port']}"
+
+
+def to_dict(message):
+    """A message as a dict with the proto's field names. Unset optional
+    fields are None, rather than missing, so ``vm["host"]`` always works."""
+    data = MessageToDict(message, preserving_proto_field_name=True,
+                         always_print_fields_with_no_presence=True)
+    _add_nones(message, data)
+    return data
+
+
+def _add_nones(message, data):
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in data:
+            if not field.is_repeated:
+                data[field.name] = None
+        elif field.message_type is not None and \
+                field.message_type.full_name not in _JSON_VALUED:
+            value = getattr(message, field.name)
+            if field.is_repeated:
+                for item, item_data in zip(value, data[field.name]):
+                    _add_nones(item, item_data)
+            else:
+                _add_nones(value, data[field.name])
+
+
+class Client:
+    def __init__(self, address=None, token=None, username=None, password=None, timeout=30):
+        self.address = address or default_address()
+        if token:
+            self.credentials = {"token": token}
+        elif username:
+            self.credentials = {"username": username, "password": password or ""}
+        else:
+            self.credentials = default_credentials()
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(self.address)
+        self.vms = vm_pb2_grpc.VirtualMachineServiceStub(self.channel)
+        self.hosts = host_pb2_grpc.HostServiceStub(self.channel)
+        self.templates = template_pb2_grpc.TemplateServiceStub(self.channel)
+        self.sessions = session_pb2_grpc.SessionServiceStub(self.channel)
+
+    def close(self):
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _metadata(self, request_id=None):
+        metadata = [("authorization", authorization(self.credentials))]
+        if request_id:
+            metadata.append(("x-request-id", request_id))
+        return metadata
+
+    def _call(self, method, request, request_id=None, timeout=None):
+        try:
+            return method(request, metadata=self._metadata(request_id),
+                          timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise ClientError(exc.code().name, exc.details()) from None
+
+    # -------------------------------------------------------------- session
+
+    def login(self, username=None, password=None):
+        """A token for the user: {"token", "expires_at", "user": {...}}."""
+        if username is None:
+            username, password = self.credentials.get("username"), self.credentials.get("password")
+        request = session_pb2.LoginRequest(username=username or "", password=password or "")
+        return to_dict(self._call(self.sessions.Login, request))
+
+    # -------------------------------------------------------------- hosts
+
+    def create_host(self, name):
+        return to_dict(self._call(self.hosts.Create, host_pb2.CreateHostRequest(name=name)))
+
+    def get_host(self, host_id):
+        return to_dict(self._call(self.hosts.Get, host_pb2.GetHostRequest(id=host_id)))
+
+    def list_hosts(self):
+        reply = self._call(self.hosts.List, host_pb2.ListHostsRequest())
+        return [to_dict(h) for h in reply.hosts]
+
+    def enable_host(self, host_id):
+        return to_dict(self._call(self.hosts.Enable, host_pb2.EnableHostRequest(id=host_id)))
+
+    def disable_host(self, host_id):
+        return to_dict(self._call(self.hosts.Disable, host_pb2.DisableHostRequest(id=host_id)))
+
+    def delete_host(self, host_id):
+        return to_dict(self._call(self.hosts.Delete, host_pb2.DeleteHostRequest(id=host_id)))
+
+    # -------------------------------------------------------------- VMs
+
+    def create_vm(self, name=None, cpu=None, vcpu=None, memory=None, template=None,
+                  hold=False, request_id=None):
+        """Create a VM; None leaves a value to the template (or the server).
+        A retry after UNAVAILABLE reuses the request id, so it makes one VM."""
+        request = vm_pb2.CreateVmRequest(name=name, cpu=cpu, vcpu=vcpu, memory=memory,
+                                         template=template or "", hold=hold)
+        request_id = request_id or uuid.uuid4().hex
+        try:
+            reply = self._call(self.vms.Create, request, request_id)
+        except ClientError as exc:
+            if exc.code != "UNAVAILABLE":
+                raise
+            time.sleep(0.5)
+            reply = self._call(self.vms.Create, request, request_id)
+        return to_dict(reply)
+
+    def get_vm(self, vm_id):
+        return to_dict(self._call(self.vms.Get, vm_pb2.GetVmRequest(id=vm_id)))
+
+    def list_vms(self, include_done=False):
+        reply = self._call(self.vms.List, vm_pb2.ListVmsRequest(include_done=include_done))
+        return [to_dict(vm) for vm in reply.vms]
+
+    def terminate_vm(self, vm_id, hard=False):
+        return to_dict(self._call(self.vms.Terminate,
+                                  vm_pb2.TerminateVmRequest(id=vm_id, hard=hard)))
+
+    def watch_vms(self, vm_id=None, timeout=None):
+        """Yield state changes as dicts: first the current state(s) (``current``
+        true), then each change, until the caller stops iterating."""
+        stream = self.vms.Watch(vm_pb2.WatchVmsRequest(id=vm_id), metadata=self._metadata(),
+                                timeout=timeout)
+        try:
+            for change in stream:
+                yield to_dict(change)
+        except grpc.RpcError as exc:
+            raise ClientError(exc.code().name, exc.details()) from None
+        finally:
+            stream.cancel()
+
+    def wait_vm(self, vm_id, status, timeout=60):
+        """Block until the VM's status is ``status``; returns the VM.
+
+        Raises ClientError DEADLINE_EXCEEDED on timeout, FAILED_PRECONDITION if
+        the VM reaches DONE or a failure state instead. Built on Watch; if the
+        stream breaks or is refused it goes on with Get.
+        """
+        target = str(status).upper()
+        if target not in states.ALL_STATUSES:
+            raise ClientError("INVALID_ARGUMENT", f"unknown VM status {status!r}; expected one "
+                              f"of {', '.join(states.ALL_STATUSES)}")
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ClientError("DEADLINE_EXCEEDED", f"VM {vm_id} did not reach {target} "
+                                  f"within {timeout:g}s; it is {last or 'unknown'}")
+            try:
+                stream = self.vms.Watch(vm_pb2.WatchVmsRequest(id=vm_id),
+                                        metadata=self._metadata(), timeout=remaining)
+                try:
+                    for change in stream:
+                        last = change.status
+                        if self._reached(vm_id, target, change.status, change.error):
+                            return self.get_vm(vm_id)
+                finally:
+                    stream.cancel()
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue    # the loop reports the timeout with the last status
+                if exc.code() not in _RETRY_WATCH:
+                    raise ClientError(exc.code().name, exc.details()) from None
+            # the stream ended or broke: look with Get, then watch again
+            try:
+                vm = self.get_vm(vm_id)
+            except ClientError as exc:
+                if exc.code != "UNAVAILABLE":
+                    raise
+            else:
+                last = vm["status"]
+                if self._reached(vm_id, target, vm["status"], vm.get("error")):
+                    return vm
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    @staticmethod
+    def _reached(vm_id, target, current, error):
+        if current == target:
+            return True
+        if current in FINAL_STATUSES:
+            reason = f": {error}" if error else ""
+            raise ClientError("FAILED_PRECONDITION",
+                              f"VM {vm_id} reached {current} instead of {target}{reason}")
+        return False
+
+    # -------------------------------------------------------------- templates
+
+    def create_template(self, text, name=""):
+        request = template_pb2.CreateTemplateRequest(name=name or "", text=text)
+        return to_dict(self._call(self.templates.Create, request))
+
+    def get_template(self, template_id):
+        return to_dict(self._call(self.templates.Get,
+                                  template_pb2.GetTemplateRequest(id=template_id)))
+
+    def list_templates(self):
+        reply = self._call(self.templates.List, template_pb2.ListTemplatesRequest())
+        return [to_dict(t) for t in reply.templates]
+
+    def delete_template(self, template_id):
+        return to_dict(self._call(self.templates.Delete,
+                                  template_pb2.DeleteTemplateRequest(id=template_id)))
+
+    def instantiate_template(self, template_id, name=None, hold=False):
+        request = template_pb2.InstantiateTemplateRequest(id=template_id, name=name, hold=hold)
+        return to_dict(self._call(self.templates.Instantiate, request))

@@ -1,0 +1,636 @@
+"""The gRPC gateway: Cirrus's external API, translated into RPC calls to ``requests``.
+
+A plain grpcio server with a thread pool -- grpcio does not run under
+eventlet, so nothing here imports eventlet's monkey patching. Each gateway
+thread keeps one Nameko standalone RPC proxy, made on first use and reused.
+
+- Authentication: every call except Login, health and reflection needs
+  ``authorization: Bearer <token>`` or ``authorization: Basic <base64 user:pass>``
+  in its metadata; the ``requests`` service checks it.
+- Errors: a RemoteError's class name becomes the gRPC status
+  (cirrus.errors.grpc_status_name) and its message the details.
+- ``x-request-id`` from the metadata (or a new one) names the call in the logs,
+  makes a create idempotent, and comes back in the trailing metadata.
+- Watch: one kombu consumer thread takes ``vm.state`` events and fans them out
+  to a queue per open stream.
+"""
+import base64
+import binascii
+import logging
+import queue
+import signal
+import socket
+import threading
+import time
+import uuid
+import warnings
+from concurrent import futures
+from datetime import datetime, timezone
+
+import amqp.exceptions
+import grpc
+import kombu.exceptions
+from google.protobuf.descriptor import FieldDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from kombu import Connection, Consumer, Queue
+# nameko imports eventlet (without patching anything), which warns that it is deprecated
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+
+from nameko.exceptions import RemoteError, RpcTimeout, UnknownService  # noqa: E402
+from nameko.standalone.rpc import ClusterRpcProxy  # noqa: E402
+
+from cirrus import config, messages, states  # noqa: E402
+from cirrus.errors import grpc_status_name  # noqa: E402
+from cirrus.v1 import (  # noqa: E402
+    host_pb2, host_pb2_grpc, session_pb2, session_pb2_grpc, template_pb2,
+    template_pb2_grpc, vm_pb2, vm_pb2_grpc,
+)
+
+log = logging.getLogger("cirrus.gateway")
+
+API_SERVICES = [
+    vm_pb2.DESCRIPTOR.services_by_name["VirtualMachineService"],
+    host_pb2.DESCRIPTOR.services_by_name["HostService"],
+    template_pb2.DESCRIPTOR.services_by_name["TemplateService"],
+    session_pb2.DESCRIPTOR.services_by_name["SessionService"],
+]
+LOGIN_METHOD = "/cirrus.v1.SessionService/Login"
+# callable without credentials, so grpcurl and load balancers can probe
+OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# failures of the broker connection rather than of the call
+BROKER_ERRORS = (OSError, kombu.exceptions.OperationalError, amqp.exceptions.ConnectionError)
+AUTH_HELP = "send 'authorization: Bearer <token>' or 'authorization: Basic <base64 user:password>'"
+
+
+# ----------------------------------------------------------------- metadata
+
+class BadCredentials(ValueError):
+    pass
+
+
+def credentials_from_metadata(metadata):
+    """The ``credentials`` argument of the requests service, from call metadata."""
+    value = dict(metadata or ()).get("authorization")
+    if not value:
+        raise BadCredentials(f"missing authorization metadata: {AUTH_HELP}")
+    scheme, _, rest = value.strip().partition(" ")
+    rest = rest.strip()
+    if scheme.lower() == "bearer" and rest:
+        return {"token": rest}
+    if scheme.lower() == "basic" and rest:
+        try:
+            decoded = base64.b64decode(rest, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise BadCredentials("malformed Basic credentials: not base64 of 'user:password'") from None
+        username, colon, password = decoded.partition(":")
+        if not colon or not username:
+            raise BadCredentials("malformed Basic credentials: expected 'user:password'")
+        return {"username": username, "password": password}
+    raise BadCredentials(f"unsupported authorization {scheme!r}: {AUTH_HELP}")
+
+
+def request_id_from_metadata(metadata):
+    return dict(metadata or ()).get("x-request-id") or uuid.uuid4().hex
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Refuses a call without well-formed credentials before its handler runs;
+    whether they are right is for the requests service to say."""
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or details.method == LOGIN_METHOD or \
+                details.method.startswith(OPEN_PREFIXES):
+            return handler
+        try:
+            credentials_from_metadata(details.invocation_metadata)
+        except BadCredentials as exc:
+            log.info("refused %s: %s", details.method, exc)
+            return _refusal(handler, str(exc))
+        return handler
+
+
+def _refusal(handler, message):
+    """A handler of the same shape as ``handler`` that fails UNAUTHENTICATED."""
+    def refuse(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    make = (grpc.unary_stream_rpc_method_handler if handler.response_streaming
+            else grpc.unary_unary_rpc_method_handler)
+    return make(refuse, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+# ----------------------------------------------------------------- dict -> message
+
+# proto field name -> key in the requests service's dicts, where they differ
+DICT_KEYS = {"short_status": "short", "from_status": "from", "to_status": "to"}
+_INTS = {FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
+         FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64}
+_FLOATS = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
+
+
+def parse_time(value):
+    """An ISO-8601 string as an aware datetime (naive means UTC)."""
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def fill(message, data):
+    """Copy the keys of ``data`` that ``message`` has fields for; None leaves a
+    field unset. Returns ``message``."""
+    for field in message.DESCRIPTOR.fields:
+        key = field.name if field.name in data else DICT_KEYS.get(field.name, field.name)
+        value = data.get(key)
+        if value is None:
+            continue
+        if field.message_type is None:
+            if field.is_repeated:
+                getattr(message, field.name).extend(value)
+            else:
+                setattr(message, field.name, _scalar(field, value))
+            continue
+        kind = field.message_type.full_name
+        target = getattr(message, field.name)
+        if field.is_repeated:
+            for item in value:
+                fill(target.add(), item)
+        elif kind == "google.protobuf.Struct":
+            target.update(value)
+        elif kind == "google.protobuf.Timestamp":
+            target.FromDatetime(parse_time(value))
+        else:
+            fill(target, value)
+    return message
+
+
+def _scalar(field, value):
+    if field.type in _INTS:
+        return int(value)
+    if field.type in _FLOATS:
+        return float(value)
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return bool(value)
+    return str(value)
+
+
+def vm_change(data, current=False):
+    """A VmStateChange from a vm.state event payload or a VM dict."""
+    status = data.get("status") or states.status(data["state"], data["lcm_state"])
+    return fill(vm_pb2.VmStateChange(current=current), {
+        **data, "status": status, "short": states.SHORT_NAMES.get(status, ""),
+        "key": data.get("key") or messages.vm_event_key(data["state"], data["lcm_state"],
+                                                        data["id"]),
+        "at": data.get("at") or data.get("updated_at")})
+
+
+# ----------------------------------------------------------------- calling requests
+
+class CallFailed(Exception):
+    """A call to the requests service that did not return; ``code`` is a grpc.StatusCode."""
+
+    def __init__(self, code, details):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class Requests:
+    """The ``requests`` Nameko service, through one standalone proxy per thread."""
+
+    def __init__(self, amqp_uri, timeout):
+        self.config = {"AMQP_URI": amqp_uri, "serializer": "json"}
+        self.timeout = timeout
+        self._local = threading.local()
+        self._runners = set()
+        self._lock = threading.Lock()
+
+    def _thread_proxy(self):
+        local = self._local
+        if getattr(local, "runner", None) is None:
+            # context travels with every call; the caller sets request_id in it
+            context = {}
+            runner = ClusterRpcProxy(self.config, context_data=context, timeout=self.timeout)
+            local.service = runner.start().requests
+            local.context, local.runner = context, runner
+            with self._lock:
+                self._runners.add(runner)
+        return local
+
+    def _discard(self, local):
+        """Drop this thread's proxy; the next call makes a fresh one."""
+        runner, local.runner = local.runner, None
+        with self._lock:
+            self._runners.discard(runner)
+        try:
+            runner.stop()
+        except Exception:  # its connection is likely broken already
+            log.debug("stopping a broken proxy failed", exc_info=True)
+
+    def call(self, method, *args, request_id=None, **kwargs):
+        """Call ``requests.<method>``; raises CallFailed with the gRPC status."""
+        try:
+            local = self._thread_proxy()
+        except Exception as exc:
+            raise CallFailed(grpc.StatusCode.UNAVAILABLE,
+                             f"cannot reach the message broker: {exc}") from exc
+        local.context["request_id"] = request_id
+        try:
+            return getattr(local.service, method)(*args, **kwargs)
+        except RemoteError as exc:
+            raise CallFailed(grpc.StatusCode[grpc_status_name(exc.exc_type)],
+                             exc.value) from exc
+        except RpcTimeout as exc:
+            raise CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"the requests service did not answer within {self.timeout}s") from exc
+        except UnknownService as exc:
+            raise CallFailed(grpc.StatusCode.UNAVAILABLE,
+                             "the requests service is not running") from exc
+        except Exception as exc:
+            self._discard(local)
+            if isinstance(exc, BROKER_ERRORS):
+                raise CallFailed(grpc.StatusCode.UNAVAILABLE,
+                                 f"cannot reach the requests service: {exc}") from exc
+            log.exception("requests.%s failed", method)
+            raise CallFailed(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
+
+    def close(self):
+        with self._lock:
+            runners, self._runners = list(self._runners), set()
+        for runner in runners:
+            try:
+                runner.stop()
+            except Exception:
+                log.debug("stopping a proxy failed", exc_info=True)
+
+
+class Call:
+    """What a handler needs from one gRPC call: credentials, request id, and a
+    way to call ``requests`` that turns failures into the call's status."""
+
+    def __init__(self, requests, context, name):
+        self.requests = requests
+        self.context = context
+        self.name = name
+        metadata = context.invocation_metadata()
+        self.request_id = request_id_from_metadata(metadata)
+        self.metadata = metadata
+        context.set_trailing_metadata((("x-request-id", self.request_id),))
+
+    @property
+    def credentials(self):
+        try:
+            return credentials_from_metadata(self.metadata)
+        except BadCredentials as exc:  # the interceptor lets Login through without any
+            self.context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+
+    def __call__(self, method, *args, **kwargs):
+        return self.invoke(method, self.credentials, *args, **kwargs)
+
+    def invoke(self, method, *args, **kwargs):
+        started = time.monotonic()
+        try:
+            result = self.requests.call(method, *args, request_id=self.request_id, **kwargs)
+        except CallFailed as exc:
+            log.info("%s %s -> %s: %s (%.0f ms)", self.request_id, self.name, exc.code.name,
+                     exc.details, (time.monotonic() - started) * 1000)
+            self.context.abort(exc.code, exc.details)
+        log.info("%s %s -> OK (%.0f ms)", self.request_id, self.name,
+                 (time.monotonic() - started) * 1000)
+        return result
+
+
+# ----------------------------------------------------------------- watch
+
+RESYNC = object()   # events may have been lost: send the current state again
+CLOSED = object()   # the stream is over
+
+
+class VmEventHub:
+    """One consumer of ``vm.state`` events for the whole gateway, fanning them
+    out to a queue per Watch stream. Its queue is exclusive and auto-delete,
+    so it goes away with the gateway."""
+
+    def __init__(self, amqp_uri, backlog=10000):
+        self.amqp_uri = amqp_uri
+        self.backlog = backlog
+        self._subscribers = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.connected = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vm-events", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._stopping.set()
+        self._broadcast(CLOSED)
+        self._thread.join(timeout=5)
+
+    def subscribe(self):
+        events = queue.Queue(maxsize=self.backlog)
+        with self._lock:
+            self._subscribers.add(events)
+        return events
+
+    def unsubscribe(self, events):
+        with self._lock:
+            self._subscribers.discard(events)
+
+    def _broadcast(self, item):
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for events in subscribers:
+            offer(events, item)
+
+    def _on_message(self, body, message):
+        if isinstance(body, dict) and "id" in body:
+            self._broadcast(body)
+
+    def _run(self):
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                with Connection(self.amqp_uri, heartbeat=30) as conn:
+                    conn.ensure_connection(max_retries=1)
+                    queue_ = Queue(f"cirrus.gateway.vm-events.{socket.gethostname()}."
+                                   f"{uuid.uuid4().hex[:8]}",
+                                   exchange=messages.event_exchange(messages.LIFECYCLE),
+                                   routing_key=messages.VM_STATE,
+                                   exclusive=True, auto_delete=True, durable=False)
+                    with Consumer(conn, queues=[queue_], callbacks=[self._on_message],
+                                  accept=["json"], no_ack=True):
+                        # events before this point were not seen: streams catch up
+                        self._broadcast(RESYNC)
+                        self.connected.set()
+                        log.info("watching vm.state events")
+                        delay = 0.5
+                        while not self._stopping.is_set():
+                            try:
+                                conn.drain_events(timeout=1)
+                            except socket.timeout:
+                                conn.heartbeat_check()
+            except Exception as exc:
+                self.connected.clear()
+                if self._stopping.is_set():
+                    break
+                log.warning("vm.state consumer lost its connection (%s); retrying in %.1fs",
+                            exc, delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 10)
+
+
+def offer(events, item):
+    """Queue ``item`` for a stream; a stream too far behind gets a resync instead."""
+    try:
+        events.put_nowait(item)
+    except queue.Full:
+        with events.mutex:
+            events.queue.clear()
+        events.put_nowait(CLOSED if item is CLOSED else RESYNC)
+
+
+class WatchStream:
+    """The state of one Watch call: which VMs it may see and what it sent."""
+
+    def __init__(self, call, vm_id):
+        self.call = call
+        self.vm_id = vm_id
+        self.last_seq = {}      # vm id -> seq last sent
+        self.visible = {}       # vm id -> whether the caller may see it
+
+    def snapshot(self):
+        """Current-state messages, and what the caller may see."""
+        if self.vm_id is not None:
+            vms = [self.call("get_vm", self.vm_id)]
+        else:
+            vms = self.call("list_vms")
+        for vm in vms:
+            self.visible[vm["id"]] = True
+            if vm.get("seq", 0) > self.last_seq.get(vm["id"], -1):
+                self.last_seq[vm["id"]] = vm.get("seq", 0)
+                yield vm_change(vm, current=True)
+
+    def change(self, event):
+        """The message for ``event``, or None if this stream does not send it."""
+        vm_id = event["id"]
+        if self.vm_id is not None and vm_id != self.vm_id:
+            return None
+        if event.get("seq", 0) <= self.last_seq.get(vm_id, -1):
+            return None     # a repeat, or older than what was sent
+        if not self.may_see(vm_id):
+            return None
+        self.last_seq[vm_id] = event.get("seq", 0)
+        return vm_change(event)
+
+    def may_see(self, vm_id):
+        if vm_id not in self.visible:
+            try:
+                self.call.requests.call("get_vm", self.call.credentials, vm_id,
+                                        request_id=self.call.request_id)
+                self.visible[vm_id] = True
+            except CallFailed as exc:
+                if exc.code not in (grpc.StatusCode.NOT_FOUND,
+                                    grpc.StatusCode.PERMISSION_DENIED):
+                    self.call.context.abort(exc.code, exc.details)
+                self.visible[vm_id] = False
+        return self.visible[vm_id]
+
+
+# ----------------------------------------------------------------- services
+
+class Servicer:
+    def __init__(self, requests):
+        self.requests = requests
+
+    def call(self, context, name):
+        return Call(self.requests, context, f"{type(self).__name__}.{name}")
+
+
+class VirtualMachineServicer(Servicer, vm_pb2_grpc.VirtualMachineServiceServicer):
+    def __init__(self, requests, hub, max_watchers):
+        super().__init__(requests)
+        self.hub = hub
+        # a stream holds a pool thread for its whole life: keep some for unary calls
+        self.watch_slots = threading.BoundedSemaphore(max_watchers)
+        self.max_watchers = max_watchers
+
+    def Create(self, request, context):
+        call = self.call(context, "Create")
+        spec = {"name": request.name if request.HasField("name") else None,
+                "cpu": request.cpu if request.HasField("cpu") else None,
+                "vcpu": request.vcpu if request.HasField("vcpu") else None,
+                "memory": request.memory if request.HasField("memory") else None,
+                "template": request.template or None, "hold": request.hold,
+                "request_id": call.request_id}
+        return fill(vm_pb2.VirtualMachine(), call("create_vm", spec))
+
+    def Get(self, request, context):
+        return fill(vm_pb2.VirtualMachine(), self.call(context, "Get")("get_vm", request.id))
+
+    def List(self, request, context):
+        vms = self.call(context, "List")("list_vms", include_done=request.include_done)
+        return fill(vm_pb2.ListVmsResponse(), {"vms": vms})
+
+    def Terminate(self, request, context):
+        vm = self.call(context, "Terminate")("terminate_vm", request.id, hard=request.hard)
+        return fill(vm_pb2.VirtualMachine(), vm)
+
+    def Watch(self, request, context):
+        call = self.call(context, "Watch")
+        if not self.watch_slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the gateway already serves {self.max_watchers} watch streams; "
+                          "poll with Get instead")
+        try:
+            yield from self._watch(call, request.id if request.HasField("id") else None)
+        finally:
+            self.watch_slots.release()
+
+    def _watch(self, call, vm_id):
+        context = call.context
+        # subscribe before reading the current state, so no change falls between
+        events = self.hub.subscribe()
+        context.add_callback(lambda: offer(events, CLOSED))
+        try:
+            stream = WatchStream(call, vm_id)
+            yield from stream.snapshot()
+            while context.is_active():
+                try:
+                    item = events.get(timeout=5)
+                except queue.Empty:
+                    continue
+                if item is CLOSED:
+                    return
+                if item is RESYNC:
+                    yield from stream.snapshot()
+                    continue
+                message = stream.change(item)
+                if message is not None:
+                    yield message
+        finally:
+            self.hub.unsubscribe(events)
+            log.info("%s %s stream closed", call.request_id, call.name)
+
+
+class HostServicer(Servicer, host_pb2_grpc.HostServiceServicer):
+    def Create(self, request, context):
+        return fill(host_pb2.Host(), self.call(context, "Create")("create_host", request.name))
+
+    def Get(self, request, context):
+        return fill(host_pb2.Host(), self.call(context, "Get")("get_host", request.id))
+
+    def List(self, request, context):
+        hosts = self.call(context, "List")("list_hosts")
+        return fill(host_pb2.ListHostsResponse(), {"hosts": hosts})
+
+    def Enable(self, request, context):
+        return fill(host_pb2.Host(), self.call(context, "Enable")("enable_host", request.id))
+
+    def Disable(self, request, context):
+        return fill(host_pb2.Host(), self.call(context, "Disable")("disable_host", request.id))
+
+    def Delete(self, request, context):
+        return fill(host_pb2.Host(), self.call(context, "Delete")("delete_host", request.id))
+
+
+class TemplateServicer(Servicer, template_pb2_grpc.TemplateServiceServicer):
+    def Create(self, request, context):
+        template = self.call(context, "Create")("create_template", request.name, request.text)
+        return fill(template_pb2.Template(), template)
+
+    def Get(self, request, context):
+        template = self.call(context, "Get")("get_template", request.id)
+        return fill(template_pb2.Template(), template)
+
+    def List(self, request, context):
+        templates = self.call(context, "List")("list_templates")
+        return fill(template_pb2.ListTemplatesResponse(), {"templates": templates})
+
+    def Delete(self, request, context):
+        template = self.call(context, "Delete")("delete_template", request.id)
+        return fill(template_pb2.Template(), template)
+
+    def Instantiate(self, request, context):
+        vm = self.call(context, "Instantiate")(
+            "instantiate_template", request.id,
+            name=request.name if request.HasField("name") else None, hold=request.hold)
+        return fill(vm_pb2.VirtualMachine(), vm)
+
+
+class SessionServicer(Servicer, session_pb2_grpc.SessionServiceServicer):
+    def Login(self, request, context):
+        call = self.call(context, "Login")
+        if request.username:
+            credentials = {"username": request.username, "password": request.password}
+        else:
+            credentials = call.credentials
+        return fill(session_pb2.LoginResponse(), call.invoke("login", credentials))
+
+
+# ----------------------------------------------------------------- server
+
+class Gateway:
+    def __init__(self, cfg):
+        gw = cfg["gateway"]
+        self.address = f"{gw['address']}:{gw['port']}"
+        workers = int(gw.get("workers", 16))
+        self.requests = Requests(cfg["amqp"]["uri"], float(gw.get("rpc_timeout", 30)))
+        self.hub = VmEventHub(cfg["amqp"]["uri"])
+        self.health = health.HealthServicer()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
+                                                             thread_name_prefix="grpc"),
+                                  interceptors=[AuthInterceptor()])
+        vm_pb2_grpc.add_VirtualMachineServiceServicer_to_server(
+            VirtualMachineServicer(self.requests, self.hub, max(1, workers // 2)), self.server)
+        host_pb2_grpc.add_HostServiceServicer_to_server(HostServicer(self.requests), self.server)
+        template_pb2_grpc.add_TemplateServiceServicer_to_server(
+            TemplateServicer(self.requests), self.server)
+        session_pb2_grpc.add_SessionServiceServicer_to_server(
+            SessionServicer(self.requests), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [s.full_name for s in API_SERVICES]
+        reflection.enable_server_reflection(
+            names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.service_names = names
+        self.port = self.server.add_insecure_port(self.address)
+        if not self.port:
+            raise RuntimeError(f"cannot listen on {self.address}")
+
+    def start(self):
+        self.hub.start()
+        self.server.start()
+        for name in ["", *self.service_names]:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("gateway listening on %s", self.address)
+
+    def stop(self, grace=5):
+        log.info("gateway stopping")
+        self.health.enter_graceful_shutdown()
+        self.hub.stop()                    # ends the watch streams
+        self.server.stop(grace).wait()
+        self.requests.close()
+        log.info("gateway stopped")
+
+
+def main(argv=None):
+    from cirrus.logs import setup_logging
+    setup_logging("gateway")
+    gateway = Gateway(config.get())
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    gateway.start()
+    while not stopping.wait(1):
+        pass
+    gateway.stop()
+
+
+if __name__ == "__main__":
+    main()

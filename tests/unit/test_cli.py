@@ -1,0 +1,228 @@
+"""The cirrus CLI without a gateway: argument parsing, output formats, the
+token file and where credentials come from."""
+import os
+import socket
+import stat
+
+import pytest
+
+from cirrus import cli, client
+
+
+def parse(*argv):
+    return cli.build_parser().parse_args(argv)
+
+
+def usage_error(capsys, *argv):
+    """Parse argv expecting a usage error; returns what was printed to stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(*argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- parsing
+
+def test_vm_create_takes_the_resources_and_leaves_the_rest_to_the_template():
+    args = parse("vm", "create", "--name", "web", "--cpu", "0.5", "--vcpu", "2",
+                 "--memory", "512", "--hold")
+    assert (args.name, args.cpu, args.vcpu, args.memory, args.hold) == ("web", 0.5, 2, 512, True)
+    args = parse("vm", "create", "--file", "t.one")
+    assert (args.name, args.cpu, args.vcpu, args.memory, args.file) == (None, None, None, None,
+                                                                         "t.one")
+
+
+@pytest.mark.parametrize("option,value", [("--memory", "0"), ("--memory", "-5"),
+                                          ("--cpu", "0"), ("--vcpu", "1.5"),
+                                          ("--memory", "lots"), ("--memory", str(2 ** 31))])
+def test_vm_create_refuses_bad_resources_naming_the_option(capsys, option, value):
+    err = usage_error(capsys, "vm", "create", option, value)
+    assert f"argument {option}" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ("host", "show", "abc"), ("host", "enable", "1.5"), ("host", "delete", "x"),
+    ("vm", "show", "web"), ("vm", "terminate", "0"), ("vm", "wait", "two", "--state", "RUNNING"),
+    ("vm", "watch", "all"), ("template", "instantiate", "t1"),
+])
+def test_ids_must_be_positive_whole_numbers(capsys, argv):
+    err = usage_error(capsys, *argv)
+    assert "invalid id" in err and repr(argv[2]) in err
+
+
+def test_ids_are_ints():
+    assert parse("host", "show", "7").id == 7
+    assert parse("vm", "terminate", "42", "--hard").id == 42
+    assert parse("template", "instantiate", "3", "--name", "n", "--hold").id == 3
+
+
+def test_vm_wait_needs_a_known_state_and_reads_it_in_any_case(capsys):
+    args = parse("vm", "wait", "4", "--state", "running")
+    assert (args.id, args.state, args.timeout) == (4, "RUNNING", 60.0)
+    assert parse("vm", "wait", "4", "--state", "DONE", "--timeout", "5").timeout == 5.0
+    assert "unknown VM state 'ACTIV'" in usage_error(capsys, "vm", "wait", "4", "--state", "ACTIV")
+    assert "--state" in usage_error(capsys, "vm", "wait", "4")
+    assert "--timeout" in usage_error(capsys, "vm", "wait", "4", "--state", "DONE",
+                                      "--timeout", "-1")
+
+
+def test_vm_watch_takes_an_optional_id():
+    assert parse("vm", "watch").id is None
+    assert parse("vm", "watch", "9").id == 9
+
+
+@pytest.mark.parametrize("argv", [
+    ("host", "list"), ("host", "show", "1"), ("vm", "list"), ("vm", "list", "--all"),
+    ("vm", "show", "1"), ("template", "list"), ("template", "show", "1"),
+    ("vm", "watch"), ("vm", "wait", "1", "--state", "RUNNING"),
+])
+def test_every_read_command_has_json(argv):
+    assert parse(*argv, "--json").json is True
+    assert parse(*argv).json is False
+
+
+def test_a_missing_command_is_a_usage_error(capsys):
+    usage_error(capsys)
+    usage_error(capsys, "vm")
+    assert "invalid choice" in usage_error(capsys, "vm", "explode")
+
+
+def test_template_create_needs_a_file(capsys):
+    assert "--file" in usage_error(capsys, "template", "create")
+
+
+# ----------------------------------------------------------------- errors
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_gateway_prints_the_status_and_exits_1(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--address", address, "host", "list"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cirrus: UNAVAILABLE: ") and address in err
+
+
+def test_an_unreadable_template_file_is_named(capsys, tmp_path):
+    missing = tmp_path / "nope.one"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["vm", "create", "--file", str(missing)])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == (
+        f"cirrus: INVALID_ARGUMENT: cannot read template file '{missing}': "
+        "No such file or directory")
+
+
+# ----------------------------------------------------------------- formatting
+
+VM = {"id": 42, "name": "web", "owner": "admin", "state": "ACTIVE", "lcm_state": "RUNNING",
+      "status": "RUNNING", "short_status": "runn", "host": "node1", "host_id": 1,
+      "cpu": 0.5, "vcpu": 1, "memory": 1536, "deploy_id": "one-42", "error": None,
+      "sched_message": None, "seq": 4, "created_at": "2026-01-02T03:04:05.123Z",
+      "updated_at": "2026-01-02T03:04:09Z", "template": {"NAME": "web", "MEMORY": "1536"},
+      "history": [
+          {"seq": 1, "action": "allocate", "from_status": "INIT", "to_status": "PENDING",
+           "host": None, "message": None, "at": "2026-01-02T03:04:05Z"},
+          {"seq": 2, "action": "deploy", "from_status": "PENDING", "to_status": "PROLOG",
+           "host": "node1", "message": None, "at": "2026-01-02T03:04:06Z"},
+      ]}
+
+
+def test_format_table_aligns_columns_and_shows_none_as_a_dash():
+    assert cli.format_table(["ID", "NAME"], [[1, "a"], [100, None]]).splitlines() == [
+        "ID   NAME", "1    a", "100  -"]
+
+
+def test_vm_table_has_the_onevm_columns():
+    pending = {**VM, "id": 7, "name": "db", "status": "PENDING", "short_status": "pend",
+               "host": None, "cpu": 2.0, "memory": 512}
+    lines = cli.vm_table([VM, pending]).splitlines()
+    assert lines[0].split() == ["ID", "NAME", "OWNER", "STAT", "HOST", "CPU", "MEM"]
+    assert lines[1].split() == ["42", "web", "admin", "runn", "node1", "0.5", "1.5G"]
+    assert lines[2].split() == ["7", "db", "admin", "pend", "-", "2", "512M"]
+
+
+def test_megabytes_reads_like_onevm():
+    assert [cli.megabytes(m) for m in (64, 1024, 1536, 4096)] == ["64M", "1G", "1.5G", "4G"]
+
+
+def test_vm_view_shows_the_state_host_and_history():
+    view = cli.vm_view(VM)
+    assert view.startswith("VIRTUAL MACHINE 42")
+    assert "LCM_STATE  RUNNING" in view and "node1 (id 1)" in view
+    assert "ERROR" not in view      # unset fields are left out
+    history = view.split("HISTORY\n", 1)[1].splitlines()
+    assert history[0].split() == ["SEQ", "ACTION", "FROM", "TO", "HOST", "AT", "MESSAGE"]
+    assert history[2].split()[:5] == ["2", "deploy", "PENDING", "PROLOG", "node1"]
+
+
+def test_host_view_lists_monitoring_and_domains():
+    host = {"id": 1, "name": "node1", "state": "MONITORED", "running_vms": 1,
+            "cpu_usage": 50, "max_cpu": 400, "mem_usage": 512, "max_mem": 8192,
+            "last_monitored_at": "2026-01-02T03:04:05Z",
+            "monitoring": {"HYPERVISOR": "test", "TOTALCPU": 400.0,
+                           "VMS": [{"VM_ID": 42.0, "DEPLOY_ID": "one-42", "STATE": "a"}]}}
+    view = cli.host_view(host)
+    assert "ALLOC_MEM    512M / 8G" in view and "HYPERVISOR  test" in view
+    assert "one-42" in view.split("DOMAINS", 1)[1]
+    assert cli.host_table([host]).splitlines()[1].split() == [
+        "1", "node1", "MONITORED", "1", "50", "/", "400", "512M", "/", "8G"]
+
+
+def test_change_line_names_the_vm_and_its_status():
+    change = {"id": 42, "name": "web", "status": "BOOT_FAILURE", "host": "node1", "seq": 3,
+              "error": "no such image", "at": "2026-01-02T03:04:05Z", "current": False}
+    assert cli.change_line(change) == (
+        "2026-01-02 03:04:05  VM 42 web  BOOT_FAILURE  host=node1  seq=3  error=no such image")
+
+
+# ----------------------------------------------------------------- credentials
+
+@pytest.fixture
+def home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("CIRRUS_TOKEN", "CIRRUS_USER", "CIRRUS_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def test_the_token_file_is_private(home):
+    path = client.save_token("secret")
+    assert path == home / ".config" / "cirrus" / "token"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    path.chmod(0o644)
+    client.save_token("newer")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert client.read_token() == "newer"
+
+
+def test_credentials_come_from_env_token_then_file_then_user_then_config(home, monkeypatch):
+    from cirrus import config
+    admin = config.get()["auth"]
+    assert client.default_credentials() == {"username": str(admin["admin_user"]),
+                                            "password": str(admin["admin_password"])}
+    monkeypatch.setenv("CIRRUS_USER", "ann")
+    monkeypatch.setenv("CIRRUS_PASSWORD", "pw")
+    assert client.default_credentials() == {"username": "ann", "password": "pw"}
+    client.save_token("from-file")
+    assert client.default_credentials() == {"token": "from-file"}
+    monkeypatch.setenv("CIRRUS_TOKEN", "from-env")
+    assert client.default_credentials() == {"token": "from-env"}
+
+
+def test_authorization_metadata():
+    assert client.authorization({"token": "t0k"}) == "Bearer t0k"
+    assert client.authorization({"username": "ann", "password": "p:w"}) == "Basic YW5uOnA6dw=="
+
+
+def test_wait_vm_refuses_an_unknown_status_before_calling():
+    with client.Client(address=f"127.0.0.1:{free_port()}", token="t") as api:
+        with pytest.raises(client.ClientError) as exc_info:
+            api.wait_vm(1, "SLEEPING", timeout=1)
+    assert exc_info.value.code == "INVALID_ARGUMENT" and "'SLEEPING'" in exc_info.value.details
