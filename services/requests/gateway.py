@@ -42,6 +42,9 @@ from nameko.standalone.rpc import ClusterRpcProxy  # noqa: E402
 
 from cirrus import config, messages, states  # noqa: E402
 from cirrus.errors import grpc_status_name  # noqa: E402
+# grpc_status_name finds error kinds among the CirrusError subclasses defined
+# in this process: import the modules that define more (TemplateError)
+import cirrus.template  # noqa: E402,F401
 from cirrus.v1 import (  # noqa: E402
     host_pb2, host_pb2_grpc, session_pb2, session_pb2_grpc, template_pb2,
     template_pb2_grpc, vm_pb2, vm_pb2_grpc,
@@ -90,8 +93,17 @@ def credentials_from_metadata(metadata):
     raise BadCredentials(f"unsupported authorization {scheme!r}: {AUTH_HELP}")
 
 
+REQUEST_ID_MAX = 64     # the length of vms.request_id
+
+
 def request_id_from_metadata(metadata):
-    return dict(metadata or ()).get("x-request-id") or uuid.uuid4().hex
+    """The caller's ``x-request-id``, or a new one; ValueError if unusable."""
+    request_id = dict(metadata or ()).get("x-request-id")
+    if not request_id:
+        return uuid.uuid4().hex
+    if len(request_id) > REQUEST_ID_MAX or not request_id.isprintable():
+        raise ValueError(f"x-request-id: must be at most {REQUEST_ID_MAX} printable characters")
+    return request_id
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
@@ -274,8 +286,11 @@ class Call:
         self.context = context
         self.name = name
         metadata = context.invocation_metadata()
-        self.request_id = request_id_from_metadata(metadata)
         self.metadata = metadata
+        try:
+            self.request_id = request_id_from_metadata(metadata)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         context.set_trailing_metadata((("x-request-id", self.request_id),))
 
     @property

@@ -135,6 +135,9 @@ def test_the_request_id_comes_back(channel, admin):
     assert ("x-request-id", "req-test-1") in [(m.key, m.value) for m in call.trailing_metadata()]
     _, call = hosts.List.with_call(host_pb2.ListHostsRequest(), metadata=basic(*admin))
     assert dict((m.key, m.value) for m in call.trailing_metadata())["x-request-id"]
+    code, details = status_of(hosts.List, host_pb2.ListHostsRequest(),
+                              metadata=basic(*admin) + [("x-request-id", "r" * 65)])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("x-request-id")
 
 
 # ----------------------------------------------------------------- grpcurl's needs
@@ -248,6 +251,41 @@ def test_watch_of_an_unknown_vm_is_not_found(api):
     with pytest.raises(ClientError) as exc_info:
         next(api.watch_vms(999999))
     assert exc_info.value.code == "NOT_FOUND"
+
+
+# ----------------------------------------------------------------- templates
+
+TEMPLATE = """NAME = "gw-small"   # a comment
+CPU = 0.5
+MEMORY = 96
+DISK = [ IMAGE = "debian", SIZE = 1024 ]
+DISK = [ IMAGE = "data" ]
+"""
+
+
+def test_templates_are_saved_instantiated_and_deleted(api):
+    template = api.create_template(TEMPLATE)
+    assert template["name"] == "gw-small"
+    assert [d["IMAGE"] for d in template["body"]["DISK"]] == ["debian", "data"]
+    assert 'IMAGE="data"' in template["text"].replace(" = ", "=")
+    assert template["id"] in [t["id"] for t in api.list_templates()]
+    assert api.get_template(template["id"])["body"] == template["body"]
+    vm = api.instantiate_template(template["id"], name="gw-from-template", hold=True)
+    assert (vm["name"], vm["cpu"], vm["memory"], vm["status"]) == (
+        "gw-from-template", 0.5, 96, "HOLD")
+    api.delete_template(template["id"])
+    with pytest.raises(ClientError) as exc_info:
+        api.get_template(template["id"])
+    assert exc_info.value.code == "NOT_FOUND"
+
+
+def test_a_template_syntax_error_names_the_line_and_column(api):
+    before = api.list_templates()
+    with pytest.raises(ClientError) as exc_info:
+        api.create_template('NAME = "x"\nCPU = [ broken\n')
+    assert exc_info.value.code == "INVALID_ARGUMENT"
+    assert "line 2" in exc_info.value.details and "column" in exc_info.value.details
+    assert api.list_templates() == before
 
 
 # ----------------------------------------------------------------- the CLI over the gateway
