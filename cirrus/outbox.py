@@ -9,20 +9,27 @@ driver results a command id).
 """
 import logging
 from contextlib import contextmanager
+from datetime import timedelta
 
 from kombu import Connection
 from kombu.pools import producers
 from sqlalchemy import delete, select
 
 from cirrus import messages
-from cirrus.db.models import Outbox
+from cirrus.db.models import Outbox, utcnow
 
 log = logging.getLogger(__name__)
 
 
+# the periodic sweep leaves younger rows to the relay of the transaction that wrote them
+SWEEP_GRACE = timedelta(seconds=2)
+
+
 def add(session, exchange, routing_key, payload, headers=None):
-    session.add(Outbox(exchange=exchange, routing_key=routing_key, payload=payload,
-                       headers=headers or {}))
+    row = Outbox(exchange=exchange, routing_key=routing_key, payload=payload,
+                 headers=headers or {})
+    session.add(row)
+    session.info.setdefault("outbox", []).append(row)
 
 
 def add_event(session, source, event_type, payload, headers=None):
@@ -34,8 +41,10 @@ def add_command(session, cmd):
 
 
 class Relay:
-    """Publishes outbox rows. Several relays may run at once: each takes the
-    rows it publishes with SKIP LOCKED, so none is sent twice by two relays."""
+    """Publishes outbox rows: a transaction's own rows right after its commit,
+    and, in ``flush``, rows older than SWEEP_GRACE that a crash or an outage
+    left behind. Several relays may sweep at once: each takes rows with SKIP
+    LOCKED, so two sweeps never send the same row."""
 
     def __init__(self, amqp_uri, session_factory, batch=500):
         self.connection = Connection(amqp_uri, transport_options={"confirm_publish": True})
@@ -44,37 +53,47 @@ class Relay:
 
     @contextmanager
     def transaction(self):
-        """A session in a transaction; what it wrote to the outbox goes out after commit."""
-        with self.session_factory() as session, session.begin():
-            yield session
-        try:
-            self.flush()
-        except Exception:  # committed all the same: the periodic flush sends it later
-            log.warning("outbox flush after commit failed; will retry", exc_info=True)
+        """A session in a transaction; what it wrote to the outbox is published
+        right after commit. If that fails the rows stay, for ``flush``."""
+        with self.session_factory() as session:
+            with session.begin():
+                yield session
+            written = session.info.pop("outbox", [])
+            if written:
+                try:
+                    self._publish(written)
+                    session.execute(delete(Outbox).where(Outbox.id.in_([r.id for r in written])))
+                    session.commit()
+                except Exception:
+                    log.warning("outbox publish after commit failed; the sweep will retry",
+                                exc_info=True)
 
     def _exchange(self, row):
         if row.exchange == messages.COMMANDS.name:
             return messages.COMMANDS, [messages.node_queue(row.routing_key)]
         return messages.event_exchange(row.exchange.removesuffix(".events")), []
 
+    def _publish(self, rows):
+        with producers[self.connection].acquire(block=True) as producer:
+            for row in rows:
+                exchange, queues = self._exchange(row)
+                producer.publish(
+                    row.payload, exchange=exchange, routing_key=row.routing_key,
+                    headers=row.headers, serializer="json", delivery_mode=2,
+                    declare=[exchange, *queues], retry=True, retry_policy={"max_retries": 3})
+
     def flush(self):
-        """Publish what is waiting; returns how many messages went out."""
+        """Publish rows that a crash or an outage left behind; returns how many."""
         sent = 0
         while True:
             with self.session_factory() as session, session.begin():
                 rows = session.scalars(
-                    select(Outbox).order_by(Outbox.id).limit(self.batch)
+                    select(Outbox).where(Outbox.created_at < utcnow() - SWEEP_GRACE)
+                    .order_by(Outbox.id).limit(self.batch)
                     .with_for_update(skip_locked=True)).all()
                 if not rows:
                     return sent
-                with producers[self.connection].acquire(block=True) as producer:
-                    for row in rows:
-                        exchange, queues = self._exchange(row)
-                        producer.publish(
-                            row.payload, exchange=exchange, routing_key=row.routing_key,
-                            headers=row.headers, serializer="json", delivery_mode=2,
-                            declare=[exchange, *queues], retry=True,
-                            retry_policy={"max_retries": 3})
+                self._publish(rows)
                 session.execute(delete(Outbox).where(Outbox.id.in_([r.id for r in rows])))
                 sent += len(rows)
             if len(rows) < self.batch:

@@ -173,14 +173,19 @@ def vm_summary(vm, host_name, owner_name):
             "created_at": iso(vm.created_at), "updated_at": iso(vm.updated_at)}
 
 
+def describe(session, vm):
+    """vm_summary, looking up the host and owner names."""
+    host = session.get(Host, vm.host_id) if vm.host_id else None
+    owner = session.get(User, vm.owner_id)
+    return vm_summary(vm, host.name if host else None, owner.name if owner else None)
+
+
 def get_vm(session, vm_id):
     """A VM with its template and history."""
     vm = session.get(VirtualMachine, vm_id)
     if vm is None:
         raise NotFound(f"VM {vm_id} does not exist")
-    host = session.get(Host, vm.host_id) if vm.host_id else None
-    owner = session.get(User, vm.owner_id)
-    out = vm_summary(vm, host.name if host else None, owner.name if owner else None)
+    out = describe(session, vm)
     rows = session.execute(
         select(VmHistory, Host.name).outerjoin(Host, Host.id == VmHistory.host_id)
         .where(VmHistory.vm_id == vm.id).order_by(VmHistory.seq)).all()

@@ -32,7 +32,7 @@ class LifecycleService:
         with self.relay.transaction() as session:
             vm = logic.allocate(session, owner_id, name, cpu, vcpu, memory, template, hold,
                                 request_id)
-        return self.get_vm(vm.id)
+            return logic.describe(session, vm)
 
     @api
     def deploy(self, vm_id, host_id):

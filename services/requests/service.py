@@ -66,6 +66,11 @@ class RequestsService:
             return {"token": token, "expires_at": expires.isoformat(),
                     "user": {"id": user.id, "name": user.name, "role": user.role}}
 
+    @api
+    def whoami(self, credentials):
+        """The caller: {"id", "name", "role", "admin"}."""
+        return self.user(credentials)
+
     # -------------------------------------------------------------- VMs
 
     @api
