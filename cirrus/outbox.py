@@ -21,8 +21,9 @@ from cirrus.db.models import Outbox, utcnow
 log = logging.getLogger(__name__)
 
 
-# the periodic sweep leaves younger rows to the relay of the transaction that wrote them
-SWEEP_GRACE = timedelta(seconds=2)
+# The sweep leaves younger rows to the relay of the transaction that wrote
+# them, which deletes what it published in batches, at its next flush.
+SWEEP_GRACE = timedelta(seconds=5)
 
 
 def add(session, exchange, routing_key, payload, headers=None):
@@ -50,6 +51,9 @@ class Relay:
         self.connection = Connection(amqp_uri, transport_options={"confirm_publish": True})
         self.session_factory = session_factory
         self.batch = batch
+        # ids published after commit, deleted in one statement by the next flush;
+        # a crash before that only means they are sent again
+        self.published = []
 
     @contextmanager
     def transaction(self):
@@ -62,8 +66,7 @@ class Relay:
             if written:
                 try:
                     self._publish(written)
-                    session.execute(delete(Outbox).where(Outbox.id.in_([r.id for r in written])))
-                    session.commit()
+                    self.published.extend(row.id for row in written)
                 except Exception:
                     log.warning("outbox publish after commit failed; the sweep will retry",
                                 exc_info=True)
@@ -83,7 +86,12 @@ class Relay:
                     declare=[exchange, *queues], retry=True, retry_policy={"max_retries": 3})
 
     def flush(self):
-        """Publish rows that a crash or an outage left behind; returns how many."""
+        """Delete what was published after commit, then publish rows that a
+        crash or an outage left behind; returns how many of those it sent."""
+        done, self.published = self.published, []
+        if done:
+            with self.session_factory() as session, session.begin():
+                session.execute(delete(Outbox).where(Outbox.id.in_(done)))
         sent = 0
         while True:
             with self.session_factory() as session, session.begin():

@@ -2,7 +2,7 @@
 from datetime import datetime, timezone
 
 from sqlalchemy import (
-    BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, func,
+    BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -53,6 +53,7 @@ class Host(Base):
 
 class VirtualMachine(Base):
     __tablename__ = "vms"
+    __table_args__ = (UniqueConstraint("owner_id", "request_id"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
@@ -69,7 +70,7 @@ class VirtualMachine(Base):
     error: Mapped[str] = mapped_column(Text, nullable=True)            # last driver failure
     sched_message: Mapped[str] = mapped_column(Text, nullable=True)    # why it is not placed
     # the caller's request id: a create that is redelivered or retried finds its VM
-    request_id: Mapped[str] = mapped_column(String(64), nullable=True, unique=True)
+    request_id: Mapped[str] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 

@@ -42,7 +42,7 @@ def allocate(session, owner_id, name, cpu, vcpu, memory, template, hold=False,
     the VM that request made, so a retried or redelivered create makes one VM."""
     if request_id:
         existing = session.scalar(select(VirtualMachine).where(
-            VirtualMachine.request_id == request_id))
+            VirtualMachine.owner_id == owner_id, VirtualMachine.request_id == request_id))
         if existing is not None:
             return existing
     if not name or not str(name).strip():

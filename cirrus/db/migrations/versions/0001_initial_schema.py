@@ -90,7 +90,7 @@ def upgrade():
     sa.ForeignKeyConstraint(['host_id'], ['hosts.id'], ),
     sa.ForeignKeyConstraint(['owner_id'], ['users.id'], ),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('request_id')
+    sa.UniqueConstraint('owner_id', 'request_id')
     )
     op.create_index(op.f('ix_vms_host_id'), 'vms', ['host_id'], unique=False)
     op.create_index(op.f('ix_vms_owner_id'), 'vms', ['owner_id'], unique=False)
