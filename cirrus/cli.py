@@ -37,15 +37,17 @@ def vm_status(text):
     return value
 
 
-def positive_number(kind):
+def number(kind, positive=False):
+    """An argparse type. VM sizes are checked only for their type here: the
+    server judges their values, so every client gets the same answer."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-        if value <= 0:
+        if positive and value <= 0:
             raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-        if kind is int and value > INT32_MAX:
+        if kind is int and abs(value) > INT32_MAX:
             raise argparse.ArgumentTypeError(f"must be at most {INT32_MAX}, got {text}")
         return value
     return parse
@@ -383,11 +385,11 @@ def build_parser():
         dest="action", metavar="ACTION", required=True)
     create = command(vm, "create", cmd_vm_create, "create a VM; prints its id")
     create.add_argument("--name", help="default: the template's NAME")
-    create.add_argument("--cpu", type=positive_number(float),
+    create.add_argument("--cpu", type=number(float),
                         help="physical CPU share, e.g. 1 or 0.5 (overrides the template)")
-    create.add_argument("--vcpu", type=positive_number(int),
+    create.add_argument("--vcpu", type=number(int),
                         help="virtual CPUs (overrides the template)")
-    create.add_argument("--memory", type=positive_number(int),
+    create.add_argument("--memory", type=number(int),
                         help="memory in MB, e.g. 512 (overrides the template)")
     create.add_argument("--file", metavar="F",
                         help="template file: OpenNebula syntax, YAML or JSON ('-' for stdin)")
@@ -404,7 +406,7 @@ def build_parser():
     wait.add_argument("id", type=resource_id)
     wait.add_argument("--state", type=vm_status, required=True, metavar="STATE",
                       help="e.g. RUNNING or DONE")
-    wait.add_argument("--timeout", type=positive_number(float), default=60.0,
+    wait.add_argument("--timeout", type=number(float, positive=True), default=60.0,
                       help="seconds (default 60)")
     command(vm, "watch", cmd_vm_watch, "print VM state changes until Ctrl-C").add_argument(
         "id", type=resource_id, nargs="?", help="one VM (default: all you can see)")

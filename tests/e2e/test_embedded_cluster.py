@@ -13,7 +13,7 @@ def test_twenty_vms_run_on_the_driver_and_are_gone_after_terminate(cluster):
     shown = [cluster.json("vm", "show", vm_id) for vm_id in ids]
     assert {vm["host"] for vm in shown} == {"node-1"}
     assert all((vm["state"], vm["lcm_state"]) == ("ACTIVE", "RUNNING") for vm in shown)
-    assert [h["to"] for h in shown[0]["history"]] == ["PENDING", "PROLOG", "BOOT", "RUNNING"]
+    assert [h["to_status"] for h in shown[0]["history"]] == ["PENDING", "PROLOG", "BOOT", "RUNNING"]
     deploy_ids = {vm["deploy_id"] for vm in shown}
     assert len(deploy_ids) == 20
 
