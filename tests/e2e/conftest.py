@@ -7,10 +7,12 @@ one after another in a session never see each other's VMs or queues.
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -37,13 +39,14 @@ class Cluster:
         self.vhost = f"cirrus-e2e-{self.id}"
         self.port = free_port()
         (tmp_path / "home").mkdir(exist_ok=True)
-        (tmp_path / "datastore").mkdir(exist_ok=True)
+        # outside root's private tmp dirs: qemu runs as its own user
+        self.datastore = Path("/var/tmp/cirrus") / f"e2e-{self.id}"
         self.env = {**os.environ,
                     "HOME": str(tmp_path / "home"),
                     "CIRRUS_DATABASE_URL": self.db_url,
                     "CIRRUS_AMQP_URI": BASE_AMQP.rstrip("/") + "/" + self.vhost,
                     "CIRRUS_GATEWAY_PORT": str(self.port),
-                    "CIRRUS_DRIVERS_DATASTORE": str(tmp_path / "datastore"),
+                    "CIRRUS_DRIVERS_DATASTORE": str(self.datastore),
                     "CIRRUS_DRIVERS_MONITOR_INTERVAL": "1",
                     "CIRRUS_SCHEDULER_SWEEP_INTERVAL": "2"}
         for key in ("CIRRUS_TOKEN", "CIRRUS_USER", "CIRRUS_PASSWORD", "CIRRUS_CONFIG"):
@@ -63,6 +66,7 @@ class Cluster:
     def stop(self):
         if self.proc:
             self.proc.stop()
+        shutil.rmtree(self.datastore, ignore_errors=True)
         rabbitmqctl("delete_vhost", self.vhost)
         from sqlalchemy import create_engine
         admin = create_engine(BASE_DB.rstrip("/") + "/postgres", isolation_level="AUTOCOMMIT")
