@@ -1,0 +1,102 @@
+#!/bin/sh
+# Build a tiny real guest for qemu from Debian packages only:
+#   OUTDIR/vmlinuz     the kernel of linux-image-cloud-amd64
+#   OUTDIR/initrd.img  busybox-static plus the virtio, CD-ROM and power button
+#                      modules; its init prints "CIRRUS GUEST UP" on the serial
+#                      console, powers off on an ACPI power button press, and
+#                      otherwise idles.
+# Boot it with KERNEL_CMDLINE "console=ttyS0". Idempotent: does nothing when
+# OUTDIR already holds both files of this version. Run as root (it may
+# apt-get install).
+set -eu
+
+OUT=${1:?usage: build-tiny-guest.sh OUTDIR}
+MARKER="CIRRUS GUEST UP"
+# Each module follows the ones it depends on: the virtio network first, then
+# what a context CD needs (IDE or virtio-scsi CD-ROM, ISO 9660), then the ACPI
+# power button, so that a graceful shutdown works.
+MODULES="virtio_ring virtio failover net_failover virtio_pci_legacy_dev virtio_pci_modern_dev
+virtio_pci virtio_net virtio_blk scsi_common scsi_mod cdrom sr_mod isofs libata ata_piix
+virtio_scsi button evdev"
+
+# bump when the guest changes, so that caches of older builds are rebuilt
+VERSION=2
+if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] \
+        && [ "$(cat "$OUT/version" 2>/dev/null)" = "$VERSION" ]; then
+    exit 0
+fi
+
+missing=""
+# Debian's plain busybox is dynamically linked: the initramfs needs the static one
+dpkg -s busybox-static >/dev/null 2>&1 || missing="$missing busybox-static"
+command -v cpio >/dev/null 2>&1 || missing="$missing cpio"
+if [ -n "$missing" ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
+fi
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
+
+# linux-image-cloud-amd64 is a metapackage: fetch the image it depends on
+cd "$WORK"
+image=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+[ -n "$image" ] || { echo "build-tiny-guest: no kernel image behind linux-image-cloud-amd64" >&2; exit 1; }
+apt-get download "$image" 2>&1 | grep -v "unsandboxed as root" || true
+dpkg-deb -x "$WORK"/linux-image-*.deb "$WORK/kernel"
+kver=$(ls "$WORK/kernel/lib/modules")
+
+root="$WORK/initramfs"
+mkdir -p "$root/bin" "$root/dev" "$root/proc" "$root/sys" "$root/tmp" "$root/lib/modules"
+cp /bin/busybox "$root/bin/busybox"
+for module in $MODULES; do
+    file=$(find "$WORK/kernel/lib/modules/$kver" -name "$module.ko*" | head -n 1)
+    [ -n "$file" ] || { echo "build-tiny-guest: module $module not in $image" >&2; exit 1; }
+    case "$file" in
+        *.xz) xz -dc "$file" > "$root/lib/modules/$module.ko" ;;
+        *.zst) zstd -qdc "$file" > "$root/lib/modules/$module.ko" ;;
+        *) cp "$file" "$root/lib/modules/$module.ko" ;;
+    esac
+done
+echo $MODULES > "$root/lib/modules/order"
+
+cat > "$root/init" <<INIT
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+for module in \$(cat /lib/modules/order); do
+    insmod /lib/modules/\$module.ko || echo "cirrus-guest: insmod \$module failed"
+done
+# qemu user-mode networking: the host is 10.0.2.2
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set lo up
+    ip link set eth0 up
+    ip addr add 10.0.2.15/24 dev eth0
+    ip route add default via 10.0.2.2
+fi
+# listen to the power button before saying we are up, so no press is lost
+for input in /sys/class/input/input*; do
+    if [ "\$(cat \$input/name 2>/dev/null)" = "Power Button" ]; then
+        event=\$(basename \$(ls -d \$input/event* | head -n 1))
+        # one input event is 24 bytes: wait for the press, then power off
+        (dd if=/dev/input/\$event of=/dev/null bs=24 count=1 2>/dev/null
+         echo "cirrus-guest: power button pressed, powering off"
+         poweroff -f) &
+    fi
+done
+echo "$MARKER"
+while :; do sleep 3600; done
+INIT
+chmod 755 "$root/init"
+
+# write to temporary names and rename, so a half-built guest is never used
+cp "$WORK"/kernel/boot/vmlinuz-* "$OUT/vmlinuz.tmp.$$"
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -9) > "$OUT/initrd.img.tmp.$$"
+mv "$OUT/vmlinuz.tmp.$$" "$OUT/vmlinuz"
+mv "$OUT/initrd.img.tmp.$$" "$OUT/initrd.img"
+echo "$VERSION" > "$OUT/version"
+echo "tiny guest in $OUT (kernel $kver)"

@@ -1,0 +1,103 @@
+"""The libvirt domain XML is a pure function of the VM."""
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from services.drivers.libvirt_backend import domain_xml
+
+
+def vm(**template):
+    return {"id": 42, "name": "web", "cpu": 0.5, "vcpu": 2, "memory": 256, "template": template}
+
+
+def parse(vm_dict, domain_type="qemu", vm_dir="/ds/42", formats=None):
+    return ET.fromstring(domain_xml(vm_dict, vm_dir, domain_type, formats))
+
+
+def test_name_memory_in_kib_and_vcpu():
+    root = parse(vm())
+    assert root.get("type") == "qemu"
+    assert root.findtext("name") == "cirrus-42"
+    assert root.findtext("title") == "web"
+    assert root.find("memory").get("unit") == "KiB"
+    assert root.findtext("memory") == str(256 * 1024)
+    assert root.findtext("vcpu") == "2"
+
+
+def test_test_domain_has_no_emulator_devices():
+    root = parse(vm(DISK={"SOURCE": "/img/a.raw"}), domain_type="test")
+    assert root.get("type") == "test"
+    assert root.find("features") is None
+    assert root.find("devices/serial") is None
+    assert root.find("devices/disk/driver") is None
+    assert root.find("devices/disk/source").get("file") == "/ds/42/disk.0"
+
+
+def test_qemu_domain_has_acpi_and_a_logged_serial_console():
+    root = parse(vm(), domain_type="kvm")
+    assert root.get("type") == "kvm"
+    assert root.find("features/acpi") is not None
+    assert root.find("devices/serial").get("type") == "pty"
+    assert root.find("devices/serial/log").get("file") == "/ds/42/console.log"
+    assert root.find("devices/console/target").get("type") == "serial"
+
+
+def test_kernel_initrd_and_cmdline():
+    root = parse(vm(OS={"KERNEL": "/g/vmlinuz", "INITRD": "/g/initrd.img",
+                        "KERNEL_CMDLINE": "console=ttyS0"}))
+    assert root.findtext("os/type") == "hvm"
+    assert root.findtext("os/kernel") == "/g/vmlinuz"
+    assert root.findtext("os/initrd") == "/g/initrd.img"
+    assert root.findtext("os/cmdline") == "console=ttyS0"
+    assert root.find("os/boot") is None
+
+
+def test_without_kernel_boots_from_disk():
+    root = parse(vm())
+    assert root.find("os/kernel") is None
+    assert root.find("os/boot").get("dev") == "hd"
+
+
+def test_arch_and_machine_go_on_the_os_type():
+    root = parse(vm(OS={"ARCH": "x86_64", "MACHINE": "q35"}))
+    assert root.find("os/type").attrib == {"arch": "x86_64", "machine": "q35"}
+
+
+def test_disks_point_at_their_copies_in_the_vm_dir():
+    root = parse(vm(DISK=[{"SOURCE": "/img/a.qcow2"}, {"TYPE": "fs", "SIZE": 10},
+                          {"PATH": "/img/c.raw", "TARGET": "sdc", "READONLY": "yes"}]),
+                 formats={0: "qcow2"})
+    disks = root.findall("devices/disk")
+    # a DISK without SOURCE or PATH has nothing to copy and is left out
+    assert [d.find("source").get("file") for d in disks] == ["/ds/42/disk.0", "/ds/42/disk.2"]
+    assert [d.find("target").get("dev") for d in disks] == ["vda", "sdc"]
+    assert [d.find("driver").get("type") for d in disks] == ["qcow2", "raw"]
+    assert disks[0].find("readonly") is None
+    assert disks[1].find("readonly") is not None
+
+
+def test_a_nic_is_user_mode_networking_never_a_bridge():
+    root = parse(vm(NIC=[{"NETWORK": "public", "MAC": "02:00:0a:00:00:01"}, {"MODEL": "e1000"}]))
+    nics = root.findall("devices/interface")
+    assert [n.get("type") for n in nics] == ["user", "user"]
+    assert nics[0].find("mac").get("address") == "02:00:0a:00:00:01"
+    assert [n.find("model").get("type") for n in nics] == ["virtio", "e1000"]
+    assert parse(vm()).find("devices/interface") is None
+
+
+def test_lower_case_template_keys_are_read_like_opennebula():
+    root = parse(vm(os={"kernel": "/g/vmlinuz"}, disk={"source": "/img/a"}))
+    assert root.findtext("os/kernel") == "/g/vmlinuz"
+    assert len(root.findall("devices/disk")) == 1
+
+
+def test_values_are_escaped():
+    root = parse(vm(OS={"KERNEL": "/g/<odd>&'name\""}))
+    assert root.findtext("os/kernel") == "/g/<odd>&'name\""
+
+
+@pytest.mark.parametrize("field, value", [("memory", 0), ("memory", -5), ("memory", None),
+                                          ("vcpu", 1.5), ("vcpu", "2"), ("vcpu", True)])
+def test_bad_memory_or_vcpu_is_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        domain_xml({**vm(), field: value}, "/ds/42", "qemu")
