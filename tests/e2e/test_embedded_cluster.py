@@ -130,3 +130,21 @@ def test_host_disable_keeps_new_vms_pending_with_a_reason(cluster):
         cluster.cli("host", "enable", host_id)
     cluster.cli("vm", "wait", vm_id, "--state", "RUNNING", "--timeout", "60")
     cluster.cli("vm", "terminate", vm_id)
+
+
+@pytest.mark.parametrize("template,failure,message", [
+    ('DISK = [ SOURCE = "/nonexistent/x.img" ]', "PROLOG_FAILURE", "/nonexistent/x.img"),
+    ('OS = [ ARCH = "bogus" ]', "BOOT_FAILURE", "bogus"),
+])
+def test_a_driver_failure_sets_the_failure_state_with_the_drivers_message(
+        cluster, tmp_path, template, failure, message):
+    tpl = tmp_path / "fails.tpl"
+    tpl.write_text(f'NAME = "fails"\nCPU = 0.1\nMEMORY = 16\n{template}\n')
+    vm_id = cluster.create_vm("--file", tpl)
+    waited = cluster.cli("vm", "wait", vm_id, "--state", "RUNNING", "--timeout", "60", check=False)
+    assert waited.returncode == 1 and failure in waited.stderr
+    vm = cluster.json("vm", "show", vm_id)
+    assert vm["status"] == failure and message in vm["error"]
+    # terminate cleans up what the failure left, and frees the capacity
+    cluster.cli("vm", "terminate", vm_id)
+    cluster.cli("vm", "wait", vm_id, "--state", "DONE", "--timeout", "60")
