@@ -23,7 +23,6 @@ import socket
 import threading
 import time
 import uuid
-import warnings
 from concurrent import futures
 from datetime import datetime, timezone
 
@@ -34,9 +33,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from kombu import Connection, Consumer, Queue
-# nameko imports eventlet (without patching anything), which warns that it is deprecated
-warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 
+import cirrus  # noqa: F401  (before nameko: silences eventlet's deprecation warning)
 from nameko.exceptions import RemoteError, RpcTimeout, UnknownService  # noqa: E402
 from nameko.standalone.rpc import ClusterRpcProxy  # noqa: E402
 
