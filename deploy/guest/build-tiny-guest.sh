@@ -39,7 +39,9 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
 
-# linux-image-cloud-amd64 is a metapackage: fetch the image it depends on
+# linux-image-cloud-amd64 is a metapackage: fetch the image it depends on.
+# A machine whose apt lists were never fetched (a new container) knows no package yet.
+apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || apt-get update -qq
 cd "$WORK"
 image=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
 [ -n "$image" ] || { echo "build-tiny-guest: no kernel image behind linux-image-cloud-amd64" >&2; exit 1; }
