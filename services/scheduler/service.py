@@ -21,7 +21,6 @@ from services.scheduler.placement import HostView, VmRequest, rank
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = config.get()["scheduler"].get("sweep_interval", 5)
-FREEING = {"DONE", "EPILOG_FAILURE", "PROLOG_FAILURE", "BOOT_FAILURE"}
 
 
 class SchedulerService:
@@ -34,7 +33,7 @@ class SchedulerService:
     def on_vm_state(self, event):
         if event["status"] == "PENDING":
             self.schedule([event["id"]])
-        elif event["status"] in FREEING:
+        elif event["status"] == "DONE":     # the only status that frees capacity
             self.schedule()
 
     @event_handler(messages.LIFECYCLE, messages.HOST_STATE)

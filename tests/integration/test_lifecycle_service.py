@@ -3,14 +3,12 @@
 The test plays the node: it reads driver commands from the host's queue and
 answers them as a driver worker would.
 """
-import socket
-
 import pytest
-from kombu import Connection, Consumer, Queue
 from nameko.exceptions import RemoteError
 from nameko.standalone.rpc import ClusterRpcProxy
 
 from cirrus import messages
+from tests.broker import FakeNodeTransport, drain, vm_events
 from tests.procs import Proc, wait_until
 
 
@@ -27,52 +25,6 @@ def lifecycle(cirrus_env, tmp_path_factory):
 def rpc(lifecycle, amqp_uri):
     with ClusterRpcProxy({"AMQP_URI": amqp_uri, "serializer": "json"}) as proxy:
         yield proxy.lifecycle
-
-
-class FakeNodeTransport:
-    """The node's side of the broker: its command queue and the events exchange."""
-
-    def __init__(self, amqp_uri, host):
-        self.conn = Connection(amqp_uri)
-        self.host = host
-        self.commands = []
-        self.queue = messages.node_queue(host)(self.conn.default_channel)
-        self.queue.declare()
-
-    def next_command(self, timeout=10):
-        def got():
-            message = self.queue.get(no_ack=False)
-            if message:
-                message.ack()
-                return message.payload
-        return wait_until(got, timeout, what=f"a command on {self.host}'s queue")
-
-    def publish(self, event_type, payload):
-        with self.conn.Producer() as producer:
-            producer.publish(payload, exchange=messages.event_exchange(messages.NODE),
-                             routing_key=event_type, serializer="json", retry=True,
-                             declare=[messages.event_exchange(messages.NODE)])
-
-
-def vm_events(amqp_uri):
-    conn = Connection(amqp_uri)
-    queue = Queue(exchange=messages.event_exchange(messages.LIFECYCLE),
-                  routing_key=messages.VM_STATE, exclusive=True, auto_delete=True)
-    seen = []
-    consumer = Consumer(conn, [queue], callbacks=[lambda body, msg: (seen.append(body), msg.ack())],
-                        accept=["json"])
-    consumer.consume()
-    return conn, seen
-
-
-def drain(conn, seen, until, timeout=10):
-    def check():
-        try:
-            conn.drain_events(timeout=0.2)
-        except socket.timeout:
-            pass
-        return until(seen)
-    return wait_until(check, timeout, interval=0, what="events")
 
 
 def test_a_vm_runs_through_driver_results_and_back_to_done(rpc, amqp_uri):

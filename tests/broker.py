@@ -1,0 +1,52 @@
+"""The broker as a test sees it: playing a node, and listening to VM events."""
+import socket
+
+from kombu import Connection, Consumer, Queue
+
+from cirrus import messages
+from tests.procs import wait_until
+
+
+class FakeNodeTransport:
+    """The node's side of the broker: its command queue and the events exchange."""
+
+    def __init__(self, amqp_uri, host):
+        self.conn = Connection(amqp_uri)
+        self.host = host
+        self.queue = messages.node_queue(host)(self.conn.default_channel)
+        self.queue.declare()
+
+    def next_command(self, timeout=10):
+        def got():
+            message = self.queue.get(no_ack=False)
+            if message:
+                message.ack()
+                return message.payload
+        return wait_until(got, timeout, what=f"a command on {self.host}'s queue")
+
+    def publish(self, event_type, payload):
+        with self.conn.Producer() as producer:
+            producer.publish(payload, exchange=messages.event_exchange(messages.NODE),
+                             routing_key=event_type, serializer="json", retry=True,
+                             declare=[messages.event_exchange(messages.NODE)])
+
+
+def vm_events(amqp_uri):
+    conn = Connection(amqp_uri)
+    queue = Queue(exchange=messages.event_exchange(messages.LIFECYCLE),
+                  routing_key=messages.VM_STATE, exclusive=True, auto_delete=True)
+    seen = []
+    consumer = Consumer(conn, [queue], callbacks=[lambda body, msg: (seen.append(body), msg.ack())],
+                        accept=["json"])
+    consumer.consume()
+    return conn, seen
+
+
+def drain(conn, seen, until, timeout=10):
+    def check():
+        try:
+            conn.drain_events(timeout=0.2)
+        except socket.timeout:
+            pass
+        return until(seen)
+    return wait_until(check, timeout, interval=0, what="events")

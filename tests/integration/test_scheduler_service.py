@@ -1,0 +1,64 @@
+"""The scheduler as a process, with lifecycle, on the real broker and database.
+
+The test plays the node: it reports monitoring and reads the commands that a
+placement sends to the host's queue."""
+import pytest
+from nameko.standalone.rpc import ClusterRpcProxy
+from sqlalchemy import update
+
+from cirrus import db, messages
+from cirrus.db.models import Host
+from tests.broker import FakeNodeTransport
+from tests.procs import Proc, wait_until
+
+
+@pytest.fixture(scope="module")
+def services(cirrus_env, tmp_path_factory):
+    # hosts other tests left MONITORED have no node behind them
+    with db.session_factory()() as s, s.begin():
+        s.execute(update(Host).values(state="DISABLED"))
+    logs = tmp_path_factory.mktemp("sched")
+    procs = [Proc(["cirrus-service", name], cirrus_env, logs / f"{name}.log").start()
+             for name in ("lifecycle", "scheduler")]
+    for proc, name in zip(procs, ("lifecycle", "scheduler")):
+        proc.wait_for(f"{name} started")
+    yield procs
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture
+def rpc(services, amqp_uri):
+    with ClusterRpcProxy({"AMQP_URI": amqp_uri, "serializer": "json"}) as proxy:
+        yield proxy.lifecycle
+
+
+def test_placement_waits_for_a_host_happens_on_the_event_and_explains_a_misfit(rpc, amqp_uri):
+    vm = rpc.allocate(1, "sched-first", 1.0, 1, 512, {})
+    wait_until(lambda: rpc.get_vm(vm["id"])["sched_message"], timeout=15,
+               what="a scheduling message")
+    assert rpc.get_vm(vm["id"])["sched_message"] == "No host is enabled and monitored"
+
+    node = FakeNodeTransport(amqp_uri, "sched-a")
+    host = rpc.create_host("sched-a")
+    node.publish(messages.HOST_MONITOR, {"host": "sched-a", "monitoring": {
+        "TOTALCPU": 800, "TOTALMEMORY": 4096 * 1024}})
+    # the host becoming MONITORED is news: the waiting VM is placed at once
+    cmd = node.next_command(timeout=15)
+    assert (cmd["action"], cmd["vm_id"]) == ("clone", vm["id"])
+    shown = rpc.get_vm(vm["id"])
+    assert (shown["status"], shown["host"], shown["sched_message"]) == ("PROLOG", "sched-a", None)
+
+    second = rpc.allocate(1, "sched-second", 2.0, 1, 256, {})
+    cmd = node.next_command(timeout=15)
+    assert (cmd["action"], cmd["vm_id"]) == ("clone", second["id"])
+    assert rpc.get_host(host["id"])["cpu_usage"] == 300
+
+    # a VM that fits nowhere stays PENDING with the reason: need/most free
+    big = rpc.allocate(1, "sched-big", 16.0, 1, 256, {})
+    wait_until(lambda: rpc.get_vm(big["id"])["sched_message"], timeout=15,
+               what="a scheduling message")
+    vm = rpc.get_vm(big["id"])
+    assert vm["status"] == "PENDING"
+    assert vm["sched_message"] == "Not enough CPU capacity: 1600/500"
+    rpc.terminate(big["id"])
