@@ -1,7 +1,9 @@
 """The broker as a test sees it: playing a node, and listening to VM events."""
 import socket
+from contextlib import contextmanager
 
 from kombu import Connection, Consumer, Queue
+from nameko.standalone.rpc import ClusterRpcProxy
 
 from cirrus import messages
 from tests.procs import wait_until
@@ -50,3 +52,10 @@ def drain(conn, seen, until, timeout=10):
             pass
         return until(seen)
     return wait_until(check, timeout, interval=0, what="events")
+
+
+@contextmanager
+def rpc_proxy(amqp_uri, service):
+    """A standalone Nameko proxy to ``service``, as another service would call it."""
+    with ClusterRpcProxy({"AMQP_URI": amqp_uri, "serializer": "json"}) as proxy:
+        yield getattr(proxy, service)

@@ -54,6 +54,15 @@ class Proc:
             self.log.close()
 
 
+def start_services(names, env, log_dir):
+    """Start ``cirrus-service NAME`` for each name; returns them once all are up."""
+    procs = [Proc(["cirrus-service", name], env, log_dir / f"{name}.log").start()
+             for name in names]
+    for proc, name in zip(procs, names):
+        proc.wait_for(f"{name} started")
+    return procs
+
+
 def wait_until(predicate, timeout=30, interval=0.1, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

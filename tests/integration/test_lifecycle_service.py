@@ -5,26 +5,23 @@ answers them as a driver worker would.
 """
 import pytest
 from nameko.exceptions import RemoteError
-from nameko.standalone.rpc import ClusterRpcProxy
 
 from cirrus import messages
-from tests.broker import FakeNodeTransport, drain, vm_events
-from tests.procs import Proc, wait_until
+from tests.broker import FakeNodeTransport, drain, rpc_proxy, vm_events
+from tests.procs import start_services, wait_until
 
 
 @pytest.fixture(scope="module")
 def lifecycle(cirrus_env, tmp_path_factory):
-    proc = Proc(["cirrus-service", "lifecycle"], cirrus_env,
-                tmp_path_factory.mktemp("lc") / "lifecycle.log").start()
-    proc.wait_for("lifecycle started")
+    [proc] = start_services(["lifecycle"], cirrus_env, tmp_path_factory.mktemp("lc"))
     yield proc
     proc.stop()
 
 
 @pytest.fixture
 def rpc(lifecycle, amqp_uri):
-    with ClusterRpcProxy({"AMQP_URI": amqp_uri, "serializer": "json"}) as proxy:
-        yield proxy.lifecycle
+    with rpc_proxy(amqp_uri, "lifecycle") as proxy:
+        yield proxy
 
 
 def test_a_vm_runs_through_driver_results_and_back_to_done(rpc, amqp_uri):

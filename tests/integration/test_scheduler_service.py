@@ -3,25 +3,24 @@
 The test plays the node: it reports monitoring and reads the commands that a
 placement sends to the host's queue."""
 import pytest
-from nameko.standalone.rpc import ClusterRpcProxy
 from sqlalchemy import update
 
 from cirrus import db, messages
-from cirrus.db.models import Host
-from tests.broker import FakeNodeTransport
-from tests.procs import Proc, wait_until
+from cirrus.db.models import Host, VirtualMachine
+from tests.broker import FakeNodeTransport, rpc_proxy
+from tests.procs import start_services, wait_until
 
 
 @pytest.fixture(scope="module")
 def services(cirrus_env, tmp_path_factory):
-    # hosts other tests left MONITORED have no node behind them
+    # hosts other tests left MONITORED have no node behind them, and VMs
+    # they left PENDING would be placed before this module's
     with db.session_factory()() as s, s.begin():
         s.execute(update(Host).values(state="DISABLED"))
-    logs = tmp_path_factory.mktemp("sched")
-    procs = [Proc(["cirrus-service", name], cirrus_env, logs / f"{name}.log").start()
-             for name in ("lifecycle", "scheduler")]
-    for proc, name in zip(procs, ("lifecycle", "scheduler")):
-        proc.wait_for(f"{name} started")
+        s.execute(update(VirtualMachine).where(VirtualMachine.state.in_(["PENDING", "HOLD"]))
+                  .values(state="DONE"))
+    procs = start_services(["lifecycle", "scheduler"], cirrus_env,
+                           tmp_path_factory.mktemp("sched"))
     yield procs
     for proc in procs:
         proc.stop()
@@ -29,8 +28,8 @@ def services(cirrus_env, tmp_path_factory):
 
 @pytest.fixture
 def rpc(services, amqp_uri):
-    with ClusterRpcProxy({"AMQP_URI": amqp_uri, "serializer": "json"}) as proxy:
-        yield proxy.lifecycle
+    with rpc_proxy(amqp_uri, "lifecycle") as proxy:
+        yield proxy
 
 
 def test_placement_waits_for_a_host_happens_on_the_event_and_explains_a_misfit(rpc, amqp_uri):
