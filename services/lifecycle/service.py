@@ -42,8 +42,7 @@ class LifecycleService:
     @api
     def terminate(self, vm_id, hard=False):
         with self.relay.transaction() as session:
-            vm = logic.terminate(session, vm_id, hard)
-        return self.get_vm(vm.id)
+            return logic.describe(session, logic.terminate(session, vm_id, hard))
 
     @api
     def get_vm(self, vm_id):
