@@ -43,12 +43,12 @@ def ensure_admin(session):
 
 
 def login(session, username, password):
-    """Check a password and issue a token; returns (token, expiry)."""
+    """Check a password and issue a token; returns (user, token, expiry)."""
     user = authenticate(session, {"username": username, "password": password})
     token = secrets.token_urlsafe(32)
     expires = utcnow() + timedelta(seconds=int(config.get()["auth"]["token_ttl"]))
     session.add(Token(user_id=user.id, token_hash=_token_hash(token), expires_at=expires))
-    return token, expires
+    return user, token, expires
 
 
 def authenticate(session, credentials):

@@ -113,8 +113,6 @@ for _tr in TRANSITIONS:
         assert key not in _BY_ACTION, f"two transitions for {key}"
         _BY_ACTION[key] = _tr
 
-ACTIONS = sorted({tr.action for tr in TRANSITIONS})
-
 # statuses in which the VM holds capacity on its host
 ON_HOST = frozenset(
     "PROLOG BOOT RUNNING SHUTDOWN EPILOG UNKNOWN "

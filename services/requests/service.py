@@ -14,10 +14,14 @@ from cirrus.template import parse, vm_resources
 api = rpc(expected_exceptions=CirrusError)
 
 
-def build_vm_spec(spec, max_bytes):
-    """Merge a create request's explicit fields over its template's
+def parse_template(text):
+    return parse(text or "", config.get()["limits"]["template_bytes"])
+
+
+def allocate_arguments(template, spec):
+    """Merge a request's explicit fields over a parsed template's
     NAME/CPU/VCPU/MEMORY; returns the arguments of lifecycle.allocate."""
-    template = parse(spec["template"], max_bytes) if spec.get("template") else {}
+    template = dict(template)
     for key in ("name", "cpu", "vcpu", "memory"):
         if spec.get(key) is not None:
             template[key.upper()] = str(spec[key])
@@ -58,11 +62,10 @@ class RequestsService:
     def login(self, credentials):
         with self.db() as session, session.begin():
             try:
-                token, expires = auth.login(session, credentials.get("username"),
-                                            credentials.get("password"))
+                user, token, expires = auth.login(session, credentials.get("username"),
+                                                  credentials.get("password"))
             except auth.AuthError as exc:
                 raise Unauthenticated(str(exc)) from None
-            user = auth.authenticate(session, {"token": token})
             return {"token": token, "expires_at": expires.isoformat(),
                     "user": {"id": user.id, "name": user.name, "role": user.role}}
 
@@ -76,8 +79,8 @@ class RequestsService:
     @api
     def create_vm(self, credentials, spec):
         user = self.user(credentials)
-        limit = config.get()["limits"]["template_bytes"]
-        return self.lifecycle.allocate(owner_id=user["id"], **build_vm_spec(spec, limit))
+        template = parse_template(spec["template"]) if spec.get("template") else {}
+        return self.lifecycle.allocate(owner_id=user["id"], **allocate_arguments(template, spec))
 
     @api
     def get_vm(self, credentials, vm_id):
@@ -131,8 +134,7 @@ class RequestsService:
     @api
     def create_template(self, credentials, name, text):
         user = self.user(credentials)
-        body = parse(text or "", config.get()["limits"]["template_bytes"])
-        return self.lifecycle.create_template(user["id"], name, body)
+        return self.lifecycle.create_template(user["id"], name, parse_template(text))
 
     @api
     def get_template(self, credentials, template_id):
@@ -154,6 +156,6 @@ class RequestsService:
         user = self.user(credentials)
         template = self.owned(user, self.lifecycle.get_template(template_id), "template",
                               template_id)
-        spec = {"template": template["text"], "name": name or template["name"], "hold": hold}
-        limit = config.get()["limits"]["template_bytes"]
-        return self.lifecycle.allocate(owner_id=user["id"], **build_vm_spec(spec, limit))
+        spec = {"name": name or template["name"], "hold": hold}
+        return self.lifecycle.allocate(owner_id=user["id"],
+                                       **allocate_arguments(template["body"], spec))
