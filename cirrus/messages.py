@@ -1,8 +1,9 @@
 """What crosses the broker: exchanges, queues, and the shape of commands and events.
 
 - Events are Nameko events, so Nameko ``event_handler``s receive them: VM state
-  changes come from ``lifecycle`` (event types ``vm.state`` and ``host.state``), driver results and
-  host monitoring from ``node`` (``command.result``, ``host.monitor``).
+  changes come from ``lifecycle`` (event types ``vm.state`` and ``host.state``), driver results,
+  host monitoring and hypervisor events from ``node`` (``command.result``, ``host.monitor``,
+  ``vm.event``).
 - Driver commands go to one durable queue per host, ``cirrus.node.<host>``,
   through the direct exchange ``cirrus.commands``.
 """
@@ -17,11 +18,13 @@ VM_STATE = "vm.state"
 HOST_STATE = "host.state"
 COMMAND_RESULT = "command.result"
 HOST_MONITOR = "host.monitor"
+VM_EVENT = "vm.event"       # a domain changed state on its own (libvirt lifecycle event)
 
 COMMANDS = Exchange("cirrus.commands", type="direct", durable=True, delivery_mode=2)
 
-# what a driver worker accepts
-DRIVER_ACTIONS = ("deploy", "shutdown", "cancel", "poll", "clone", "delete")
+# what a driver worker accepts: virtualization actions, then transfer actions
+DRIVER_ACTIONS = ("deploy", "shutdown", "cancel", "poll", "save", "restore", "reboot", "reset",
+                  "migrate", "clone", "mv", "delete")
 
 
 def event_exchange(source):

