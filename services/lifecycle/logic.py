@@ -11,6 +11,7 @@ from cirrus import messages, outbox
 from cirrus.db.models import Host, Template, User, VirtualMachine, VmHistory, utcnow
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from cirrus.states import ON_HOST, SHORT_NAMES, TransitionError, next_transition, result_action, split, status
+from services.lifecycle import accounting
 
 
 
@@ -193,6 +194,10 @@ def get_vm(session, vm_id):
     out["history"] = [{"seq": h.seq, "action": h.action, "from": h.from_status,
                        "to": h.to_status, "host": name, "message": h.message,
                        "at": iso(h.at)} for h, name in rows]
+    out["metrics"] = vm.metrics or []
+    out["stays"] = [accounting.stay_to_dict(stay) for stay in accounting.stays(
+        [{"seq": h.seq, "action": h.action, "to_status": h.to_status, "host_id": h.host_id,
+          "host": name, "at": h.at} for h, name in rows], utcnow())]
     return out
 
 
@@ -213,7 +218,7 @@ def list_vms(session, owner_id=None, include_done=False):
 def host_to_dict(host):
     return {"id": host.id, "name": host.name, "state": host.state, "max_cpu": host.max_cpu,
             "max_mem": host.max_mem, "cpu_usage": host.cpu_usage, "mem_usage": host.mem_usage,
-            "running_vms": host.running_vms, "monitoring": host.monitoring or {},
+            "running_vms": host.running_vms, "monitoring": host.monitoring or {}, "ha": host.ha,
             "last_monitored_at": iso(host.last_monitored_at)}
 
 
@@ -242,7 +247,7 @@ def create_host(session, name):
 
 def set_host_enabled(session, host_id, enabled):
     host = get_host(session, host_id, lock=True)
-    if enabled and host.state == "DISABLED":
+    if enabled and host.state in ("DISABLED", "OFFLINE"):
         # monitored again at its next report
         host.state = "INIT"
     elif not enabled:
@@ -263,26 +268,6 @@ def delete_host(session, host_id):
     out = host_to_dict(host)
     session.delete(host)
     return out
-
-
-def handle_monitor(session, report):
-    """Store a node's monitoring report. Returns True when the host just became
-    MONITORED, i.e. new capacity the scheduler should look at."""
-    host = session.scalar(select(Host).where(Host.name == report.get("host"))
-                          .with_for_update())
-    if host is None:
-        return False
-    mon = report.get("monitoring") or {}
-    host.max_cpu = int(mon.get("TOTALCPU", 0))
-    host.max_mem = int(mon.get("TOTALMEMORY", 0)) // 1024
-    host.monitoring = mon
-    host.last_monitored_at = utcnow()
-    if host.state in ("INIT", "ERROR"):
-        host.state = "MONITORED"
-        outbox.add_event(session, messages.LIFECYCLE, messages.HOST_STATE,
-                         {"id": host.id, "name": host.name, "state": host.state})
-        return True
-    return False
 
 
 # ---------------------------------------------------------------- templates

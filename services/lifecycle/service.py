@@ -12,9 +12,10 @@ from nameko.timer import timer
 from cirrus import config, messages
 from cirrus.dependencies import OutboxRelay
 from cirrus.errors import CirrusError
-from services.lifecycle import logic
+from services.lifecycle import accounting, logic, monitoring
 
 OUTBOX_INTERVAL = config.get()["lifecycle"].get("outbox_interval", 1)
+HOST_TIMEOUT = config.get()["lifecycle"].get("host_timeout", 15)
 
 api = rpc(expected_exceptions=CirrusError)
 
@@ -67,7 +68,18 @@ class LifecycleService:
     @event_handler(messages.NODE, messages.HOST_MONITOR, requeue_on_error=True)
     def on_host_monitor(self, report):
         with self.relay.transaction() as session:
-            logic.handle_monitor(session, report)
+            monitoring.handle_monitor(session, report)
+
+    @event_handler(messages.NODE, messages.VM_EVENT, requeue_on_error=True)
+    def on_vm_event(self, event):
+        with self.relay.transaction() as session:
+            monitoring.handle_vm_event(session, event)
+
+    # a host is failed after HOST_TIMEOUT s of silence; look a few times per timeout
+    @timer(interval=max(1, HOST_TIMEOUT / 3))
+    def check_hosts(self):
+        with self.relay.transaction() as session:
+            monitoring.detect_failed_hosts(session, HOST_TIMEOUT)
 
     @timer(interval=OUTBOX_INTERVAL)
     def flush_outbox(self):
@@ -77,10 +89,9 @@ class LifecycleService:
     # -------------------------------------------------------------- hosts
 
     @api
-    def create_host(self, name):
+    def create_host(self, name, ha="none"):
         with self.relay.transaction() as session:
-            host = logic.create_host(session, name)
-            return logic.host_to_dict(host)
+            return logic.host_to_dict(monitoring.create_host(session, name, ha))
 
     @api
     def get_host(self, host_id):
@@ -106,6 +117,26 @@ class LifecycleService:
     def delete_host(self, host_id):
         with self.relay.transaction() as session:
             return logic.delete_host(session, host_id)
+
+    @api
+    def offline_host(self, host_id):
+        with self.relay.transaction() as session:
+            return logic.host_to_dict(monitoring.offline_host(session, host_id))
+
+    @api
+    def flush_host(self, host_id):
+        with self.relay.transaction() as session:
+            return logic.host_to_dict(monitoring.flush_host(session, host_id))
+
+    @api
+    def set_host_ha(self, host_id, policy):
+        with self.relay.transaction() as session:
+            return logic.host_to_dict(monitoring.set_host_ha(session, host_id, policy))
+
+    @api
+    def accounting(self, owner_id=None, start=None, end=None):
+        with self.relay.session_factory() as session:
+            return accounting.report(session, owner_id, start, end)
 
     # -------------------------------------------------------------- templates
 

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 from cirrus import db
 from cirrus.db.models import Host, Outbox, User, VirtualMachine, VmHistory
 from cirrus.errors import FailedPrecondition, InvalidArgument
-from services.lifecycle import logic
+from services.lifecycle import logic, monitoring
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def host(factory, request):
     """A monitored host with room for 4 one-CPU, 1 GB VMs."""
     with factory() as s, s.begin():
         h = logic.create_host(s, f"h-{request.node.name}"[:60])
-        logic.handle_monitor(s, {"host": h.name, "monitoring": {
+        monitoring.handle_monitor(s, {"host": h.name, "monitoring": {
             "TOTALCPU": 400, "TOTALMEMORY": 4096 * 1024}})
         return h.id
 
