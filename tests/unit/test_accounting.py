@@ -20,6 +20,14 @@ def history(*steps):
             for i, (m, action, to, host) in enumerate(steps)]
 
 
+# deployed on host 1 at minute 1, running from minute 3
+RUNNING_AT_3 = [
+    (0, "allocate", "PENDING", None),
+    (1, "deploy", "PROLOG", 1),
+    (2, "prolog_success", "BOOT", 1),
+    (3, "boot_success", "RUNNING", 1),
+]
+
 LIFE = history(
     (0, "allocate", "PENDING", None),
     (1, "deploy", "PROLOG", 1),
@@ -51,10 +59,7 @@ def test_a_vm_still_running_has_an_open_stay_counted_until_now():
 
 def test_a_migration_makes_two_stays():
     rows = history(
-        (0, "allocate", "PENDING", None),
-        (1, "deploy", "PROLOG", 1),
-        (2, "prolog_success", "BOOT", 1),
-        (3, "boot_success", "RUNNING", 1),
+        *RUNNING_AT_3,
         (10, "migrate_live", "MIGRATE", 1),
         (11, "migrate_success", "BOOT_MIGRATE", 1),
         (12, "boot_migrate_success", "RUNNING", 2),
@@ -71,10 +76,7 @@ def test_a_migration_makes_two_stays():
 
 def test_leaving_without_a_driver_result_names_the_action_that_ended_the_stay():
     rows = history(
-        (0, "allocate", "PENDING", None),
-        (1, "deploy", "PROLOG", 1),
-        (2, "prolog_success", "BOOT", 1),
-        (3, "boot_success", "RUNNING", 1),
+        *RUNNING_AT_3,
         (5, "monitor_unknown", "UNKNOWN", 1),
         (6, "recover", "PENDING", None),
         (7, "deploy", "PROLOG", 2),
