@@ -13,7 +13,32 @@ libvirt refuses the architecture:
 and a DISK whose SOURCE does not exist makes clone fail (PROLOG_FAILURE):
 
     DISK = [ SOURCE = "/nonexistent/disk.img" ]  ->  "DISK 0: source /nonexistent/disk.img does not exist"
+
+save writes the domain's memory to ``<datastore>/<id>/checkpoint`` (through a
+``.part`` file renamed when complete) and undefines the domain; restore brings
+it back with ``conn.restore`` and defines it again, so that it stays defined
+after a power off as a deployed one does. mv moves ``<datastore>/<id>`` to and
+from ``<parking>/<id>`` (a rename; a copy then a rename across file systems).
+
+Live migration, by where the VM goes:
+
+- this node is on test:///default (or any test:/// URI): every process has
+  its own private test hypervisor, so nothing can migrate into another. The
+  domain is saved to its checkpoint in the datastore, which nodes share, and
+  undefined; BOOT_MIGRATE's restore on the target brings it back there.
+- dest_uri is this node's own URI (say two nodes on one qemu:///system): both
+  nodes drive the same hypervisor, there is nothing to move. The domain must
+  be running; it keeps running, and the target's restore finds it so.
+- any other dest_uri: a real live migration, ``migrateToURI3`` peer to peer,
+  persistent on the target and undefined here. The disks must be at the same
+  path on the target (a shared datastore), as with OpenNebula's shared TM.
+
+Events: ``start_event_loop`` registers libvirt's default event loop, before
+any connection is opened, and runs it in a daemon thread; ``watch`` registers
+a lifecycle callback on the connection (again on every new connection) that
+turns libvirt's (event, detail) into a backend state with ``event_state``.
 """
+import errno
 import functools
 import logging
 import os
@@ -26,8 +51,9 @@ import xml.etree.ElementTree as ET
 import libvirt
 
 from services.drivers import backend
-from services.drivers.backend import (Backend, disk_source, domain_name, sections, template_of,
-                                     vm_id_of)
+from services.drivers.backend import (CHECKPOINT, MV_DIRECTIONS, Backend, disk_source,
+                                     domain_name, runtime_of, sections, template_of, vm_id_of,
+                                     vm_report)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +74,73 @@ STATES = {
     libvirt.VIR_DOMAIN_SHUTOFF: backend.POWEROFF,
     libvirt.VIR_DOMAIN_CRASHED: backend.CRASHED,
 }
+# a real live migration: the guest keeps running, and the target keeps the definition
+MIGRATE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+                 | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+
+
+# ---------------------------------------------------------------- events
+
+EVENTS = ("DEFINED", "UNDEFINED", "STARTED", "SUSPENDED", "RESUMED", "STOPPED", "SHUTDOWN",
+          "PMSUSPENDED", "CRASHED")
+EVENT_NAMES = {getattr(libvirt, f"VIR_DOMAIN_EVENT_{name}"): name for name in EVENTS}
+
+
+def _detail_names(event):
+    prefix = f"VIR_DOMAIN_EVENT_{event}_"
+    return {getattr(libvirt, key): key[len(prefix):] for key in dir(libvirt)
+            if key.startswith(prefix) and not key.endswith("_LAST")}
+
+
+EVENT_DETAILS = {event: _detail_names(event) for event in EVENTS}
+# What a lifecycle event says the domain is now. DEFINED changes nothing, and
+# SHUTDOWN is left out on purpose: libvirt also sends it when a reboot is done
+# as a shutdown followed by a reset, and a real power off is followed at once
+# by STOPPED/SHUTDOWN.
+EVENT_STATES = {
+    "STARTED": backend.RUNNING,
+    "RESUMED": backend.RUNNING,
+    "SUSPENDED": backend.PAUSED,
+    "PMSUSPENDED": backend.PAUSED,
+    "STOPPED": backend.POWEROFF,
+    "CRASHED": backend.CRASHED,
+    "UNDEFINED": backend.GONE,
+}
+EVENT_DETAIL_STATES = {("STOPPED", "CRASHED"): backend.CRASHED,    # the guest panicked
+                       ("STOPPED", "FAILED"): backend.CRASHED}     # the emulator died
+
+
+def event_state(event, detail):
+    """(state, reason such as "STOPPED/DESTROYED") for a libvirt lifecycle event,
+    or None when the event does not change what Cirrus knows."""
+    name = EVENT_NAMES.get(event)
+    if name not in EVENT_STATES:
+        return None
+    detail_name = EVENT_DETAILS[name].get(detail, str(detail))
+    state = EVENT_DETAIL_STATES.get((name, detail_name), EVENT_STATES[name])
+    return state, f"{name}/{detail_name}"
+
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def start_event_loop():
+    """Register libvirt's default event loop and run it in a daemon thread. Only
+    connections opened afterwards deliver events (and keepalives), so this runs
+    before the first one. Idempotent."""
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+def _run_event_loop():
+    while True:
+        libvirt.virEventRunDefaultImpl()
 
 
 # ---------------------------------------------------------------- domain XML
@@ -186,14 +279,20 @@ def is_missing(exc):
 
 class LibvirtBackend(Backend):
 
-    def __init__(self, uri, datastore, shutdown_timeout=30, domain_type=None):
+    def __init__(self, uri, datastore, shutdown_timeout=30, domain_type=None, parking=None):
+        start_event_loop()      # before any connection, or it would never deliver events
         self.uri = uri
         self.datastore = datastore
+        self.parking = parking or default_parking(datastore)
         self.shutdown_timeout = shutdown_timeout
         self.domain_type = domain_type or domain_type_for(uri)
         self._connection = None
+        self._opened = 0
         self._lock = threading.Lock()
-        self._cpu_samples = {}      # deploy id or None (host) -> (busy ns, total ns)
+        self._cpu_samples = {}      # deploy id, ("monitor", deploy id) or None (host) -> sample
+        self._devices = {}          # deploy id -> (uuid, disk targets, MACs)
+        self._watcher = None        # callback(deploy_id, state, reason)
+        self._event_callbacks = {}  # connection -> its lifecycle callback id
 
     # ------------------------------------------------------------ connection
 
@@ -203,7 +302,49 @@ class LibvirtBackend(Backend):
         with self._lock:
             if self._connection is None:
                 self._connection = libvirt.open(self.uri)
+                self._opened += 1
+                self._prepare(self._connection)
             return self._connection
+
+    @property
+    def reconnects(self):
+        return max(0, self._opened - 1)
+
+    def _prepare(self, conn):
+        """Hear about a new connection's death and its domains' events (with _lock held)."""
+        try:
+            conn.registerCloseCallback(self._on_closed, None)
+        except libvirt.libvirtError:
+            pass        # the in-process test driver has no close callbacks: it never closes
+        if self._watcher is not None and conn not in self._event_callbacks:
+            self._event_callbacks[conn] = conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+
+    def _on_closed(self, conn, reason, _opaque):
+        """In the event thread: libvirtd went away. The next call opens a new
+        connection (the monitor loop makes one within its interval)."""
+        log.warning("libvirt connection to %s closed (reason %s)", self.uri, reason)
+        with self._lock:
+            if self._connection is conn:
+                self._connection = None
+            self._event_callbacks.pop(conn, None)
+
+    def watch(self, callback):
+        with self._lock:
+            self._watcher = callback
+            if self._connection is not None:
+                self._prepare(self._connection)
+
+    def _on_lifecycle(self, _conn, dom, event, detail, _opaque):
+        """In the event thread: pass the news on at once."""
+        news = event_state(event, detail)
+        watcher = self._watcher
+        if news is None or watcher is None:
+            return
+        try:
+            watcher(dom.name(), *news)
+        except Exception:
+            log.exception("handling a %s event of %s failed", news[1], dom.name())
 
     def _alive(self):
         try:
@@ -214,8 +355,11 @@ class LibvirtBackend(Backend):
     def _drop_connection(self):
         with self._lock:
             old, self._connection = self._connection, None
+            callback_id = self._event_callbacks.pop(old, None)
         if old is not None:
             try:
+                if callback_id is not None:
+                    old.domainEventDeregisterAny(callback_id)
                 old.close()
             except libvirt.libvirtError:
                 pass
@@ -233,6 +377,17 @@ class LibvirtBackend(Backend):
 
     def vm_dir(self, vm):
         return os.path.join(self.datastore, str(int(vm["id"])))
+
+    def parked_dir(self, vm):
+        return os.path.join(self.parking, str(int(vm["id"])))
+
+    def _running_domain(self, deploy_id, action):
+        dom = self._lookup(deploy_id)
+        if dom is None:
+            raise LookupError(f"cannot {action} {deploy_id}: no such domain on {self.uri}")
+        if not dom.isActive():
+            raise RuntimeError(f"cannot {action} {deploy_id}: it is not running")
+        return dom
 
     # ------------------------------------------------------------ VM actions
 
@@ -298,6 +453,82 @@ class LibvirtBackend(Backend):
         cpu = self._cpu_percent(deploy_id, cpu_ns, time.monotonic_ns())
         return {"STATE": state, "CPU": cpu, "MEMORY": memory_kb}
 
+    @reconnecting
+    def save(self, vm):
+        name = domain_name(vm["id"])
+        vm_dir = self.vm_dir(vm)
+        checkpoint = os.path.join(vm_dir, CHECKPOINT)
+        partial = checkpoint + ".part"
+        dom = self._lookup(name)
+        if dom is not None and dom.isActive():
+            os.makedirs(vm_dir, exist_ok=True)
+            dom.save(partial)       # stops the domain once its memory is all on disk
+            os.replace(partial, checkpoint)
+        elif os.path.exists(partial):
+            # a save that finished (it stopped the domain) before we could rename
+            os.replace(partial, checkpoint)
+        if not os.path.exists(checkpoint):
+            where = "not running" if dom is not None else f"not on {self.uri}"
+            raise RuntimeError(f"cannot save {name}: it is {where} and there is no checkpoint "
+                               f"at {checkpoint}")
+        if dom is not None:
+            self._undefine(dom)
+        return {"checkpoint": checkpoint, "vm_dir": vm_dir}
+
+    @reconnecting
+    def restore(self, vm):
+        name = domain_name(vm["id"])
+        dom = self._lookup(name)
+        if dom is not None and dom.isActive():
+            self._resume_if_paused(dom)
+            return name
+        candidates = list(dict.fromkeys(
+            path for path in (runtime_of(vm).get("checkpoint"),
+                              os.path.join(self.vm_dir(vm), CHECKPOINT)) if path))
+        checkpoint = next((path for path in candidates if os.path.isfile(path)), None)
+        if checkpoint is None:
+            where = "not running" if dom is not None else f"not on {self.uri}"
+            raise FileNotFoundError(f"cannot restore {name}: it is {where} and there is no "
+                                    f"checkpoint at {' nor '.join(candidates)}")
+        self.conn.restore(checkpoint)
+        dom = self.conn.lookupByName(name)
+        self._resume_if_paused(dom)
+        if not dom.isPersistent():
+            # restored domains are transient: define it, so a power off leaves it defined
+            self.conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE
+                                            | libvirt.VIR_DOMAIN_XML_SECURE))
+        os.remove(checkpoint)
+        return name
+
+    @reconnecting
+    def reboot(self, deploy_id):
+        self._running_domain(deploy_id, "reboot").reboot(0)
+
+    @reconnecting
+    def reset(self, deploy_id):
+        self._running_domain(deploy_id, "reset").reset(0)
+
+    @reconnecting
+    def migrate(self, vm, dest_host, dest_uri):
+        # which of the three happens when: see the module's docstring
+        name = domain_name(vm["id"])
+        if self.uri.startswith("test:"):
+            return self.save(vm)
+        if dest_uri == self.uri:
+            self._running_domain(name, f"migrate to {dest_host}")
+            return {}
+        dom = self._lookup(name)
+        if dom is not None and dom.isActive():
+            dom.migrateToURI3(dest_uri, {}, MIGRATE_FLAGS)
+        elif not running_at(dest_uri, name):     # not already moved by an earlier try
+            raise RuntimeError(f"cannot migrate {name} to {dest_host}: it is not running on "
+                               f"{self.uri} nor on {dest_uri}")
+        return {}
+
+    def _resume_if_paused(self, dom):
+        if STATES.get(dom.info()[0]) == backend.PAUSED:
+            dom.resume()
+
     # ------------------------------------------------------------ transfer actions
 
     def clone(self, vm):
@@ -315,13 +546,39 @@ class LibvirtBackend(Backend):
         return {"vm_dir": vm_dir, "disks": disks}
 
     @reconnecting
+    def mv(self, vm, direction, from_dir=None):
+        if direction not in MV_DIRECTIONS:
+            raise ValueError(f"mv: direction must be one of {', '.join(MV_DIRECTIONS)}, "
+                             f"got {direction!r}")
+        if direction == "out":
+            self._undefine_stopped(vm)
+            source, target = self.vm_dir(vm), self.parked_dir(vm)
+        else:
+            source, target = from_dir or self.parked_dir(vm), self.vm_dir(vm)
+        move_dir(source, target)
+        info = {"vm_dir": target}
+        if os.path.isfile(os.path.join(target, CHECKPOINT)):
+            info["checkpoint"] = os.path.join(target, CHECKPOINT)
+        return info
+
+    def _undefine_stopped(self, vm):
+        name = domain_name(vm["id"])
+        dom = self._lookup(name)
+        if dom is None:
+            return
+        if dom.isActive():
+            raise RuntimeError(f"cannot move VM {vm['id']}'s files out: {name} is still running")
+        self._undefine(dom)
+
+    @reconnecting
     def delete(self, vm):
         dom = self._lookup(domain_name(vm["id"]))
         if dom is not None:
             self._destroy(dom)
             self._undefine(dom)
-        if os.path.isdir(self.vm_dir(vm)):
-            shutil.rmtree(self.vm_dir(vm))
+        for vm_dir in (self.vm_dir(vm), self.parked_dir(vm)):
+            if os.path.isdir(vm_dir):
+                shutil.rmtree(vm_dir)
 
     # ------------------------------------------------------------ monitoring
 
@@ -334,25 +591,55 @@ class LibvirtBackend(Backend):
                                      self._used_memory_kb(conn, domains),
                                      self._used_cpu(conn, cores))
         report["HYPERVISOR"] = self.domain_type
-        report["VMS"] = [{"DEPLOY_ID": name, "VM_ID": vm_id, "STATE": state}
-                         for name, vm_id, state, _memory_kb in domains]
+        report["URI"] = self.uri
+        report["VMS"] = [self._vm_report(dom, state, memory_kb, cpu_ns)
+                         for dom, state, memory_kb, cpu_ns in domains]
         return report
 
     def _cirrus_domains(self, conn):
-        """(name, vm id, state, memory KB) of each domain Cirrus made."""
+        """(domain, state, memory KB, CPU time ns) of each domain Cirrus made."""
         out = []
         for dom in conn.listAllDomains():
-            vm_id = vm_id_of(dom.name())
-            if vm_id is None:
+            if vm_id_of(dom.name()) is None:
                 continue
             try:
-                state, _max_kb, memory_kb = dom.info()[:3]
+                state, _max_kb, memory_kb, _vcpus, cpu_ns = dom.info()
             except libvirt.libvirtError as exc:
                 if is_missing(exc):     # undefined while we listed
                     continue
                 raise
-            out.append((dom.name(), vm_id, STATES.get(state, backend.UNKNOWN), memory_kb))
+            out.append((dom, STATES.get(state, backend.UNKNOWN), memory_kb, cpu_ns))
         return out
+
+    def _vm_report(self, dom, state, memory_kb, cpu_ns):
+        """A VM's state and usage; counters libvirt cannot give (the test driver's
+        or user-mode networking's) count as zero."""
+        name = dom.name()
+        if state in (backend.POWEROFF, backend.CRASHED):
+            self._cpu_samples.pop(("monitor", name), None)
+            return vm_report(name, state)
+        cpu = self._cpu_percent(("monitor", name), cpu_ns, time.monotonic_ns())
+        disks, macs = self._devices_of(dom)
+        net = [stats_or_zeros(dom.interfaceStats, mac, 8) for mac in macs]
+        block = [stats_or_zeros(dom.blockStats, target, 5) for target in disks]
+        return vm_report(name, state, cpu, memory_kb,
+                         net_rx=sum(s[0] for s in net), net_tx=sum(s[4] for s in net),
+                         disk_read=sum(s[1] for s in block), disk_write=sum(s[3] for s in block))
+
+    def _devices_of(self, dom):
+        """A domain's disk targets and NIC MACs, read from its XML once per definition."""
+        uuid = dom.UUIDString()
+        cached = self._devices.get(dom.name())
+        if cached is None or cached[0] != uuid:
+            try:
+                root = ET.fromstring(dom.XMLDesc(0))
+            except libvirt.libvirtError:
+                return [], []
+            disks = [t.get("dev") for t in root.findall("devices/disk/target") if t.get("dev")]
+            macs = [m.get("address") for m in root.findall("devices/interface/mac")
+                    if m.get("address")]
+            cached = self._devices[dom.name()] = (uuid, disks, macs)
+        return cached[1], cached[2]
 
     def _used_memory_kb(self, conn, domains):
         try:
@@ -408,6 +695,8 @@ class LibvirtBackend(Backend):
 
     def _undefine(self, dom):
         self._cpu_samples.pop(dom.name(), None)
+        self._cpu_samples.pop(("monitor", dom.name()), None)
+        self._devices.pop(dom.name(), None)
         try:
             dom.undefineFlags(UNDEFINE_FLAGS)
         except libvirt.libvirtError as exc:
@@ -421,6 +710,59 @@ class LibvirtBackend(Backend):
             if disk_source(disk) and os.path.exists(path):
                 formats[index] = image_format(path)
         return formats
+
+
+def default_parking(datastore):
+    """Where mv out parks VM directories: "parked" beside the datastore."""
+    return os.path.join(os.path.dirname(os.path.abspath(datastore)), "parked")
+
+
+def stats_or_zeros(read, device, size):
+    try:
+        return read(device)
+    except libvirt.libvirtError:
+        return (0,) * size
+
+
+def running_at(uri, deploy_id):
+    """Whether ``deploy_id`` runs on the hypervisor at ``uri`` (False if unreachable)."""
+    try:
+        other = libvirt.open(uri)
+    except libvirt.libvirtError:
+        return False
+    try:
+        return other.lookupByName(deploy_id).isActive() == 1
+    except libvirt.libvirtError:
+        return False
+    finally:
+        other.close()
+
+
+def move_dir(source, target):
+    """Move a VM's directory. Idempotent: the source gone and the target there is
+    a move already done, and the same directory is nothing to do. Across file
+    systems it copies to a temporary name first, so a half-made copy is never
+    taken for a done one."""
+    if os.path.abspath(source) == os.path.abspath(target):
+        return
+    if not os.path.exists(source):
+        if os.path.isdir(target):
+            return
+        raise FileNotFoundError(f"cannot move {source} to {target}: neither exists")
+    if os.path.exists(target):
+        raise FileExistsError(f"cannot move {source} to {target}: both exist, and {target} "
+                              f"is not overwritten")
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        partial = target + ".part"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source, partial, symlinks=True)
+        os.rename(partial, target)
+        shutil.rmtree(source)
 
 
 def image_format(path):

@@ -2,7 +2,12 @@
 
 It consumes the node's durable queue, runs each command on a backend in a
 thread pool, and answers with a ``command.result`` event; every
-``monitor_interval`` seconds it also sends a ``host.monitor`` event.
+``monitor_interval`` seconds it also sends a ``host.monitor`` event, marked
+``"sync": true`` when lifecycle should reconcile VM states from it: on the
+first report after the worker starts or (re)connects to the broker or to the
+hypervisor, and every ``sync_interval`` seconds. Whenever a Cirrus domain
+changes state, whoever changed it, the backend's watch callback makes a
+``vm.event`` that is published at once, not at the next report.
 
 kombu is not thread safe, so only the main thread touches the broker: pool
 threads hand their results back through a queue and wake it through a pipe.
@@ -32,7 +37,7 @@ from kombu.exceptions import OperationalError
 
 from cirrus import config, messages
 from cirrus.logs import setup_logging
-from services.drivers.backend import domain_name
+from services.drivers.backend import MV_DIRECTIONS, domain_name, vm_id_of
 
 log = logging.getLogger("cirrus.node")
 
@@ -46,36 +51,87 @@ def deploy_id_of(vm):
     return vm.get("deploy_id") or domain_name(vm["id"])
 
 
-def _deploy(backend, vm, timeout):
+def _deploy(backend, vm, args, timeout):
     return {"deploy_id": backend.deploy(vm)}
 
 
-def _shutdown(backend, vm, timeout):
+def _shutdown(backend, vm, args, timeout):
     backend.shutdown(deploy_id_of(vm), timeout)
     return {}
 
 
-def _cancel(backend, vm, timeout):
+def _cancel(backend, vm, args, timeout):
     backend.cancel(deploy_id_of(vm))
     return {}
 
 
-def _poll(backend, vm, timeout):
+def _poll(backend, vm, args, timeout):
     return backend.poll(deploy_id_of(vm))
 
 
-def _clone(backend, vm, timeout):
+def _save(backend, vm, args, timeout):
+    return backend.save(vm)
+
+
+def _restore(backend, vm, args, timeout):
+    return {"deploy_id": backend.restore(vm)}
+
+
+def _reboot(backend, vm, args, timeout):
+    backend.reboot(deploy_id_of(vm))
+    return {}
+
+
+def _reset(backend, vm, args, timeout):
+    backend.reset(deploy_id_of(vm))
+    return {}
+
+
+def _migrate(backend, vm, args, timeout):
+    return backend.migrate(vm, args["dest_host"], args["dest_uri"])
+
+
+def _clone(backend, vm, args, timeout):
     return backend.clone(vm)
 
 
-def _delete(backend, vm, timeout):
+def _mv(backend, vm, args, timeout):
+    return backend.mv(vm, args["direction"], args.get("from_dir"))
+
+
+def _delete(backend, vm, args, timeout):
     backend.delete(vm)
     return {}
 
 
 ACTIONS = {"deploy": _deploy, "shutdown": _shutdown, "cancel": _cancel, "poll": _poll,
-           "clone": _clone, "delete": _delete}
-assert set(ACTIONS) <= set(messages.DRIVER_ACTIONS)  # TODO(driver helper): ==
+           "save": _save, "restore": _restore, "reboot": _reboot, "reset": _reset,
+           "migrate": _migrate, "clone": _clone, "mv": _mv, "delete": _delete}
+assert set(ACTIONS) == set(messages.DRIVER_ACTIONS)
+
+
+def text_problem(args, key, action, required=True):
+    value = args.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        return f"args.{key}: {action} needs a non-empty string, got {value!r}"
+    return None
+
+
+def args_problem(action, args):
+    """What is wrong with an action's own arguments, or None."""
+    runtime = args["vm"].get("runtime")
+    if runtime is not None and not isinstance(runtime, dict):
+        return f"args.vm.runtime: must be an object, got {type(runtime).__name__}"
+    if action == "migrate":
+        return text_problem(args, "dest_host", action) or text_problem(args, "dest_uri", action)
+    if action == "mv":
+        if args.get("direction") not in MV_DIRECTIONS:
+            return (f"args.direction: mv needs one of {', '.join(MV_DIRECTIONS)}, "
+                    f"got {args.get('direction')!r}")
+        return text_problem(args, "from_dir", action, required=False)
+    return None
 
 
 def command_problem(cmd):
@@ -95,7 +151,7 @@ def command_problem(cmd):
         return f"args.vm.id: must be an integer VM id, got {vm.get('id')!r}"
     if cmd.get("vm_id") != vm["id"]:
         return f"vm_id {cmd.get('vm_id')!r} does not match args.vm.id {vm['id']!r}"
-    return None
+    return args_problem(cmd["action"], args)
 
 
 def command_fields(cmd):
@@ -112,7 +168,7 @@ def run_command(backend, cmd, shutdown_timeout):
         return messages.result(command_fields(cmd), False, error=problem)
     vm = cmd["args"]["vm"]
     try:
-        info = ACTIONS[cmd["action"]](backend, vm, shutdown_timeout)
+        info = ACTIONS[cmd["action"]](backend, vm, cmd["args"], shutdown_timeout)
         json.dumps(info)        # fail here, not later when publishing the result
     except Exception as exc:     # any driver failure is the command's FAILURE
         error = str(exc) or type(exc).__name__
@@ -131,12 +187,13 @@ def now_iso():
 class NodeWorker:
 
     def __init__(self, host, backend, amqp_uri, threads=4, monitor_interval=3,
-                 shutdown_timeout=30):
+                 shutdown_timeout=30, sync_interval=60):
         self.host = host
         self.backend = backend
         self.amqp_uri = amqp_uri
         self.threads = threads
         self.monitor_interval = monitor_interval
+        self.sync_interval = sync_interval
         self.shutdown_timeout = shutdown_timeout
         self.queue = messages.node_queue(host)
         self.events = messages.event_exchange(messages.NODE)
@@ -147,7 +204,10 @@ class NodeWorker:
         self.finished = queue.Queue()           # (message, result) from pool threads
         self.outbox = collections.deque()       # (message or None, event type, body) to publish
         self.latest_monitor = None              # the newest report not yet published
+        self.sync_pending = True                # the next report is a sync report
         self.monitor_lock = threading.Lock()
+        self.monitor_now = threading.Event()    # wakes the monitor loop early
+        self.vm_events = collections.deque()    # vm.event bodies from the backend's watch
         self.stopping = threading.Event()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -156,9 +216,11 @@ class NodeWorker:
     # ------------------------------------------------------------ main loop
 
     def run(self):
+        self.backend.watch(self.on_domain_event)
         monitor = threading.Thread(target=self.monitor_loop, name="monitor", daemon=True)
         monitor.start()
         delay = 1
+        connected_before = False
         while not self.stopping.is_set():
             conn = Connection(self.amqp_uri, heartbeat=HEARTBEAT, transport_options={
                 "confirm_publish": True,
@@ -168,6 +230,9 @@ class NodeWorker:
                 conn.ensure_connection(max_retries=1)
                 log.info("connected to the broker, consuming %s", self.queue.name)
                 delay = 1
+                if connected_before:
+                    self.request_sync()     # lifecycle missed whatever we lost meanwhile
+                connected_before = True
                 self.serve(conn)
             except errors as exc:
                 log.warning("broker connection lost (%s); reconnecting in %s s", exc, delay)
@@ -233,6 +298,8 @@ class NodeWorker:
             report, self.latest_monitor = self.latest_monitor, None
         if report is not None:
             self.outbox.append((None, messages.HOST_MONITOR, report))
+        while self.vm_events:
+            self.outbox.append((None, messages.VM_EVENT, self.vm_events.popleft()))
         while self.outbox:
             message, event_type, body = self.outbox[0]
             producer.publish(body, exchange=self.events, routing_key=event_type,
@@ -297,21 +364,54 @@ class NodeWorker:
     # ------------------------------------------------------------ monitoring
 
     def monitor_loop(self):
-        """Report at once, then every monitor_interval seconds."""
+        """Report at once, then every monitor_interval seconds (or sooner when a
+        sync is asked for)."""
+        last_sync = None
+        reconnects = self.backend.reconnects
         while not self.stopping.is_set():
+            self.monitor_now.clear()
             try:
                 monitoring = self.backend.monitor()
             except Exception as exc:
                 log.error("host monitoring failed: %s", exc)
             else:
+                now = time.monotonic()
+                if self.backend.reconnects != reconnects:
+                    reconnects = self.backend.reconnects    # its events may have been lost
+                    self.sync_pending = True
+                report = {"host": self.host, "monitoring": monitoring, "at": now_iso()}
                 with self.monitor_lock:
-                    self.latest_monitor = {"host": self.host, "monitoring": monitoring,
-                                           "at": now_iso()}
+                    previous = self.latest_monitor
+                    report["sync"] = (self.sync_pending or last_sync is None
+                                      or now - last_sync >= self.sync_interval
+                                      # never drop the sync of a report not yet sent
+                                      or bool(previous and previous["sync"]))
+                    self.sync_pending = False
+                    self.latest_monitor = report
+                if report["sync"]:
+                    last_sync = now
                 self.wake()
-            self.stopping.wait(self.monitor_interval)
+            self.monitor_now.wait(self.monitor_interval)
+
+    def request_sync(self):
+        """Make the next report, sent at once, a sync report."""
+        with self.monitor_lock:
+            self.sync_pending = True
+        self.monitor_now.set()
+
+    def on_domain_event(self, deploy_id, state, reason):
+        """In the backend's event thread: hand a vm.event to the main thread, which
+        alone touches the broker, and wake it to publish it now."""
+        vm_id = vm_id_of(deploy_id)
+        if vm_id is None:
+            return      # not a domain Cirrus made
+        self.vm_events.append({"host": self.host, "vm_id": vm_id, "deploy_id": deploy_id,
+                               "state": state, "reason": reason, "at": now_iso()})
+        self.wake()
 
     def stop(self, *_signal):
         self.stopping.set()
+        self.monitor_now.set()
         self.wake()
 
 
@@ -321,10 +421,10 @@ def make_backend(args, settings):
     if args.backend == "simulated":
         from services.drivers.simulated import SimulatedBackend
         return SimulatedBackend(cores=args.sim_cores, memory_mb=args.sim_memory,
-                                delay=args.sim_delay)
+                                delay=args.sim_delay, state_file=args.sim_state)
     from services.drivers.libvirt_backend import LibvirtBackend
     return LibvirtBackend(args.uri, args.datastore, settings.get("shutdown_timeout", 30),
-                          domain_type=args.domain_type)
+                          domain_type=args.domain_type, parking=args.parking)
 
 
 def parse_args(argv, settings):
@@ -336,12 +436,17 @@ def parse_args(argv, settings):
                         default=settings.get("backend", "libvirt"))
     parser.add_argument("--datastore", default=settings.get("datastore"),
                         help="system datastore directory (default: drivers.datastore)")
+    parser.add_argument("--parking", default=settings.get("parking"),
+                        help="where mv out moves VM directories (default: drivers.parking, "
+                             "or \"parked\" beside the datastore)")
     parser.add_argument("--domain-type", choices=("kvm", "qemu", "test"),
                         help="libvirt domain type (default: from the URI and /dev/kvm)")
     parser.add_argument("--sim-cores", type=int, default=16, help="simulated host cores")
     parser.add_argument("--sim-memory", type=int, default=32768, help="simulated host MB")
     parser.add_argument("--sim-delay", type=float, default=0.0,
                         help="seconds each simulated action takes")
+    parser.add_argument("--sim-state", metavar="PATH",
+                        help="file keeping the simulated domains across restarts")
     args = parser.parse_args(argv)
     if not args.host.strip():
         parser.error("--host: must not be empty")
@@ -357,7 +462,8 @@ def main(argv=None):
     worker = NodeWorker(args.host, make_backend(args, settings), config.get()["amqp"]["uri"],
                         threads=int(settings.get("threads", 4)),
                         monitor_interval=float(settings.get("monitor_interval", 3)),
-                        shutdown_timeout=float(settings.get("shutdown_timeout", 30)))
+                        shutdown_timeout=float(settings.get("shutdown_timeout", 30)),
+                        sync_interval=float(settings.get("sync_interval", 60)))
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     log.info("node %s on %s (%s backend)", args.host, args.uri, args.backend)

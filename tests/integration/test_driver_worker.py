@@ -191,9 +191,9 @@ def test_a_duplicate_deploy_is_harmless(node, bus):
 def test_bad_commands_get_a_failure_naming_the_problem(node, bus):
     vm = a_vm()
     unknown = bus.send(node.host, {**messages.command("deploy", vm["id"], node.host, vm=vm),
-                                   "action": "reboot"})
+                                   "action": "explode"})
     result = bus.result(unknown)
-    assert not result["success"] and "unknown action 'reboot'" in result["error"]
+    assert not result["success"] and "unknown action 'explode'" in result["error"]
 
     no_vm = bus.send(node.host, {"id": "c-1", "action": "deploy", "vm_id": 1, "host": node.host,
                                  "args": {}})
