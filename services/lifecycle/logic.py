@@ -6,11 +6,14 @@ row, queues the ``vm.state`` event and any driver command in the outbox, and
 releases the host's capacity when the VM leaves it.
 """
 from sqlalchemy import select, update
+from sqlalchemy.orm import aliased
 
 from cirrus import messages, outbox
 from cirrus.db.models import Host, Template, User, VirtualMachine, VmHistory, utcnow
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from cirrus.states import ON_HOST, SHORT_NAMES, TransitionError, next_transition, result_action, split, status
+from cirrus.states import (FAILED_FROM, MIGRATING, ON_HOST, SHORT_NAMES, TRANSIENT,
+                           TransitionError, allows, next_transition, result_action, split,
+                           status)
 from services.lifecycle import accounting
 
 
@@ -63,43 +66,140 @@ def allocate(session, owner_id, name, cpu, vcpu, memory, template, hold=False,
     return vm
 
 
+def check_allowed(vm, action):
+    """The transition ``action`` takes ``vm`` by, or FailedPrecondition naming
+    the VM's status and the statuses the action needs."""
+    try:
+        return next_transition(vm_status(vm), action)
+    except TransitionError as exc:
+        raise FailedPrecondition(f"VM {vm.id}: {exc}") from None
+
+
 def apply(session, vm, action, message=None):
     """Move ``vm`` by ``action`` as the transition table says; raises
     FailedPrecondition if its current status does not allow the action."""
     current = vm_status(vm)
-    try:
-        transition = next_transition(current, action)
-    except TransitionError as exc:
-        raise FailedPrecondition(f"VM {vm.id}: {exc}") from None
+    transition = check_allowed(vm, action)
     vm.state, vm.lcm_state = (s.value for s in split(transition.target))
     vm.seq += 1
     vm.updated_at = utcnow()
-    host = session.get(Host, vm.host_id) if vm.host_id else None
-    if current in ON_HOST and transition.target not in ON_HOST:
-        release(session, vm)
+    move_capacity(session, vm, current, transition)
+    if transition.fresh:
+        start_over(vm)
+    if transition.target == "RUNNING":
+        vm.resume_from = None
     session.add(VmHistory(vm_id=vm.id, seq=vm.seq, action=action, from_status=current,
                           to_status=transition.target, host_id=vm.host_id, message=message))
     vm.command_id = None
     if transition.command:
-        cmd = messages.command(transition.command, vm.id, host.name, vm=driver_spec(vm))
+        cmd = driver_command(session, vm, transition)
         vm.command_id = cmd["id"]
         outbox.add_command(session, cmd)
+    host = session.get(Host, vm.host_id) if vm.host_id else None
     outbox.add_event(session, messages.LIFECYCLE, messages.VM_STATE,
                      state_event(vm, host.name if host else None))
     return vm
 
 
+def move_capacity(session, vm, current, transition):
+    """Keep the hosts' usage in step with where the VM is. A migration holds
+    both hosts until it ends: arriving frees the old one, anything else
+    (failure, terminate, recover) frees the target."""
+    if vm.target_host_id and transition.target not in MIGRATING:
+        if transition.arrives:
+            add_usage(session, vm, vm.host_id, -1)
+            vm.host_id = vm.target_host_id
+            vm.resched = False
+        else:
+            add_usage(session, vm, vm.target_host_id, -1)
+        vm.target_host_id = None
+    was_on, now_on = current in ON_HOST, transition.target in ON_HOST
+    if was_on and not now_on:
+        add_usage(session, vm, vm.host_id, -1)
+    elif now_on and not was_on and not transition.reserved:
+        # the cleanup of a stopped or undeployed VM runs on its last host and
+        # holds capacity there until it is done, as any VM in EPILOG
+        add_usage(session, vm, vm.host_id, +1)
+    if transition.target in ("PENDING", "HOLD"):
+        vm.host_id = None       # waiting for the scheduler: on no host
+
+
+def start_over(vm):
+    """A recreated VM keeps its id and template, nothing of where it ran."""
+    vm.host_id = vm.target_host_id = vm.deploy_id = vm.resume_from = None
+    vm.runtime = {}
+    vm.resched = False
+
+
+def add_usage(session, vm, host_id, sign):
+    session.execute(
+        update(Host).where(Host.id == host_id)
+        .values(cpu_usage=Host.cpu_usage + sign * cpu_percent(vm.cpu),
+                mem_usage=Host.mem_usage + sign * vm.memory,
+                running_vms=Host.running_vms + sign))
+
+
+def reserve(session, vm, host_id):
+    """Take ``vm``'s capacity on a MONITORED host with room for it, in one
+    conditional UPDATE so that concurrent placements never overcommit.
+    False when the host does not fit (``unfit_reason`` says why)."""
+    need_cpu = cpu_percent(vm.cpu)
+    return session.execute(
+        update(Host)
+        .where(Host.id == host_id, Host.state == "MONITORED",
+               Host.max_cpu - Host.cpu_usage >= need_cpu,
+               Host.max_mem - Host.mem_usage >= vm.memory)
+        .values(cpu_usage=Host.cpu_usage + need_cpu, mem_usage=Host.mem_usage + vm.memory,
+                running_vms=Host.running_vms + 1)
+        .returning(Host.id)).scalar() is not None
+
+
+def unfit_reason(session, vm, host_id):
+    host = session.get(Host, host_id)
+    if host is None:
+        return f"host {host_id} does not exist"
+    if host.state != "MONITORED":
+        return f"host {host.name} is {host.state}, not MONITORED"
+    return (f"host {host.name} lacks capacity: the VM needs {cpu_percent(vm.cpu)}% CPU and "
+            f"{vm.memory} MB, it has {host.max_cpu - host.cpu_usage}% and "
+            f"{host.max_mem - host.mem_usage} MB free")
+
+
+def driver_command(session, vm, transition):
+    """The command entering ``transition.target`` sends, addressed to the VM's
+    host or, for the later steps of a migration, to the target host."""
+    host_id = vm.target_host_id if transition.on_target else vm.host_id
+    host = session.get(Host, host_id) if host_id else None
+    if host is None:
+        raise FailedPrecondition(
+            f"VM {vm.id}: no host to send {transition.command} to ({transition.target})")
+    args = {"vm": driver_spec(vm), **dict(transition.args)}
+    if transition.command == "mv" and args["direction"] == "in" and vm.runtime.get("vm_dir"):
+        args["from_dir"] = vm.runtime["vm_dir"]     # where save or mv out left the files
+    if transition.command == "migrate":
+        target = session.get(Host, vm.target_host_id)
+        args.update(dest_host=target.name, dest_uri=(target.monitoring or {}).get("URI"))
+    return messages.command(transition.command, vm.id, host.name, **args)
+
+
 def driver_spec(vm):
-    """What a driver needs to know of a VM."""
+    """What a driver needs to know of a VM; ``runtime`` is what earlier
+    commands reported (checkpoint, vm_dir...)."""
     return {"id": vm.id, "name": vm.name, "cpu": vm.cpu, "vcpu": vm.vcpu,
-            "memory": vm.memory, "template": vm.template, "deploy_id": vm.deploy_id}
+            "memory": vm.memory, "template": vm.template, "deploy_id": vm.deploy_id,
+            "runtime": vm.runtime or {}}
 
 
 def state_event(vm, host_name):
     return {"key": messages.vm_event_key(vm.state, vm.lcm_state, vm.id), "id": vm.id,
             "name": vm.name, "owner_id": vm.owner_id, "state": vm.state,
             "lcm_state": vm.lcm_state, "status": vm_status(vm), "seq": vm.seq,
-            "host": host_name, "error": vm.error, "at": iso(vm.updated_at)}
+            "host": host_name, "host_id": vm.host_id, "resched": bool(vm.resched),
+            "error": vm.error, "at": iso(vm.updated_at)}
+
+
+# the deploy path brings back what a stop or an undeploy put away
+DEPLOY_ACTIONS = {None: "deploy", "STOPPED": "deploy_stopped", "UNDEPLOYED": "deploy_undeployed"}
 
 
 def deploy(session, vm_id, host_id):
@@ -108,52 +208,155 @@ def deploy(session, vm_id, host_id):
     a host that no longer fits is a normal answer, not an error, so the
     scheduler can try its next choice."""
     vm = get_vm_locked(session, vm_id)
-    current = vm_status(vm)
-    if current not in ("PENDING", "HOLD"):
-        return {"outcome": "vm_not_pending", "reason": f"VM {vm_id} is {current}, not PENDING"}
-    need_cpu = cpu_percent(vm.cpu)
-    reserved = session.execute(
-        update(Host)
-        .where(Host.id == host_id, Host.state == "MONITORED",
-               Host.max_cpu - Host.cpu_usage >= need_cpu,
-               Host.max_mem - Host.mem_usage >= vm.memory)
-        .values(cpu_usage=Host.cpu_usage + need_cpu, mem_usage=Host.mem_usage + vm.memory,
-                running_vms=Host.running_vms + 1)
-        .returning(Host.id)).scalar()
-    if reserved is None:
-        return {"outcome": "host_unfit",
-                "reason": f"host {host_id} is not monitored or lacks capacity"}
+    action = DEPLOY_ACTIONS[vm.resume_from]
+    if not allows(vm_status(vm), action):
+        return {"outcome": "vm_not_pending", "reason": str(TransitionError(action, vm_status(vm)))}
+    if not reserve(session, vm, host_id):
+        return {"outcome": "host_unfit", "reason": unfit_reason(session, vm, host_id)}
     vm.host_id = host_id
     vm.sched_message = None
     vm.error = None
-    apply(session, vm, "deploy")
+    apply(session, vm, action)
     return {"outcome": "deployed", "reason": None}
 
 
-def release(session, vm):
-    session.execute(
-        update(Host).where(Host.id == vm.host_id)
-        .values(cpu_usage=Host.cpu_usage - cpu_percent(vm.cpu),
-                mem_usage=Host.mem_usage - vm.memory,
-                running_vms=Host.running_vms - 1))
+def migrate(session, vm, host_id, live=False):
+    """Start moving a RUNNING VM to another host; its capacity there is taken
+    now, atomically, as a deploy takes it."""
+    action = "migrate_live" if live else "migrate"
+    check_allowed(vm, action)
+    target = get_host(session, host_id)
+    if host_id == vm.host_id:
+        raise FailedPrecondition(f"VM {vm.id} is already on host {target.name}; "
+                                 "migrate it to another host")
+    if not reserve(session, vm, host_id):
+        raise FailedPrecondition(f"VM {vm.id}: cannot migrate to {unfit_reason(session, vm, host_id)}")
+    vm.target_host_id = host_id
+    return apply(session, vm, action)
+
+
+# user actions and the options each takes
+ACTION_OPTIONS = {
+    "terminate": {"hard"}, "poweroff": {"hard"}, "undeploy": {"hard"}, "reboot": {"hard"},
+    "suspend": set(), "stop": set(), "resume": set(), "hold": set(), "release": set(),
+    "resched": set(), "unresched": set(), "migrate": {"host_id", "live"},
+    "deploy": {"host_id"}, "recover": {"operation", "hard"},
+}
+OPTION_TYPES = {"hard": bool, "live": bool, "host_id": int, "operation": str}
+RECOVER_OPERATIONS = ("success", "failure", "retry", "delete", "recreate")
+
+
+def check_options(action, options):
+    """The options that are set, after checking each one exists, has the
+    right type and applies to ``action``. False and None mean "not set", so a
+    caller may pass every flag it has."""
+    if action not in ACTION_OPTIONS:
+        raise InvalidArgument(f"action: unknown action {action!r}; choose from "
+                              f"{', '.join(sorted(ACTION_OPTIONS))}")
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise InvalidArgument(f"options: must be a mapping of option to value, got {options!r}")
+    chosen = {}
+    for key, value in options.items():
+        if key not in OPTION_TYPES:
+            raise InvalidArgument(f"options: unknown option {key!r}; known options: "
+                                  f"{', '.join(sorted(OPTION_TYPES))}")
+        if value is None or value is False:
+            continue
+        kind = OPTION_TYPES[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise InvalidArgument(f"{key}: must be {kind.__name__}, got {value!r}")
+        if key not in ACTION_OPTIONS[action]:
+            takes = ", ".join(sorted(ACTION_OPTIONS[action])) or "no options"
+            raise InvalidArgument(f"{key}: does not apply to {action}; {action} takes {takes}")
+        chosen[key] = value
+    return chosen
+
+
+def needed_host(action, options):
+    if "host_id" not in options:
+        raise InvalidArgument(f"host_id: {action} needs the host to go to")
+    return options["host_id"]
+
+
+def vm_action(session, vm_id, action, options=None):
+    """Take a user action on a VM (the contract's table); returns the VM."""
+    options = check_options(action, options)
+    hard = options.get("hard", False)
+    if action == "recover":
+        if "operation" not in options:
+            raise InvalidArgument(f"operation: recover needs one of {', '.join(RECOVER_OPERATIONS)}")
+        return recover(session, vm_id, options["operation"], hard)
+    if action == "deploy":
+        host_id = needed_host(action, options)
+        answer = deploy(session, vm_id, host_id)
+        if answer["outcome"] != "deployed":
+            raise FailedPrecondition(f"VM {vm_id}: {answer['reason']}")
+        return get_vm_locked(session, vm_id)
+    vm = get_vm_locked(session, vm_id)
+    if action == "migrate":
+        return migrate(session, vm, needed_host(action, options), options.get("live", False))
+    current = vm_status(vm)
+    if action in ("resched", "unresched") and allows(current, action):
+        vm.resched = action == "resched"
+    if action == "resume" and current in ("STOPPED", "UNDEPLOYED"):
+        vm.resume_from = current        # the next deploy brings the VM back from there
+    return apply(session, vm, f"{action}_hard" if hard else action)
 
 
 def terminate(session, vm_id, hard=False):
+    return vm_action(session, vm_id, "terminate", {"hard": hard})
+
+
+FENCED_HOST_STATES = ("ERROR", "OFFLINE")
+
+
+def recover(session, vm_id, operation, hard=False):
+    """Settle a VM stuck in a transient or failure status: answer for the
+    driver (success / failure), send its command again (retry), or drop it
+    (delete) or start it over as PENDING (recreate), cleaning its host first
+    unless that host is fenced (ERROR or OFFLINE)."""
+    if operation not in RECOVER_OPERATIONS:
+        raise InvalidArgument(f"operation: unknown recover operation {operation!r}; choose "
+                              f"from {', '.join(RECOVER_OPERATIONS)}")
+    if hard and operation != "retry":
+        raise InvalidArgument(f"hard: only recover retry has a hard form, not {operation}")
     vm = get_vm_locked(session, vm_id)
-    return apply(session, vm, "terminate_hard" if hard else "terminate")
+    current = vm_status(vm)
+    message = f"recover {operation}"
+    if operation in ("success", "failure"):
+        failed = FAILED_FROM.get(current, current)
+        if failed not in TRANSIENT:
+            recoverable = sorted(TRANSIENT | {f for f, s in FAILED_FROM.items() if s in TRANSIENT})
+            raise FailedPrecondition(
+                f"VM {vm.id}: cannot recover {operation} a VM in {current}; it must be in "
+                f"one of: {', '.join(recoverable)}")
+        return apply(session, vm, result_action(failed, operation == "success"), message)
+    if operation == "retry":
+        return apply(session, vm, "retry_hard" if hard else "retry", message)
+    action = f"recover_{operation}"
+    host = session.get(Host, vm.host_id) if vm.host_id else None
+    if host is not None and host.state in FENCED_HOST_STATES and allows(current, action + "_fenced"):
+        action += "_fenced"     # nothing answers from that host: do not wait for a cleanup
+    return apply(session, vm, action, message)
 
 
 def handle_result(session, result):
     """Apply a driver's answer. A result for a command that is not the one in
     flight (a redelivery, or an answer that arrives after a recovery) is
-    ignored, so each command moves the VM at most once."""
+    ignored, so each command moves the VM at most once. What the driver
+    reports (checkpoint, vm_dir, deploy_id...) is kept in ``runtime`` for the
+    commands that follow."""
     vm = session.get(VirtualMachine, result["vm_id"], with_for_update=True)
     if vm is None or vm.command_id != result["command_id"]:
         return None
-    if result["success"]:
-        if result["action"] == "deploy":
-            vm.deploy_id = result["info"].get("deploy_id")
-    else:
+    info = result.get("info") or {}
+    if info:
+        vm.runtime = {**(vm.runtime or {}), **info}
+        if info.get("deploy_id"):
+            vm.deploy_id = info["deploy_id"]
+    if not result["success"]:
         vm.error = f"{result['action']} failed: {result['error']}"
     return apply(session, vm, result_action(vm_status(vm), result["success"]),
                  message=None if result["success"] else vm.error)
@@ -164,21 +367,26 @@ def set_sched_message(session, vm_id, message):
                     .values(sched_message=message))
 
 
-def vm_summary(vm, host_name, owner_name):
+def vm_summary(vm, host_name, owner_name, target_host_name=None):
     current = vm_status(vm)
     return {"id": vm.id, "name": vm.name, "owner": owner_name, "owner_id": vm.owner_id,
             "state": vm.state, "lcm_state": vm.lcm_state, "status": current,
             "short": SHORT_NAMES[current], "host": host_name, "host_id": vm.host_id,
             "cpu": vm.cpu, "vcpu": vm.vcpu, "memory": vm.memory, "deploy_id": vm.deploy_id,
             "error": vm.error, "sched_message": vm.sched_message, "seq": vm.seq,
+            "resched": bool(vm.resched), "target_host_id": vm.target_host_id,
+            "target_host": target_host_name, "resume_from": vm.resume_from,
+            "monitoring": vm.monitoring or {},
             "created_at": iso(vm.created_at), "updated_at": iso(vm.updated_at)}
 
 
 def describe(session, vm):
     """vm_summary, looking up the host and owner names."""
     host = session.get(Host, vm.host_id) if vm.host_id else None
+    target = session.get(Host, vm.target_host_id) if vm.target_host_id else None
     owner = session.get(User, vm.owner_id)
-    return vm_summary(vm, host.name if host else None, owner.name if owner else None)
+    return vm_summary(vm, host.name if host else None, owner.name if owner else None,
+                      target.name if target else None)
 
 
 def get_vm(session, vm_id):
@@ -202,15 +410,18 @@ def get_vm(session, vm_id):
 
 
 def list_vms(session, owner_id=None, include_done=False):
-    query = (select(VirtualMachine, Host.name, User.name)
+    target = aliased(Host)
+    query = (select(VirtualMachine, Host.name, User.name, target.name)
              .outerjoin(Host, Host.id == VirtualMachine.host_id)
+             .outerjoin(target, target.id == VirtualMachine.target_host_id)
              .join(User, User.id == VirtualMachine.owner_id)
              .order_by(VirtualMachine.id))
     if owner_id is not None:
         query = query.where(VirtualMachine.owner_id == owner_id)
     if not include_done:
         query = query.where(VirtualMachine.state != "DONE")
-    return [vm_summary(vm, host, owner) for vm, host, owner in session.execute(query)]
+    return [vm_summary(vm, host, owner, target_name)
+            for vm, host, owner, target_name in session.execute(query)]
 
 
 # ---------------------------------------------------------------- hosts

@@ -41,6 +41,11 @@ class LifecycleService:
             return logic.deploy(session, vm_id, host_id)
 
     @api
+    def vm_action(self, vm_id, action, options=None):
+        with self.relay.transaction() as session:
+            return logic.describe(session, logic.vm_action(session, vm_id, action, options))
+
+    @api
     def terminate(self, vm_id, hard=False):
         with self.relay.transaction() as session:
             return logic.describe(session, logic.terminate(session, vm_id, hard))
