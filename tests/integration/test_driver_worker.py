@@ -3,140 +3,13 @@
 Commands go to the node's durable queue; results and monitoring come back as
 Nameko events, read here through an exclusive queue bound to the node events
 exchange."""
-import datetime
-import itertools
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 
-import pytest
-from kombu import Connection, Consumer, Producer, Queue, binding
-
-from cirrus import config, messages
-
-_ids = itertools.count(100)
-
-
-class Bus:
-    """The test's side of the broker: publish commands, collect events."""
-
-    def __init__(self, amqp_uri):
-        self.conn = Connection(amqp_uri)
-        self.channel = self.conn.channel()
-        self.producer = Producer(self.channel)
-        events = messages.event_exchange(messages.NODE)
-        self.queue = Queue(f"test-node-events-{uuid.uuid4().hex[:6]}", exclusive=True,
-                           bindings=[binding(events, routing_key=key) for key in
-                                     (messages.COMMAND_RESULT, messages.HOST_MONITOR)])
-        self.received = []
-        self.consumer = Consumer(self.channel, queues=[self.queue], callbacks=[self._got],
-                                 accept=["json"])
-        self.consumer.consume()
-
-    def _got(self, body, message):
-        self.received.append((message.delivery_info["routing_key"], body))
-        message.ack()
-
-    def send(self, host, body, **kwargs):
-        queue = messages.node_queue(host)
-        self.producer.publish(body, exchange=messages.COMMANDS, routing_key=host,
-                              declare=[queue], delivery_mode=2,
-                              **({"serializer": "json"} | kwargs))
-        return body
-
-    def wait_for(self, match, timeout=15):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for key, body in self.received:
-                if match(key, body):
-                    return body
-            try:
-                self.conn.drain_events(timeout=0.2)
-            except socket.timeout:
-                pass
-        raise AssertionError(f"no matching event within {timeout} s; got {self.received[-5:]}")
-
-    def result(self, cmd, timeout=15):
-        return self.wait_for(lambda key, body: key == messages.COMMAND_RESULT
-                             and body["command_id"] == cmd["id"], timeout)
-
-    def results_of(self, cmd):
-        return [body for key, body in self.received
-                if key == messages.COMMAND_RESULT and body["command_id"] == cmd["id"]]
-
-    def monitor_after(self, host, since, timeout=15):
-        return self.wait_for(lambda key, body: key == messages.HOST_MONITOR
-                             and body["host"] == host and body["at"] > since, timeout)
-
-    def close(self):
-        self.conn.release()
-
-
-class Node:
-    """A cirrus-node process."""
-
-    def __init__(self, env, host, log_dir, *extra):
-        self.host = host
-        self.log_path = log_dir / f"{host}-{uuid.uuid4().hex[:4]}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.drivers.worker", "--host", host, *extra],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=config.REPO_ROOT)
-
-    def output(self):
-        return self.log_path.read_text()
-
-    def stop(self, sig=signal.SIGTERM):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=40)
-        self.log.close()
-        return self.proc.returncode
-
-
-def now_iso():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat()
-
-
-def a_vm(**template):
-    return {"id": next(_ids), "name": "w", "cpu": 1, "vcpu": 1, "memory": 64,
-            "template": template, "deploy_id": None}
-
-
-@pytest.fixture
-def bus(amqp_uri):
-    b = Bus(amqp_uri)
-    yield b
-    b.close()
-
-
-@pytest.fixture
-def start_node(cirrus_env, tmp_path):
-    nodes = []
-
-    def start(host, *extra):
-        node = Node(cirrus_env, host, tmp_path, *extra)
-        nodes.append(node)
-        return node
-    yield start
-    for node in nodes:
-        node.stop()
-
-
-@pytest.fixture
-def node(start_node, bus):
-    host = f"node-{uuid.uuid4().hex[:6]}"
-    started = start_node(host)
-    # the first monitoring report comes right at start
-    bus.wait_for(lambda key, body: key == messages.HOST_MONITOR and body["host"] == host)
-    return started
-
-
-def vm_states(report):
-    return {v["VM_ID"]: v["STATE"] for v in report["monitoring"]["VMS"]}
+from cirrus import messages
+from tests.node_worker import a_vm, bus, node, now_iso, start_node, vm_states  # noqa: F401
 
 
 def test_first_monitoring_report_comes_at_start(start_node, bus):
@@ -294,3 +167,106 @@ def test_a_command_running_when_the_broker_drops_it_is_answered(start_node, bus)
     assert bus.result(cmd, timeout=20)["success"]
     bus.wait_for(lambda k, b: len(bus.results_of(cmd)) == 2, timeout=20)
     assert "redelivered command " + cmd["id"] in node.output()
+
+
+def run_ok(bus, host, vm, action, **args):
+    """Send one command and return the info of its successful result."""
+    result = bus.result(bus.send(host, messages.command(action, vm["id"], host, vm=vm, **args)))
+    assert result["success"], result
+    return result["info"]
+
+
+def test_the_life_cycle_actions_answer_and_repeat_harmlessly(node, bus):
+    vm = {**a_vm(), "runtime": {}}
+    assert run_ok(bus, node.host, vm, "deploy") == {"deploy_id": f"cirrus-{vm['id']}"}
+    vm["deploy_id"] = f"cirrus-{vm['id']}"
+    run_ok(bus, node.host, vm, "reboot")
+    run_ok(bus, node.host, vm, "reset")
+    # suspend: save, then resume: restore (lifecycle merges each info into the runtime)
+    saved = run_ok(bus, node.host, vm, "save")
+    assert saved["checkpoint"].endswith(f"/{vm['id']}/checkpoint")
+    assert run_ok(bus, node.host, vm, "save") == saved
+    vm["runtime"].update(saved)
+    assert run_ok(bus, node.host, vm, "restore") == {"deploy_id": vm["deploy_id"]}
+    assert run_ok(bus, node.host, vm, "restore") == {"deploy_id": vm["deploy_id"]}
+    # stop: save, park the files; resume: files back, restore
+    vm["runtime"].update(run_ok(bus, node.host, vm, "save"))
+    parked = run_ok(bus, node.host, vm, "mv", direction="out")
+    assert run_ok(bus, node.host, vm, "mv", direction="out") == parked
+    back = run_ok(bus, node.host, vm, "mv", direction="in", from_dir=parked["vm_dir"])
+    assert back["vm_dir"] == saved["vm_dir"]
+    assert run_ok(bus, node.host, vm, "mv", direction="in", from_dir=parked["vm_dir"]) == back
+    run_ok(bus, node.host, vm, "restore")
+    assert run_ok(bus, node.host, vm, "poll")["STATE"] == "RUNNING"
+    # live migration on test:///default leaves a checkpoint for the target's restore
+    moved = run_ok(bus, node.host, vm, "migrate", dest_host="node-2", dest_uri="test:///default")
+    assert moved["checkpoint"] == saved["checkpoint"]
+    assert run_ok(bus, node.host, vm, "poll") == {"STATE": "GONE"}
+    run_ok(bus, node.host, vm, "delete")
+
+
+def test_new_actions_fail_clearly(node, bus):
+    vm = a_vm()
+    reboot = bus.send(node.host, messages.command("reboot", vm["id"], node.host, vm=vm))
+    result = bus.result(reboot)
+    assert not result["success"]
+    assert result["error"] == (f"cannot reboot cirrus-{vm['id']}: no such domain on "
+                               f"test:///default")
+    mv = bus.send(node.host, messages.command("mv", vm["id"], node.host, vm=vm, direction="up"))
+    assert "args.direction: mv needs one of out, in, got 'up'" in bus.result(mv)["error"]
+
+
+def test_domain_changes_are_published_as_vm_events(node, bus):
+    vm = a_vm()
+    run_ok(bus, node.host, vm, "deploy")
+    vm["deploy_id"] = f"cirrus-{vm['id']}"
+    run_ok(bus, node.host, vm, "cancel")
+    stopped = bus.wait_for(lambda k, b: k == messages.VM_EVENT and b["vm_id"] == vm["id"]
+                           and b["state"] == "POWEROFF")
+    assert stopped == {"host": node.host, "vm_id": vm["id"], "deploy_id": vm["deploy_id"],
+                       "state": "POWEROFF", "reason": "STOPPED/DESTROYED", "at": stopped["at"]}
+    started = [b for k, b in bus.received if k == messages.VM_EVENT and b["vm_id"] == vm["id"]
+               and b["state"] == "RUNNING"]
+    assert started and started[0]["reason"] == "STARTED/BOOTED"
+    assert started[0]["at"] < stopped["at"]
+
+
+def monitor_reports(bus, host, count, timeout=20):
+    """The first ``count`` monitoring reports of ``host``."""
+    bus.wait_for(lambda k, b: len([1 for key, body in bus.received if key == messages.HOST_MONITOR
+                                   and body["host"] == host]) >= count, timeout)
+    return [body for key, body in bus.received
+            if key == messages.HOST_MONITOR and body["host"] == host]
+
+
+def test_reports_are_sync_at_start_and_every_sync_interval(start_node, bus):
+    host = f"node-{uuid.uuid4().hex[:6]}"
+    # monitoring every second (the tests' setting), a sync every third second
+    start_node(host, env={"CIRRUS_DRIVERS_SYNC_INTERVAL": "2.5"})
+    reports = monitor_reports(bus, host, 7)
+    syncs = [report["sync"] for report in reports]
+    assert syncs[:3] == [True, False, False], syncs
+    assert True in syncs[3:], syncs
+    assert reports[0]["monitoring"]["URI"] == "test:///default"
+
+
+def test_a_report_after_a_broker_reconnect_is_sync(node, bus):
+    first = monitor_reports(bus, node.host, 2)
+    assert [r["sync"] for r in first] == [True, False]
+    dropped_at = now_iso()
+    close_broker_connections(broker_connections(f"cirrus-node:{node.host}"))
+    bus.wait_for(lambda k, b: k == messages.HOST_MONITOR and b["host"] == node.host
+                 and b["at"] > dropped_at and b["sync"], timeout=20)
+
+
+def test_simulated_domains_outlive_a_worker_restart(start_node, bus, tmp_path):
+    host = f"node-{uuid.uuid4().hex[:6]}"
+    state = str(tmp_path / "sim-state.json")
+    first = start_node(host, "--backend", "simulated", "--sim-state", state)
+    vm = a_vm()
+    run_ok(bus, host, vm, "deploy")
+    assert first.stop() == 0
+    started = now_iso()
+    start_node(host, "--backend", "simulated", "--sim-state", state)
+    report = bus.monitor_after(host, started)
+    assert vm_states(report)[vm["id"]] == "RUNNING" and report["sync"]
