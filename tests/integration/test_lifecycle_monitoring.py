@@ -290,6 +290,23 @@ def test_a_silent_host_goes_error_with_its_vms_unknown_and_reconciles_when_back(
     assert rpc.get_vm(off["id"])["status"] == "POWEROFF"
 
 
+def test_of_several_lifecycle_instances_one_fails_a_silent_host(cirrus_env, rpc):
+    """Two sessions stand for two instances' timers running at the same moment."""
+    host = rpc.create_host("mon-two-timers")
+    factory = db.session_factory()
+    with factory() as first, factory() as second:
+        old = utcnow() - timedelta(seconds=10 * HOST_TIMEOUT)
+        first.execute(update(Host).where(Host.id == host["id"])
+                      .values(state="MONITORED", last_monitored_at=old))
+        assert "mon-two-timers" in monitoring.detect_failed_hosts(first, HOST_TIMEOUT)
+        assert "mon-two-timers" not in monitoring.detect_failed_hosts(second, HOST_TIMEOUT)
+        second.commit()
+        first.commit()
+        assert "mon-two-timers" not in monitoring.detect_failed_hosts(second, HOST_TIMEOUT)
+        second.commit()
+    assert rpc.get_host(host["id"])["state"] == "ERROR"
+
+
 def test_a_disabled_host_that_goes_silent_stays_disabled(rpc, node):
     vm = node.running_vm("dis-run")
     rpc.disable_host(node.id)
