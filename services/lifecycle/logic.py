@@ -109,7 +109,6 @@ def move_capacity(session, vm, current, transition):
         if transition.arrives:
             add_usage(session, vm, vm.host_id, -1)
             vm.host_id = vm.target_host_id
-            vm.resched = False
         else:
             add_usage(session, vm, vm.target_host_id, -1)
         vm.target_host_id = None
@@ -230,8 +229,11 @@ def migrate(session, vm, host_id, live=False):
         raise FailedPrecondition(f"VM {vm.id} is already on host {target.name}; "
                                  "migrate it to another host")
     if not reserve(session, vm, host_id):
-        raise FailedPrecondition(f"VM {vm.id}: cannot migrate to {unfit_reason(session, vm, host_id)}")
+        raise FailedPrecondition(f"VM {vm.id}: {unfit_reason(session, vm, host_id)}")
     vm.target_host_id = host_id
+    vm.sched_message = None
+    # asked and answered: a migration that fails does not start again by itself
+    vm.resched = False
     return apply(session, vm, action)
 
 

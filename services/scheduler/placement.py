@@ -3,7 +3,8 @@
 Capacity is checked against what VMs have *allocated*, as OpenNebula does: a
 host fits when MAX_CPU - CPU_USAGE >= 100*CPU and MAX_MEM - MEM_USAGE >= MEMORY.
 Among the hosts that fit, the default policy is packing: the host with the
-most VMs first, so that whole hosts stay free for large VMs.
+most VMs first, so that whole hosts stay free for large VMs. A running VM
+asked to move (resched) ranks the same way among the hosts it is not on.
 """
 from dataclasses import dataclass
 
@@ -49,3 +50,11 @@ def rank(vm, hosts):
     if not any(h.free_cpu >= vm.cpu for h in hosts):
         return [], f"Not enough CPU capacity: {vm.cpu}/{max(h.free_cpu for h in hosts)}"
     return [], f"Not enough memory: {vm.memory}/{max(h.free_mem for h in hosts)} MB"
+
+
+def rank_elsewhere(vm, hosts, current_host_id):
+    """``rank`` for a VM that must leave ``current_host_id``: every other host."""
+    others = [h for h in hosts if h.id != current_host_id]
+    if not others:
+        return [], "No other host is enabled and monitored"
+    return rank(vm, others)
