@@ -66,9 +66,9 @@ def report_time(message):
     return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
 
 
-def vm_id_of(entry):
+def as_vm_id(value):
     try:
-        return int(entry.get("VM_ID"))
+        return int(value)
     except (TypeError, ValueError):
         return None     # a domain Cirrus did not make
 
@@ -82,7 +82,7 @@ def apply_monitoring(session, vm, host_id, action, at, message):
         return None
     current = logic.vm_status(vm)
     why_not = (
-        "it is on another host" if vm.host_id != host_id else
+        "it is not on the reporting host" if host_id is None or vm.host_id != host_id else
         "a driver command is in flight" if vm.command_id is not None else
         "the report is older than its last change" if vm.updated_at and at < vm.updated_at else
         f"{current} does not allow it" if not states.allows(current, action) else None)
@@ -95,7 +95,7 @@ def apply_monitoring(session, vm, host_id, action, at, message):
 def handle_vm_event(session, event):
     """A domain changed state on its own: move its VM at once."""
     action = DOMAIN_ACTIONS.get(event.get("state"))
-    vm_id = vm_id_of({"VM_ID": event.get("vm_id")})
+    vm_id = as_vm_id(event.get("vm_id"))
     if action is None or vm_id is None:
         log.debug("ignoring vm.event %s", event)
         return None
@@ -109,7 +109,7 @@ def handle_vm_event(session, event):
 def reconcile(session, host, domains, at):
     """A sync report lists every domain of the host: bring its VMs in line.
     Returns the VMs moved."""
-    seen = {vm_id_of(d): d.get("STATE") for d in domains}
+    seen = {as_vm_id(d.get("VM_ID")): d.get("STATE") for d in domains}
     vms = session.scalars(
         select(VirtualMachine)
         .where(VirtualMachine.host_id == host.id, VirtualMachine.command_id.is_(None),
@@ -151,7 +151,7 @@ def store_metrics(session, host_id, domains, at, keep):
     right now gets its metrics at the next report."""
     samples = []
     for entry in domains:
-        vm_id = vm_id_of(entry)
+        vm_id = as_vm_id(entry.get("VM_ID"))
         if vm_id is None:
             continue
         point = {"at": at.isoformat(), **{k: entry[k] for k in METRICS if k in entry}}
