@@ -13,7 +13,10 @@ from tests.procs import start_services, wait_until
 
 @pytest.fixture(scope="module")
 def lifecycle(cirrus_env, tmp_path_factory):
-    [proc] = start_services(["lifecycle"], cirrus_env, tmp_path_factory.mktemp("lc"))
+    # the test's fake nodes report when they join, not every few seconds: do
+    # not let host failure detection fence them in the middle of a test
+    env = {**cirrus_env, "CIRRUS_LIFECYCLE_HOST_TIMEOUT": "600"}
+    [proc] = start_services(["lifecycle"], env, tmp_path_factory.mktemp("lc"))
     yield proc
     proc.stop()
 
@@ -75,3 +78,99 @@ def test_a_message_left_in_the_outbox_by_a_crash_is_sent_by_the_periodic_flush(l
         outbox.add_event(s, messages.LIFECYCLE, messages.VM_STATE,
                          {"id": -7, "status": "PENDING", "key": "VM/PENDING/LCM_INIT/-7"})
     drain(conn, seen, lambda s: any(e["id"] == -7 for e in s))
+
+
+def join(rpc, amqp_uri, name):
+    """A fake node whose host is created and MONITORED."""
+    node = FakeNodeTransport(amqp_uri, name)
+    host = rpc.create_host(name)
+    node.publish(messages.HOST_MONITOR, {"host": name, "monitoring": {
+        "TOTALCPU": 400, "TOTALMEMORY": 4 * 1024 * 1024, "URI": f"qemu+tcp://{name}/system"}})
+    wait_until(lambda: rpc.get_host(host["id"])["state"] == "MONITORED", what="MONITORED")
+    return node, host
+
+
+def reply(node, vm_id, action, success=True, info=None):
+    """Take the next command off the node's queue, check it, and answer it."""
+    cmd = node.next_command()
+    assert (cmd["action"], cmd["vm_id"]) == (action, vm_id)
+    node.publish(messages.COMMAND_RESULT,
+                 messages.result(cmd, success, info, None if success else "simulated failure"))
+    return cmd
+
+
+def wait_status(rpc, vm_id, status):
+    wait_until(lambda: rpc.get_vm(vm_id)["status"] == status, what=status)
+    return rpc.get_vm(vm_id)
+
+
+def started_vm(rpc, node, host, name):
+    vm = rpc.allocate(1, name, 1.0, 1, 256, {})
+    assert rpc.deploy(vm["id"], host["id"])["outcome"] == "deployed"
+    reply(node, vm["id"], "clone")
+    reply(node, vm["id"], "deploy", info={"deploy_id": f"cirrus-{vm['id']}"})
+    return wait_status(rpc, vm["id"], "RUNNING")
+
+
+def test_poweroff_and_resume_through_vm_action(rpc, amqp_uri):
+    node, host = join(rpc, amqp_uri, "lc-power")
+    vm = started_vm(rpc, node, host, "svc-power")
+    shown = rpc.vm_action(vm["id"], "poweroff", {"hard": True})
+    assert shown["status"] == "SHUTDOWN_POWEROFF"
+    reply(node, vm["id"], "cancel")
+    wait_status(rpc, vm["id"], "POWEROFF")
+    assert rpc.get_host(host["id"])["cpu_usage"] == 100     # a powered-off VM keeps its place
+    assert rpc.vm_action(vm["id"], "resume")["status"] == "BOOT_POWEROFF"
+    reply(node, vm["id"], "deploy", info={"deploy_id": f"cirrus-{vm['id']}"})
+    wait_status(rpc, vm["id"], "RUNNING")
+    with pytest.raises(RemoteError) as err:
+        rpc.vm_action(vm["id"], "resume")
+    assert err.value.exc_type == "FailedPrecondition"
+    assert f"VM {vm['id']}: cannot resume a VM in RUNNING" in err.value.value
+    with pytest.raises(RemoteError) as err:
+        rpc.vm_action(vm["id"], "poweroff", {"softly": True})
+    assert err.value.exc_type == "InvalidArgument" and "softly" in err.value.value
+
+
+def test_a_cold_migration_sends_each_command_to_the_right_host(rpc, amqp_uri):
+    node_a, host_a = join(rpc, amqp_uri, "lc-mig-a")
+    node_b, host_b = join(rpc, amqp_uri, "lc-mig-b")
+    vm = started_vm(rpc, node_a, host_a, "svc-migrate")
+    shown = rpc.vm_action(vm["id"], "migrate", {"host_id": host_b["id"]})
+    assert (shown["status"], shown["target_host"]) == ("SAVE_MIGRATE", "lc-mig-b")
+    assert [rpc.get_host(h["id"])["cpu_usage"] for h in (host_a, host_b)] == [100, 100]
+    reply(node_a, vm["id"], "save", info={"checkpoint": "/ds/x/checkpoint", "vm_dir": "/ds/x"})
+    mv = reply(node_b, vm["id"], "mv")
+    assert (mv["args"]["direction"], mv["args"]["from_dir"]) == ("in", "/ds/x")
+    restore = reply(node_b, vm["id"], "restore", info={"deploy_id": f"cirrus-{vm['id']}"})
+    assert restore["args"]["vm"]["runtime"]["checkpoint"] == "/ds/x/checkpoint"
+    shown = wait_status(rpc, vm["id"], "RUNNING")
+    assert (shown["host"], shown["target_host"]) == ("lc-mig-b", None)
+    assert [rpc.get_host(h["id"])["cpu_usage"] for h in (host_a, host_b)] == [0, 100]
+    # nothing was left for host a
+    assert node_a.queue.get(no_ack=True) is None
+
+
+def test_recover_retry_sends_the_command_again(rpc, amqp_uri):
+    node, host = join(rpc, amqp_uri, "lc-retry")
+    vm = started_vm(rpc, node, host, "svc-retry")
+    rpc.vm_action(vm["id"], "suspend")
+    first = reply(node, vm["id"], "save", success=False)
+    shown = wait_status(rpc, vm["id"], "RUNNING")       # a failed save leaves it running
+    assert "save failed: simulated failure" in shown["error"]
+    rpc.vm_action(vm["id"], "stop")
+    lost = node.next_command()          # the node dies with it: no answer comes
+    assert lost["action"] == "save"
+    shown = rpc.vm_action(vm["id"], "recover", {"operation": "retry"})
+    assert shown["status"] == "SAVE_STOP"
+    again = reply(node, vm["id"], "save")
+    assert again["id"] not in (first["id"], lost["id"])
+    reply(node, vm["id"], "mv")
+    wait_status(rpc, vm["id"], "STOPPED")
+    # the late answer to the lost command changes nothing
+    node.publish(messages.COMMAND_RESULT, messages.result(lost, True))
+    rpc.vm_action(vm["id"], "terminate")
+    reply(node, vm["id"], "delete")
+    shown = wait_status(rpc, vm["id"], "DONE")
+    assert [h["to"] for h in rpc.get_vm(vm["id"])["history"]][-6:] == [
+        "SAVE_STOP", "SAVE_STOP", "EPILOG_STOP", "STOPPED", "EPILOG", "DONE"]

@@ -19,8 +19,9 @@ def services(cirrus_env, tmp_path_factory):
         s.execute(update(Host).values(state="DISABLED"))
         s.execute(update(VirtualMachine).where(VirtualMachine.state.in_(["PENDING", "HOLD"]))
                   .values(state="DONE"))
-    procs = start_services(["lifecycle", "scheduler"], cirrus_env,
-                           tmp_path_factory.mktemp("sched"))
+    # the fake nodes report once: keep host failure detection out of the way
+    env = {**cirrus_env, "CIRRUS_LIFECYCLE_HOST_TIMEOUT": "600"}
+    procs = start_services(["lifecycle", "scheduler"], env, tmp_path_factory.mktemp("sched"))
     yield procs
     for proc in procs:
         proc.stop()
@@ -61,3 +62,43 @@ def test_placement_waits_for_a_host_happens_on_the_event_and_explains_a_misfit(r
     assert vm["status"] == "PENDING"
     assert vm["sched_message"] == "Not enough CPU capacity: 1600/500"
     rpc.terminate(big["id"])
+
+
+def test_a_vm_flagged_resched_is_live_migrated_to_another_host(rpc, amqp_uri):
+    # only this test's hosts take VMs
+    with db.session_factory()() as s, s.begin():
+        s.execute(update(Host).values(state="DISABLED"))
+    node_a = FakeNodeTransport(amqp_uri, "resched-a")
+    host_a = rpc.create_host("resched-a")
+    node_a.publish(messages.HOST_MONITOR, {"host": "resched-a", "monitoring": {
+        "TOTALCPU": 400, "TOTALMEMORY": 4096 * 1024}})
+    vm = rpc.allocate(1, "sched-move", 1.0, 1, 512, {})
+    for action in ("clone", "deploy"):
+        cmd = node_a.next_command(timeout=15)
+        assert (cmd["action"], cmd["vm_id"]) == (action, vm["id"])
+        node_a.publish(messages.COMMAND_RESULT, messages.result(cmd, True, {"deploy_id": "d"}))
+    wait_until(lambda: rpc.get_vm(vm["id"])["status"] == "RUNNING", what="RUNNING")
+
+    # alone on its host, a rescheduled VM stays and says why
+    rpc.vm_action(vm["id"], "resched")
+    wait_until(lambda: rpc.get_vm(vm["id"])["sched_message"], timeout=15,
+               what="a scheduling message")
+    assert rpc.get_vm(vm["id"])["sched_message"] == "No other host is enabled and monitored"
+
+    node_b = FakeNodeTransport(amqp_uri, "resched-b")
+    host_b = rpc.create_host("resched-b")
+    node_b.publish(messages.HOST_MONITOR, {"host": "resched-b", "monitoring": {
+        "TOTALCPU": 400, "TOTALMEMORY": 4096 * 1024, "URI": "qemu+tcp://resched-b/system"}})
+    cmd = node_a.next_command(timeout=15)
+    assert (cmd["action"], cmd["vm_id"]) == ("migrate", vm["id"])
+    assert (cmd["args"]["dest_host"], cmd["args"]["dest_uri"]) == \
+        ("resched-b", "qemu+tcp://resched-b/system")
+    shown = rpc.get_vm(vm["id"])
+    assert (shown["status"], shown["resched"], shown["sched_message"]) == ("MIGRATE", False, None)
+    node_a.publish(messages.COMMAND_RESULT, messages.result(cmd, True))
+    cmd = node_b.next_command(timeout=15)
+    assert (cmd["action"], cmd["vm_id"]) == ("restore", vm["id"])
+    node_b.publish(messages.COMMAND_RESULT, messages.result(cmd, True))
+    wait_until(lambda: rpc.get_vm(vm["id"])["host"] == "resched-b"
+               and rpc.get_vm(vm["id"])["status"] == "RUNNING", what="RUNNING on resched-b")
+    assert [rpc.get_host(h["id"])["cpu_usage"] for h in (host_a, host_b)] == [0, 100]
