@@ -128,6 +128,11 @@ def _t(action, sources, target, command=None, **flags):
     return Transition(action, frozenset(sources.split()), target, command, **flags)
 
 
+def _soft_and_hard(action, sources, target, command=None, hard_command=None, **flags):
+    return [_t(action, sources, target, command, **flags),
+            _t(f"{action}_hard", sources, target, hard_command or command, **flags)]
+
+
 MV_IN = (("direction", "in"),)
 MV_OUT = (("direction", "out"),)
 
@@ -149,24 +154,19 @@ _USER = [
        reserved=True),
     _t("deploy_undeployed", "PENDING HOLD", "PROLOG_UNDEPLOY", command="mv", args=MV_IN,
        reserved=True),
-    _t("terminate", "INIT PENDING HOLD CLONING CLONING_FAILURE", "DONE"),
-    _t("terminate", "RUNNING UNKNOWN", "SHUTDOWN", command="shutdown"),
-    _t("terminate_hard", "INIT PENDING HOLD CLONING CLONING_FAILURE", "DONE"),
-    _t("terminate_hard", "RUNNING UNKNOWN", "SHUTDOWN", command="cancel"),
+    # ``<action>_hard`` is the same move, cancelling or resetting the domain
+    # where the soft one asks the guest; where there is no domain it is the same
+    *_soft_and_hard("terminate", WITHOUT_HOST, "DONE"),
+    *_soft_and_hard("terminate", "RUNNING UNKNOWN", "SHUTDOWN", "shutdown", "cancel"),
     # a failed VM may still have a domain or files on its host, a stopped one has
     # files in the parking: delete removes both, wherever the VM last was
-    _t("terminate", f"SUSPENDED POWEROFF STOPPED UNDEPLOYED {ACTIVE_FAILURES}", "EPILOG",
-       command="delete"),
-    _t("terminate_hard", f"SUSPENDED POWEROFF STOPPED UNDEPLOYED {ACTIVE_FAILURES}", "EPILOG",
-       command="delete"),
-    _t("poweroff", "RUNNING UNKNOWN", "SHUTDOWN_POWEROFF", command="shutdown"),
-    _t("poweroff_hard", "RUNNING UNKNOWN", "SHUTDOWN_POWEROFF", command="cancel"),
+    *_soft_and_hard("terminate", f"SUSPENDED POWEROFF STOPPED UNDEPLOYED {ACTIVE_FAILURES}",
+                    "EPILOG", "delete"),
+    *_soft_and_hard("poweroff", "RUNNING UNKNOWN", "SHUTDOWN_POWEROFF", "shutdown", "cancel"),
     _t("suspend", "RUNNING", "SAVE_SUSPEND", command="save"),
     _t("stop", "RUNNING", "SAVE_STOP", command="save"),
-    _t("undeploy", "RUNNING UNKNOWN", "SHUTDOWN_UNDEPLOY", command="shutdown"),
-    _t("undeploy_hard", "RUNNING UNKNOWN", "SHUTDOWN_UNDEPLOY", command="cancel"),
-    _t("undeploy", "POWEROFF", "EPILOG_UNDEPLOY", command="mv", args=MV_OUT),
-    _t("undeploy_hard", "POWEROFF", "EPILOG_UNDEPLOY", command="mv", args=MV_OUT),
+    *_soft_and_hard("undeploy", "RUNNING UNKNOWN", "SHUTDOWN_UNDEPLOY", "shutdown", "cancel"),
+    *_soft_and_hard("undeploy", "POWEROFF", "EPILOG_UNDEPLOY", "mv", args=MV_OUT),
     _t("resume", "STOPPED UNDEPLOYED", "PENDING"),
     _t("resume", "SUSPENDED", "BOOT_SUSPENDED", command="restore"),
     _t("resume", "POWEROFF", "BOOT_POWEROFF", command="deploy"),
@@ -174,8 +174,7 @@ _USER = [
     _t("migrate", "RUNNING", "SAVE_MIGRATE", command="save"),
     _t("migrate_live", "RUNNING", "MIGRATE", command="migrate"),
     # the VM stays RUNNING; its result only records an error
-    _t("reboot", "RUNNING", "RUNNING", command="reboot"),
-    _t("reboot_hard", "RUNNING", "RUNNING", command="reset"),
+    *_soft_and_hard("reboot", "RUNNING", "RUNNING", "reboot", "reset"),
     _t("resched", "RUNNING", "RUNNING"),
     _t("unresched", "RUNNING", "RUNNING"),
     # recover delete / recreate: clean the host first unless there is none

@@ -33,6 +33,17 @@ class FakeNodeTransport:
                              declare=[messages.event_exchange(messages.NODE)])
 
 
+def join_node(lifecycle, amqp_uri, name, cpu=400, memory_mb=4096):
+    """A fake node for a new host, which its first report makes MONITORED."""
+    node = FakeNodeTransport(amqp_uri, name)
+    host = lifecycle.create_host(name)
+    node.publish(messages.HOST_MONITOR, {"host": name, "monitoring": {
+        "TOTALCPU": cpu, "TOTALMEMORY": memory_mb * 1024, "URI": f"qemu+tcp://{name}/system"}})
+    wait_until(lambda: lifecycle.get_host(host["id"])["state"] == "MONITORED",
+               what=f"{name} MONITORED")
+    return node, host
+
+
 def vm_events(amqp_uri):
     conn = Connection(amqp_uri)
     queue = Queue(exchange=messages.event_exchange(messages.LIFECYCLE),

@@ -7,7 +7,7 @@ import pytest
 from nameko.exceptions import RemoteError
 
 from cirrus import messages
-from tests.broker import FakeNodeTransport, drain, rpc_proxy, vm_events
+from tests.broker import FakeNodeTransport, drain, join_node, rpc_proxy, vm_events
 from tests.procs import start_services, wait_until
 
 
@@ -80,16 +80,6 @@ def test_a_message_left_in_the_outbox_by_a_crash_is_sent_by_the_periodic_flush(l
     drain(conn, seen, lambda s: any(e["id"] == -7 for e in s))
 
 
-def join(rpc, amqp_uri, name):
-    """A fake node whose host is created and MONITORED."""
-    node = FakeNodeTransport(amqp_uri, name)
-    host = rpc.create_host(name)
-    node.publish(messages.HOST_MONITOR, {"host": name, "monitoring": {
-        "TOTALCPU": 400, "TOTALMEMORY": 4 * 1024 * 1024, "URI": f"qemu+tcp://{name}/system"}})
-    wait_until(lambda: rpc.get_host(host["id"])["state"] == "MONITORED", what="MONITORED")
-    return node, host
-
-
 def reply(node, vm_id, action, success=True, info=None):
     """Take the next command off the node's queue, check it, and answer it."""
     cmd = node.next_command()
@@ -113,7 +103,7 @@ def started_vm(rpc, node, host, name):
 
 
 def test_poweroff_and_resume_through_vm_action(rpc, amqp_uri):
-    node, host = join(rpc, amqp_uri, "lc-power")
+    node, host = join_node(rpc, amqp_uri, "lc-power")
     vm = started_vm(rpc, node, host, "svc-power")
     shown = rpc.vm_action(vm["id"], "poweroff", {"hard": True})
     assert shown["status"] == "SHUTDOWN_POWEROFF"
@@ -133,8 +123,8 @@ def test_poweroff_and_resume_through_vm_action(rpc, amqp_uri):
 
 
 def test_a_cold_migration_sends_each_command_to_the_right_host(rpc, amqp_uri):
-    node_a, host_a = join(rpc, amqp_uri, "lc-mig-a")
-    node_b, host_b = join(rpc, amqp_uri, "lc-mig-b")
+    node_a, host_a = join_node(rpc, amqp_uri, "lc-mig-a")
+    node_b, host_b = join_node(rpc, amqp_uri, "lc-mig-b")
     vm = started_vm(rpc, node_a, host_a, "svc-migrate")
     shown = rpc.vm_action(vm["id"], "migrate", {"host_id": host_b["id"]})
     assert (shown["status"], shown["target_host"]) == ("SAVE_MIGRATE", "lc-mig-b")
@@ -152,7 +142,7 @@ def test_a_cold_migration_sends_each_command_to_the_right_host(rpc, amqp_uri):
 
 
 def test_recover_retry_sends_the_command_again(rpc, amqp_uri):
-    node, host = join(rpc, amqp_uri, "lc-retry")
+    node, host = join_node(rpc, amqp_uri, "lc-retry")
     vm = started_vm(rpc, node, host, "svc-retry")
     rpc.vm_action(vm["id"], "suspend")
     first = reply(node, vm["id"], "save", success=False)

@@ -7,7 +7,7 @@ from sqlalchemy import update
 
 from cirrus import db, messages
 from cirrus.db.models import Host, VirtualMachine
-from tests.broker import FakeNodeTransport, rpc_proxy
+from tests.broker import FakeNodeTransport, join_node, rpc_proxy
 from tests.procs import start_services, wait_until
 
 
@@ -68,10 +68,7 @@ def test_a_vm_flagged_resched_is_live_migrated_to_another_host(rpc, amqp_uri):
     # only this test's hosts take VMs
     with db.session_factory()() as s, s.begin():
         s.execute(update(Host).values(state="DISABLED"))
-    node_a = FakeNodeTransport(amqp_uri, "resched-a")
-    host_a = rpc.create_host("resched-a")
-    node_a.publish(messages.HOST_MONITOR, {"host": "resched-a", "monitoring": {
-        "TOTALCPU": 400, "TOTALMEMORY": 4096 * 1024}})
+    node_a, host_a = join_node(rpc, amqp_uri, "resched-a")
     vm = rpc.allocate(1, "sched-move", 1.0, 1, 512, {})
     for action in ("clone", "deploy"):
         cmd = node_a.next_command(timeout=15)
@@ -85,10 +82,7 @@ def test_a_vm_flagged_resched_is_live_migrated_to_another_host(rpc, amqp_uri):
                what="a scheduling message")
     assert rpc.get_vm(vm["id"])["sched_message"] == "No other host is enabled and monitored"
 
-    node_b = FakeNodeTransport(amqp_uri, "resched-b")
-    host_b = rpc.create_host("resched-b")
-    node_b.publish(messages.HOST_MONITOR, {"host": "resched-b", "monitoring": {
-        "TOTALCPU": 400, "TOTALMEMORY": 4096 * 1024, "URI": "qemu+tcp://resched-b/system"}})
+    node_b, host_b = join_node(rpc, amqp_uri, "resched-b")
     cmd = node_a.next_command(timeout=15)
     assert (cmd["action"], cmd["vm_id"]) == ("migrate", vm["id"])
     assert (cmd["args"]["dest_host"], cmd["args"]["dest_uri"]) == \
