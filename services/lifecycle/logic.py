@@ -3,7 +3,9 @@
 Each function runs inside the caller's transaction. A state change goes
 through ``apply``, which consults the transition table, writes the history
 row, queues the ``vm.state`` event and any driver command in the outbox, and
-releases the host's capacity when the VM leaves it.
+keeps hosts' capacity in step (both hosts while a migration runs). User
+actions come in through ``vm_action`` (and ``recover``); placements and
+migrations reserve capacity first with ``reserve``'s conditional UPDATE.
 """
 from sqlalchemy import select, update
 from sqlalchemy.orm import aliased

@@ -69,6 +69,7 @@ def test_a_vm_flagged_resched_is_live_migrated_to_another_host(rpc, amqp_uri):
     with db.session_factory()() as s, s.begin():
         s.execute(update(Host).values(state="DISABLED"))
     node_a, host_a = join_node(rpc, amqp_uri, "resched-a")
+    held = rpc.allocate(1, "sched-held", 1.0, 1, 256, {}, True)     # on HOLD: never placed
     vm = rpc.allocate(1, "sched-move", 1.0, 1, 512, {})
     for action in ("clone", "deploy"):
         cmd = node_a.next_command(timeout=15)
@@ -96,3 +97,5 @@ def test_a_vm_flagged_resched_is_live_migrated_to_another_host(rpc, amqp_uri):
     wait_until(lambda: rpc.get_vm(vm["id"])["host"] == "resched-b"
                and rpc.get_vm(vm["id"])["status"] == "RUNNING", what="RUNNING on resched-b")
     assert [rpc.get_host(h["id"])["cpu_usage"] for h in (host_a, host_b)] == [0, 100]
+    assert rpc.get_vm(held["id"])["status"] == "HOLD"
+    assert node_a.queue.get(no_ack=True) is None and node_b.queue.get(no_ack=True) is None
