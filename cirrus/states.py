@@ -27,7 +27,7 @@ class VmState(str, Enum):
     DONE = "DONE"                    # terminated; kept for history and accounting
     POWEROFF = "POWEROFF"            # powered off, its disks still on the host
     UNDEPLOYED = "UNDEPLOYED"        # powered off and its disks moved back to the datastore
-    CLONING = "CLONING"              # waiting for its images to be copied (unused: no image copies yet)
+    CLONING = "CLONING"              # waiting for its images to be copied (unused yet)
     CLONING_FAILURE = "CLONING_FAILURE"  # an image copy failed (unused, as CLONING)
 
 
@@ -68,7 +68,7 @@ class LcmState(str, Enum):
     BOOT_UNDEPLOY_FAILURE = "BOOT_UNDEPLOY_FAILURE"  # booting an undeployed VM failed
     BOOT_STOPPED_FAILURE = "BOOT_STOPPED_FAILURE"  # restoring a stopped VM failed
     PROLOG_RESUME_FAILURE = "PROLOG_RESUME_FAILURE"  # moving a stopped VM's files back failed
-    PROLOG_UNDEPLOY_FAILURE = "PROLOG_UNDEPLOY_FAILURE"  # moving an undeployed VM's files back failed
+    PROLOG_UNDEPLOY_FAILURE = "PROLOG_UNDEPLOY_FAILURE"  # moving undeployed files back failed
 
 
 ALL_STATUSES = [s.value for s in VmState if s is not VmState.ACTIVE] + [

@@ -290,7 +290,8 @@ def vm_action(session, vm_id, action, options=None):
     hard = options.get("hard", False)
     if action == "recover":
         if "operation" not in options:
-            raise InvalidArgument(f"operation: recover needs one of {', '.join(RECOVER_OPERATIONS)}")
+            raise InvalidArgument(
+                f"operation: recover needs one of {', '.join(RECOVER_OPERATIONS)}")
         return recover(session, vm_id, options["operation"], hard)
     if action == "deploy":
         host_id = needed_host(action, options)
@@ -341,7 +342,8 @@ def recover(session, vm_id, operation, hard=False):
         return apply(session, vm, "retry_hard" if hard else "retry", message)
     action = f"recover_{operation}"
     host = session.get(Host, vm.host_id) if vm.host_id else None
-    if host is not None and host.state in FENCED_HOST_STATES and allows(current, action + "_fenced"):
+    fenced = host is not None and host.state in FENCED_HOST_STATES
+    if fenced and allows(current, action + "_fenced"):
         action += "_fenced"     # nothing answers from that host: do not wait for a cleanup
     return apply(session, vm, action, message)
 

@@ -404,7 +404,8 @@ def test_resume_from_is_remembered_until_running(factory, admin_id, two_hosts):
         for step in ("stop", True, True, "resume"):
             take_step(s, vm, step, two_hosts)
         shown = logic.describe(s, vm)
-        assert (shown["status"], shown["resume_from"], shown["host_id"]) == ("PENDING", "STOPPED", None)
+        assert (shown["status"], shown["resume_from"], shown["host_id"]) == \
+            ("PENDING", "STOPPED", None)
         # the scheduler's deploy takes the resume path too
         assert logic.deploy(s, vm.id, two_hosts["b"])["outcome"] == "deployed"
         assert logic.vm_status(vm) == "PROLOG_RESUME"
@@ -481,7 +482,8 @@ def test_two_concurrent_actions_on_one_vm_one_wins(factory, admin_id, two_hosts)
     ("migrate", {"host_id": True}, "^host_id: must be int, got True"),
     ("deploy", {}, "^host_id: deploy needs the host"),
     ("recover", {}, "^operation: recover needs one of success, failure, retry, delete, recreate"),
-    ("recover", {"operation": "undo"}, "^operation: unknown recover operation 'undo'; choose from success"),
+    ("recover", {"operation": "undo"},
+     "^operation: unknown recover operation 'undo'; choose from success"),
     ("recover", {"operation": "delete", "hard": True}, "^hard: only recover retry has a hard form"),
     ("resume", ["hard"], "^options: must be a mapping"),
 ])
