@@ -34,12 +34,30 @@ class Token(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class Cluster(Base):
+    """A set of hosts. Its template's keys are attributes of each of its hosts
+    for the scheduler; RESERVED_CPU/RESERVED_MEM apply to hosts that set none."""
+    __tablename__ = "clusters"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    template: Mapped[dict] = mapped_column(JSONB, default=dict, server_default="{}")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class Host(Base):
     """A hypervisor node. Capacity is in OpenNebula's units: CPU in percent of
     a core (4 cores = 400), memory in MB. *_usage is what VMs have allocated."""
     __tablename__ = "hosts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id"), nullable=True, index=True)
+    # KEY=VALUE set by `cirrus host update`: attributes for SCHED_REQUIREMENTS and
+    # SCHED_RANK, PRIORITY (the fixed policy), RESERVED_CPU, RESERVED_MEM
+    template: Mapped[dict] = mapped_column(JSONB, default=dict, server_default="{}")
+    # RESERVED_CPU/RESERVED_MEM in effect (the host's, else its cluster's), kept
+    # here so that the reservation UPDATE compares against MAX - RESERVED in SQL
+    reserved_cpu: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    reserved_mem: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # INIT (never heard from), MONITORED, ERROR (stopped reporting), DISABLED (no new VMs),
     # OFFLINE (taken out of service: no new VMs, not monitored)
     state: Mapped[str] = mapped_column(String(16), default="INIT")
@@ -87,6 +105,9 @@ class VirtualMachine(Base):
     sched_message: Mapped[str] = mapped_column(Text, nullable=True)    # why it is not placed
     # the caller's request id: a create that is redelivered or retried finds its VM
     request_id: Mapped[str] = mapped_column(String(64), nullable=True)
+    # the VM group it belongs to, and its role there (placement affinity rules)
+    vmgroup_id: Mapped[int] = mapped_column(ForeignKey("vm_groups.id"), nullable=True, index=True)
+    vmgroup_role: Mapped[str] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
@@ -111,6 +132,21 @@ class Template(Base):
     name: Mapped[str] = mapped_column(String(128))
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     body: Mapped[dict] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class VmGroup(Base):
+    """OpenNebula's VM group: roles, each with HOST_AFFINED / HOST_ANTI_AFFINED
+    host ids and a POLICY among its own VMs, and AFFINED / ANTI_AFFINED rules
+    between roles. ``roles``: [{"name", "policy", "host_affined", "host_anti_affined"}];
+    ``rules``: [{"policy": "AFFINED" | "ANTI_AFFINED", "roles": [names]}]."""
+    __tablename__ = "vm_groups"
+    __table_args__ = (UniqueConstraint("owner_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    roles: Mapped[list] = mapped_column(JSONB, default=list, server_default="[]")
+    rules: Mapped[list] = mapped_column(JSONB, default=list, server_default="[]")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
