@@ -1,4 +1,7 @@
 """Nameko dependency providers shared by the services."""
+from contextlib import contextmanager
+
+import eventlet
 from nameko.exceptions import RemoteError
 from nameko.extensions import DependencyProvider
 from nameko.rpc import RpcProxy
@@ -17,6 +20,11 @@ class Database(DependencyProvider):
         return self.factory
 
 
+# how long a handler whose message goes back to the queue waits first when
+# the database is away, so a requeued message is not retried in a busy loop
+REQUEUE_PAUSE = 1.0
+
+
 class OutboxRelay(DependencyProvider):
     """Injects the relay that publishes what the worker's transactions wrote."""
 
@@ -24,7 +32,28 @@ class OutboxRelay(DependencyProvider):
         self.relay = Relay(config.get()["amqp"]["uri"], db.session_factory())
 
     def get_dependency(self, worker_ctx):
+        if getattr(worker_ctx.entrypoint, "requeue_on_error", False):
+            return _PausingRelay(self.relay)
         return self.relay
+
+
+class _PausingRelay:
+    """The relay for an event handler that requeues on error: during a
+    database outage it waits a moment before failing, because the failure
+    puts the message straight back to be delivered again."""
+
+    def __init__(self, relay):
+        self._relay = relay
+        self.session_factory = relay.session_factory
+
+    @contextmanager
+    def transaction(self):
+        try:
+            with self._relay.transaction() as session:
+                yield session
+        except errors.Unavailable:
+            eventlet.sleep(REQUEUE_PAUSE)
+            raise
 
 
 class Rpc(RpcProxy):

@@ -37,6 +37,12 @@ class ResourceExhausted(CirrusError):
     grpc_status = "RESOURCE_EXHAUSTED"
 
 
+class Unavailable(CirrusError):
+    """A part Cirrus needs (the database, the broker) cannot be reached right
+    now; the same call may succeed once it is back."""
+    grpc_status = "UNAVAILABLE"
+
+
 def by_name(exc_type):
     """The CirrusError class called ``exc_type``, looked up at call time so
     that subclasses defined elsewhere (TemplateError) are found too."""

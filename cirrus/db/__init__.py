@@ -2,19 +2,50 @@
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 from sqlalchemy.orm import sessionmaker
 
 from cirrus import config
+from cirrus.errors import Unavailable
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+# SQLSTATEs of a server going away or not taking connections yet: connection
+# exceptions (class 08), admin/crash shutdown, "the database system is starting up"
+UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03")
 
 
 @lru_cache(maxsize=None)
 def engine(url=None):
     cfg = config.get()["database"]
-    return create_engine(url or cfg["url"], pool_size=cfg.get("pool_size", 10),
-                         max_overflow=10, pool_pre_ping=True)
+    made = create_engine(url or cfg["url"], pool_size=cfg.get("pool_size", 10),
+                         max_overflow=10, pool_pre_ping=True,
+                         connect_args={"connect_timeout": cfg.get("connect_timeout", 5)})
+    event.listen(made, "handle_error", raise_unavailable)
+    return made
+
+
+def is_unreachable(context):
+    """Whether a database error means the server cannot be reached (as opposed
+    to a statement it refused): a lost connection, or none to be had."""
+    if context.is_disconnect:
+        return True
+    code = getattr(context.original_exception, "pgcode", None)
+    if code is None:
+        # the driver's own connection failures (refused, closed) carry no SQLSTATE
+        return type(context.original_exception).__name__ == "OperationalError"
+    return code.startswith(UNREACHABLE_STATES)
+
+
+def raise_unavailable(context):
+    """Turn "cannot reach PostgreSQL" into Unavailable, which callers see as
+    gRPC UNAVAILABLE: retry later, nothing was done. The pool's pre-ping keeps
+    its own handling, so a dead pooled connection is replaced silently."""
+    if context.is_pre_ping or not is_unreachable(context):
+        return
+    detail = str(context.original_exception).strip().splitlines()[0]
+    raise Unavailable(f"the database is unavailable: {detail}") from context.original_exception
 
 
 def session_factory(url=None):

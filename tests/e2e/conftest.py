@@ -90,6 +90,15 @@ class Cluster:
     def create_vm(self, *args):
         return int(self.cli("vm", "create", *args).stdout.strip())
 
+    # ------------------------------------------------------------ the SDK
+
+    def client(self, timeout=30):
+        """A client SDK logged in as the bootstrap admin."""
+        from cirrus.client import Client
+        address = f"127.0.0.1:{self.port}"
+        token = Client(address, username="admin", password="cirrus").login()["token"]
+        return Client(address, token=token, timeout=timeout)
+
     # ------------------------------------------------------------ processes
 
     def pids(self, instance):
