@@ -16,7 +16,7 @@ from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from cirrus.states import (FAILED_FROM, MIGRATING, ON_HOST, SHORT_NAMES, TRANSIENT,
                            TransitionError, allows, next_transition, result_action, split,
                            status)
-from services.lifecycle import accounting
+from services.lifecycle import accounting, clusters
 
 
 
@@ -62,6 +62,7 @@ def allocate(session, owner_id, name, cpu, vcpu, memory, template, hold=False,
     vm = VirtualMachine(name=str(name).strip(), owner_id=owner_id, state="INIT",
                         lcm_state="LCM_INIT", seq=0, cpu=float(cpu), vcpu=int(vcpu),
                         memory=int(memory), template=template or {}, request_id=request_id)
+    clusters.join_vmgroup(session, vm, owner_id, template)
     session.add(vm)
     session.flush()
     apply(session, vm, "allocate_hold" if hold else "allocate")
@@ -143,13 +144,14 @@ def add_usage(session, vm, host_id, sign):
 def reserve(session, vm, host_id):
     """Take ``vm``'s capacity on a MONITORED host with room for it, in one
     conditional UPDATE so that concurrent placements never overcommit.
+    Room is counted as the scheduler counts it: MAX - RESERVED - USAGE.
     False when the host does not fit (``unfit_reason`` says why)."""
     need_cpu = cpu_percent(vm.cpu)
     return session.execute(
         update(Host)
         .where(Host.id == host_id, Host.state == "MONITORED",
-               Host.max_cpu - Host.cpu_usage >= need_cpu,
-               Host.max_mem - Host.mem_usage >= vm.memory)
+               Host.max_cpu - Host.reserved_cpu - Host.cpu_usage >= need_cpu,
+               Host.max_mem - Host.reserved_mem - Host.mem_usage >= vm.memory)
         .values(cpu_usage=Host.cpu_usage + need_cpu, mem_usage=Host.mem_usage + vm.memory,
                 running_vms=Host.running_vms + 1)
         .returning(Host.id)).scalar() is not None
@@ -162,8 +164,8 @@ def unfit_reason(session, vm, host_id):
     if host.state != "MONITORED":
         return f"host {host.name} is {host.state}, not MONITORED"
     return (f"host {host.name} lacks capacity: the VM needs {cpu_percent(vm.cpu)}% CPU and "
-            f"{vm.memory} MB, it has {host.max_cpu - host.cpu_usage}% and "
-            f"{host.max_mem - host.mem_usage} MB free")
+            f"{vm.memory} MB, it has {host.max_cpu - host.reserved_cpu - host.cpu_usage}% "
+            f"and {host.max_mem - host.reserved_mem - host.mem_usage} MB free")
 
 
 def driver_command(session, vm, transition):
@@ -436,6 +438,8 @@ def host_to_dict(host):
     return {"id": host.id, "name": host.name, "state": host.state, "max_cpu": host.max_cpu,
             "max_mem": host.max_mem, "cpu_usage": host.cpu_usage, "mem_usage": host.mem_usage,
             "running_vms": host.running_vms, "monitoring": host.monitoring or {}, "ha": host.ha,
+            "cluster_id": host.cluster_id, "template": host.template or {},
+            "reserved_cpu": host.reserved_cpu, "reserved_mem": host.reserved_mem,
             "last_monitored_at": iso(host.last_monitored_at)}
 
 

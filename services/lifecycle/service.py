@@ -12,7 +12,7 @@ from nameko.timer import timer
 from cirrus import config, messages
 from cirrus.dependencies import OutboxRelay
 from cirrus.errors import CirrusError
-from services.lifecycle import accounting, logic, monitoring
+from services.lifecycle import accounting, clusters, logic, monitoring
 
 OUTBOX_INTERVAL = config.get()["lifecycle"].get("outbox_interval", 1)
 HOST_TIMEOUT = config.get()["lifecycle"].get("host_timeout", 15)
@@ -168,3 +168,71 @@ class LifecycleService:
             out = logic.template_to_dict(session, template)
             session.delete(template)
             return out
+
+    # -------------------------------------------------------------- placement data
+    # (issue 4) clusters, host templates and VM groups: see services/lifecycle/clusters.py
+
+    @api
+    def update_host(self, host_id, template, replace=False):
+        with self.relay.transaction() as session:
+            return logic.host_to_dict(clusters.update_host(session, host_id, template, replace))
+
+    @api
+    def create_cluster(self, name, template=None):
+        with self.relay.transaction() as session:
+            return clusters.cluster_to_dict(session, clusters.create_cluster(session, name,
+                                                                             template))
+
+    @api
+    def get_cluster(self, cluster_id):
+        with self.relay.session_factory() as session:
+            return clusters.cluster_to_dict(session, clusters.get_cluster(session, cluster_id))
+
+    @api
+    def list_clusters(self):
+        with self.relay.session_factory() as session:
+            return clusters.list_clusters(session)
+
+    @api
+    def update_cluster(self, cluster_id, template, replace=False):
+        with self.relay.transaction() as session:
+            cluster = clusters.update_cluster(session, cluster_id, template, replace)
+            return clusters.cluster_to_dict(session, cluster)
+
+    @api
+    def delete_cluster(self, cluster_id):
+        with self.relay.transaction() as session:
+            return clusters.delete_cluster(session, cluster_id)
+
+    @api
+    def cluster_add_host(self, cluster_id, host_id):
+        with self.relay.transaction() as session:
+            return clusters.cluster_to_dict(session, clusters.add_host(session, cluster_id,
+                                                                       host_id))
+
+    @api
+    def cluster_del_host(self, cluster_id, host_id):
+        with self.relay.transaction() as session:
+            return clusters.cluster_to_dict(session, clusters.del_host(session, cluster_id,
+                                                                       host_id))
+
+    @api
+    def create_vmgroup(self, owner_id, name, roles, rules=None):
+        with self.relay.transaction() as session:
+            group = clusters.create_vmgroup(session, owner_id, name, roles, rules)
+            return clusters.vmgroup_to_dict(session, group)
+
+    @api
+    def get_vmgroup(self, group_id):
+        with self.relay.session_factory() as session:
+            return clusters.vmgroup_to_dict(session, clusters.get_vmgroup(session, group_id))
+
+    @api
+    def list_vmgroups(self, owner_id=None):
+        with self.relay.session_factory() as session:
+            return clusters.list_vmgroups(session, owner_id)
+
+    @api
+    def delete_vmgroup(self, group_id):
+        with self.relay.transaction() as session:
+            return clusters.delete_vmgroup(session, group_id)
