@@ -3,13 +3,17 @@ cluster, and a driver worker killed mid-deploy. Each restart test restarts
 the machine's one server, so each runs once and brings it back whatever
 happens."""
 import subprocess
+import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from cirrus.client import ClientError
+from tests.conftest import rabbitmqctl
 from tests.procs import wait_until
 
 PG_CLUSTER = sorted(p.name for p in Path("/etc/postgresql").iterdir()) if \
@@ -83,3 +87,117 @@ def _answers(client):
         return True
     except ClientError:
         return False
+
+
+# ------------------------------------------------------------------ RabbitMQ
+
+@contextmanager
+def rabbitmq_restarted_in_background(after, down_for=3.0):
+    """Restart RabbitMQ's application in a thread once ``after`` is set; the
+    with block ends only once it is back, whatever happened."""
+    done = threading.Event()
+
+    def restart():
+        after.wait(120)
+        try:
+            rabbitmqctl("stop_app")
+            time.sleep(down_for)
+        finally:
+            rabbitmqctl("start_app")
+            done.set()
+
+    thread = threading.Thread(target=restart, daemon=True)
+    thread.start()
+    try:
+        yield done
+    finally:
+        after.set()
+        thread.join(180)
+        if not done.is_set():
+            rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+
+
+RETRIED = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+
+
+def persist(call, timeout=120):
+    """Call until it goes through, as a user would across an outage."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except ClientError as exc:
+            if exc.code not in RETRIED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def create_persistently(client, name):
+    # one request id for every try: a create that went through is not repeated
+    request_id = uuid.uuid4().hex
+    return persist(lambda: client.create_vm(name=name, cpu=0.1, memory=16,
+                                            request_id=request_id))["id"]
+
+
+def terminate_persistently(client, vm_id):
+    """Terminate; a try whose answer was lost leaves the VM on its way out,
+    which makes the next try FAILED_PRECONDITION."""
+    try:
+        persist(lambda: client.terminate_vm(vm_id))
+    except ClientError as exc:
+        status = client.get_vm(vm_id)["status"]
+        if exc.code != "FAILED_PRECONDITION" or status not in ("SHUTDOWN", "EPILOG", "DONE"):
+            raise
+
+
+def statuses(client, prefix):
+    vms = [vm for vm in persist(lambda: client.list_vms(include_done=True))
+           if vm["name"].startswith(prefix)]
+    return {vm["id"]: vm["status"] for vm in vms}, vms
+
+
+def test_rabbitmq_restart_while_vms_come_and_go(make_cluster):
+    cluster = make_cluster(nodes=("mq-1",))
+    client = cluster.client(timeout=20)
+    wait_until(lambda: client.list_hosts()[0]["state"] == "MONITORED", what="host monitored")
+    # 15 VMs running, to be terminated across the restart, and 15 created across it
+    old = [create_persistently(client, f"mq-old-{i}") for i in range(15)]
+    for vm_id in old:
+        client.wait_vm(vm_id, "RUNNING", timeout=60)
+
+    started = threading.Event()
+    with rabbitmq_restarted_in_background(after=started) as back:
+        def step(i):
+            """Terminate an old VM and create a new one, paced so that the
+            30 calls span the time RabbitMQ is away."""
+            if i == 3:
+                started.set()
+            time.sleep(0.6)
+            terminate_persistently(client, old[i])
+            return create_persistently(client, f"mq-new-{i}")
+
+        with ThreadPoolExecutor(3) as pool:
+            new = list(pool.map(step, range(15)))
+        assert back.wait(180), "RabbitMQ did not come back"
+
+    def settled():
+        now, _ = statuses(client, "mq-")
+        return all(now[i] == "DONE" for i in old) and all(now[i] == "RUNNING" for i in new)
+    try:
+        wait_until(settled, timeout=120, interval=1, what="every VM in its expected state")
+    finally:
+        now, vms = statuses(client, "mq-")
+        print({i: s for i, s in now.items() if s not in ("DONE", "RUNNING")})
+    # nothing lost, nothing made twice
+    assert sorted(vm["name"] for vm in vms) == sorted(
+        [f"mq-old-{i}" for i in range(15)] + [f"mq-new-{i}" for i in range(15)])
+    shown = [client.get_vm(i) for i in new]
+    assert len({vm["deploy_id"] for vm in shown}) == 15
+    wait_until(lambda: {vm["deploy_id"] for vm in shown} == set(cluster.domains("mq-1")),
+               timeout=30, what="exactly the new VMs' domains on the node")
+    host = client.list_hosts()[0]
+    assert (host["cpu_usage"], host["running_vms"]) == (10 * 15, 15)
+    # every service is still there: a full round trip through all of them
+    last = create_persistently(client, "after-restart")
+    client.wait_vm(last, "RUNNING", timeout=60)
