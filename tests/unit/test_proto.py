@@ -52,3 +52,47 @@ def test_a_broken_proto_fails_generation(tmp_path):
     (root / "cirrus" / "v1" / "bad.proto").write_text('syntax = "proto3";\nmessage {')
     with pytest.raises(RuntimeError, match="protoc failed"):
         protogen.generate(tmp_path / "out", root=root)
+
+
+# field numbers of the released API (issue 2); a client built against it must keep working
+RELEASED_FIELDS = {
+    "cirrus.v1.VirtualMachine": [
+        "id", "name", "owner", "state", "lcm_state", "status", "short_status", "host",
+        "host_id", "cpu", "vcpu", "memory", "deploy_id", "error", "sched_message", "seq",
+        "created_at", "updated_at", "template", "history"],
+    "cirrus.v1.VmStateChange": [
+        "id", "name", "key", "state", "lcm_state", "status", "short_status", "seq", "host",
+        "error", "at", "current"],
+    "cirrus.v1.Host": [
+        "id", "name", "state", "max_cpu", "max_mem", "cpu_usage", "mem_usage", "running_vms",
+        "monitoring", "last_monitored_at"],
+    "cirrus.v1.TerminateVmRequest": ["id", "hard"],
+    "cirrus.v1.WatchVmsRequest": ["id"],
+    "cirrus.v1.CreateHostRequest": ["name"],
+}
+
+
+@pytest.mark.parametrize("message", sorted(RELEASED_FIELDS))
+def test_released_fields_keep_their_numbers(message):
+    from cirrus.v1 import host_pb2, vm_pb2  # noqa: F401  (fills the default pool)
+    from google.protobuf import descriptor_pool
+    fields = descriptor_pool.Default().FindMessageTypeByName(message).fields_by_name
+    assert [fields[name].number for name in RELEASED_FIELDS[message]] == list(
+        range(1, len(RELEASED_FIELDS[message]) + 1))
+
+
+def test_the_released_terminate_rpc_is_still_there():
+    from cirrus.v1 import vm_pb2
+    methods = vm_pb2.DESCRIPTOR.services_by_name["VirtualMachineService"].methods_by_name
+    assert {"Terminate", "Action", "Watch", "Accounting"} <= set(methods)
+
+
+def test_the_action_request_documents_every_action_lifecycle_takes():
+    from services.lifecycle.logic import ACTION_OPTIONS
+    text = (protogen.PROTO_ROOT / "cirrus" / "v1" / "vm.proto").read_text()
+    table = text.split("message VmActionRequest", 1)[0].rsplit("// A user action on a VM", 1)[1]
+    documented = set(re.findall(r"^//   (\w+) ", table, re.MULTILINE)) - {"action"}
+    assert documented == set(ACTION_OPTIONS)
+    for action, options in ACTION_OPTIONS.items():
+        row = re.search(rf"^//   {action} .*$(\n//  {{10,}}.*$)*", table, re.MULTILINE).group(0)
+        assert all(option in row for option in options), (action, options)
