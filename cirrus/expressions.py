@@ -22,7 +22,7 @@ import functools
 import re
 
 from lark import Lark, Token, Tree
-from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+from lark.exceptions import UnexpectedInput, UnexpectedToken
 
 from cirrus.errors import InvalidArgument
 
@@ -104,32 +104,31 @@ class ExpressionError(InvalidArgument):
 
 # --------------------------------------------------------------------- API
 
-class Requirement:
+class _Compiled:
+    __slots__ = ("text", "evaluate", "attributes", "source")
+
+    def __init__(self, text, compiled):
+        self.text = text
+        # evaluate is the generated lambda itself: no method call in between.
+        self.evaluate, self.attributes, self.source = compiled
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.text!r})"
+
+
+class Requirement(_Compiled):
     """A compiled SCHED_REQUIREMENTS. ``evaluate(host)`` is True when the host
-    dict satisfies it; ``attributes`` are the host attributes it reads."""
+    dict satisfies it; ``attributes`` are the host attributes it reads;
+    ``source`` is the generated Python, for debugging."""
 
-    __slots__ = ("text", "evaluate", "attributes", "source")
-
-    def __init__(self, text, compiled):
-        self.text = text
-        self.evaluate, self.attributes, self.source = compiled
-
-    def __repr__(self):
-        return f"Requirement({self.text!r})"
+    __slots__ = ()
 
 
-class Rank:
+class Rank(_Compiled):
     """A compiled SCHED_RANK. ``evaluate(host)`` is its float value for the
-    host dict (higher is better); ``attributes`` are the host attributes it reads."""
+    host dict (higher is better); ``attributes`` and ``source`` as in Requirement."""
 
-    __slots__ = ("text", "evaluate", "attributes", "source")
-
-    def __init__(self, text, compiled):
-        self.text = text
-        self.evaluate, self.attributes, self.source = compiled
-
-    def __repr__(self):
-        return f"Rank({self.text!r})"
+    __slots__ = ()
 
 
 def compile_requirements(text, vm_template=None, what="SCHED_REQUIREMENTS"):

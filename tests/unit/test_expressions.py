@@ -445,11 +445,14 @@ def _random_arithmetic(rng, depth):
     op = rng.choice("+-*/")
     left_text, left = _random_arithmetic(rng, depth - 1)
     right_text, right = _random_arithmetic(rng, depth - 1)
+    return f"({left_text} {op} {right_text})", _python_value(op, left, right)
+
+
+def _python_value(op, left, right):
+    """What Python makes of ``left op right``, with x / 0 == 0 as in a rank."""
     if op == "/":
-        value = left / right if right else 0.0
-    else:
-        value = {"+": operator.add, "-": operator.sub, "*": operator.mul}[op](left, right)
-    return f"({left_text} {op} {right_text})", value
+        return left / right if right else 0.0
+    return {"+": operator.add, "-": operator.sub, "*": operator.mul}[op](left, right)
 
 
 ARITH_HOST = {"A": 3, "B": "7", "C": 0.5}
@@ -496,11 +499,7 @@ if given is not None:
         op = draw(st.sampled_from("+-*/"))
         left_text, left = draw(arithmetic(depth - 1))
         right_text, right = draw(arithmetic(depth - 1))
-        if op == "/":
-            value = left / right if right else 0.0
-        else:
-            value = {"+": operator.add, "-": operator.sub, "*": operator.mul}[op](left, right)
-        return f"({left_text}) {op} ({right_text})", value
+        return f"({left_text}) {op} ({right_text})", _python_value(op, left, right)
 
     @given(arithmetic())
     def test_hypothesis_rank_equals_python(case):
@@ -531,3 +530,19 @@ def test_expression_text_is_never_run_as_python():
     assert holds('NAME = "\') or True or (\'"') is False
     problem = error(compile_requirements, "__import__ = 1")
     assert problem.column == 1
+
+
+@pytest.mark.parametrize("compile_function, text, message", [
+    (compile_requirements, "FREE_CPU > 60 & & ID = 1",
+     "SCHED_REQUIREMENTS: unexpected '&' at column 17; expected an attribute name, '!' or '('"),
+    (compile_requirements, "CPU_SPEED >= 2000",
+     "SCHED_REQUIREMENTS: unexpected '=' at column 12; expected a number "
+     "(there is no >= or <=: write (X > 4 | X = 5))"),
+    (compile_requirements, "RACK = $RACK",
+     "SCHED_REQUIREMENTS: unknown variable $RACK at column 8: the VM template has no RACK"),
+    (compile_rank, "FREE_CPU *",
+     "SCHED_RANK: unexpected end of the expression at column 11; "
+     "expected a number, an attribute name, a $VARIABLE, '(' or '-'"),
+])
+def test_the_error_messages_shown_in_docs_scheduler_md(compile_function, text, message):
+    assert str(error(compile_function, text)) == message
