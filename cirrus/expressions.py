@@ -76,8 +76,8 @@ MULTIPLICATIVE: "*" | "/"
 NUMBER: /[0-9]+(\.[0-9]+)?/
 """ + _TERMINALS
 
-_REQUIREMENTS_PARSER = Lark(_REQUIREMENTS_GRAMMAR, parser="lalr")
-_RANK_PARSER = Lark(_RANK_GRAMMAR, parser="lalr")
+_PARSERS = {"requirements": Lark(_REQUIREMENTS_GRAMMAR, parser="lalr"),
+            "rank": Lark(_RANK_GRAMMAR, parser="lalr")}
 
 # What each terminal is called in "expected ..." (in this order).
 _EXPECTED_WORDS = {
@@ -172,9 +172,8 @@ def _compile_cached(kind, text, what):
 def _compile_uncached(kind, text, vm_template, what):
     if not text.strip():
         return ((lambda host: True) if kind == "requirements" else (lambda host: 0.0)), frozenset(), ""
-    parser = _REQUIREMENTS_PARSER if kind == "requirements" else _RANK_PARSER
     try:
-        tree = parser.parse(text)
+        tree = _PARSERS[kind].parse(text)
     except UnexpectedInput as exc:
         raise _syntax_error(kind, text, exc, what) from None
     builder = _Builder(text, vm_template, what)
@@ -407,7 +406,7 @@ def _accepted_after(kind, prefix):
     """The terminals the parser accepts after ``prefix``, which parses without
     error up to its end. (The sets on lark's exceptions are either too wide,
     since LALR states share lexers, or too narrow, taken after reductions.)"""
-    interactive = (_REQUIREMENTS_PARSER if kind == "requirements" else _RANK_PARSER).parse_interactive(prefix)
+    interactive = _PARSERS[kind].parse_interactive(prefix)
     interactive.exhaust_lexer()
     return interactive.accepts()
 

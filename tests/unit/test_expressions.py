@@ -509,6 +509,20 @@ if given is not None:
 
 # --------------------------------------------------------------------- misc
 
+ODD_VALUES = [None, 0, -1, 1.5, float("inf"), float("nan"), True, "1", "x1", "", "1,2", [], [1, "x", None, {}],
+              (1,), {1, 2}, {"K": 1}, b"1", object(), 10**30, "1" * 5000]
+
+
+@pytest.mark.parametrize("value", ODD_VALUES, ids=repr)
+def test_evaluating_never_fails_whatever_the_host_value(value):
+    # The scheduler runs these over hosts it does not control: no exception, ever.
+    for text in ("A = 1", "A != 1", "A > 1", "A < 1", "A @> 1", 'A = "x*"', 'A != "x"', 'A @> "x*"', "A = x"):
+        assert type(compile_requirements(text).evaluate({"A": value})) is bool, text
+    for text in ("A", "A * 2", "1 / A", "A - A", "-A"):
+        result = compile_rank(text).evaluate({"A": value})
+        assert type(result) is float and result == result, text  # a float, never NaN
+
+
 def test_compiled_expressions_expose_their_text_and_attributes():
     requirement = compile_requirements("ID = 7 & RACK = $PREFERRED_RACK", VM_TEMPLATE)
     assert requirement.text == "ID = 7 & RACK = $PREFERRED_RACK"
