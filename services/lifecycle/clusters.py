@@ -22,6 +22,7 @@ import re
 from sqlalchemy import select, update
 
 from cirrus.db.models import Cluster, Host, VirtualMachine, VmGroup
+from cirrus.expressions import ExpressionError, compile_rank, compile_requirements
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 RESERVED = ("RESERVED_CPU", "RESERVED_MEM")
@@ -336,6 +337,23 @@ def delete_vmgroup(session, group_id):
                     .where(VirtualMachine.vmgroup_id == group.id).values(vmgroup_id=None))
     session.delete(group)
     return out
+
+
+def check_scheduling(template):
+    """Refuse, when a VM is created, a SCHED_REQUIREMENTS or SCHED_RANK that
+    does not compile (the error names the position and what was expected),
+    and a CLUSTER_ID that is not a list of cluster ids."""
+    template = template or {}
+    try:
+        compile_requirements(template.get("SCHED_REQUIREMENTS"), template)
+        compile_rank(template.get("SCHED_RANK"), template)
+    except ExpressionError as exc:
+        # as InvalidArgument: every process knows that class by name
+        raise InvalidArgument(str(exc)) from None
+    value = template.get("CLUSTER_ID")
+    if value not in (None, "") and not re.match(r"^\s*\d+(\s*,\s*\d+)*\s*$", str(value)):
+        raise InvalidArgument(f"CLUSTER_ID: must be a cluster id or ids separated by commas, "
+                              f"got {value!r}")
 
 
 def join_vmgroup(session, vm, owner_id, template):

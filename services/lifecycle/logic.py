@@ -7,7 +7,7 @@ keeps hosts' capacity in step (both hosts while a migration runs). User
 actions come in through ``vm_action`` (and ``recover``); placements and
 migrations reserve capacity first with ``reserve``'s conditional UPDATE.
 """
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import aliased
 
 from cirrus import messages, outbox
@@ -62,6 +62,7 @@ def allocate(session, owner_id, name, cpu, vcpu, memory, template, hold=False,
     vm = VirtualMachine(name=str(name).strip(), owner_id=owner_id, state="INIT",
                         lcm_state="LCM_INIT", seq=0, cpu=float(cpu), vcpu=int(vcpu),
                         memory=int(memory), template=template or {}, request_id=request_id)
+    clusters.check_scheduling(template)
     clusters.join_vmgroup(session, vm, owner_id, template)
     session.add(vm)
     session.flush()
@@ -223,6 +224,21 @@ def deploy(session, vm_id, host_id):
     return {"outcome": "deployed", "reason": None}
 
 
+def deploy_many(session, placements):
+    """``deploy`` for a batch of [vm_id, host_id], in one transaction; returns
+    each answer with its vm_id, in the order given. All the VM rows are locked
+    first, in id order, and hosts are then reserved in host order, so that two
+    batches (two schedulers) never wait for each other in a cycle."""
+    placements = [(int(vm_id), int(host_id)) for vm_id, host_id in placements]
+    session.scalars(select(VirtualMachine).where(
+        VirtualMachine.id.in_(sorted({vm_id for vm_id, _ in placements})))
+        .order_by(VirtualMachine.id).with_for_update()).all()
+    answers = {}
+    for vm_id, host_id in sorted(placements, key=lambda p: (p[1], p[0])):
+        answers[vm_id] = {"vm_id": vm_id, **deploy(session, vm_id, host_id)}
+    return [answers[vm_id] for vm_id, _ in placements]
+
+
 def migrate(session, vm, host_id, live=False):
     """Start moving a RUNNING VM to another host; its capacity there is taken
     now, atomically, as a deploy takes it."""
@@ -373,6 +389,20 @@ def handle_result(session, result):
 def set_sched_message(session, vm_id, message):
     session.execute(update(VirtualMachine).where(VirtualMachine.id == vm_id)
                     .values(sched_message=message))
+
+
+def set_sched_messages(session, messages_by_vm):
+    """Why each VM of {vm_id: message} is not placed, in one statement; only
+    VMs still waiting (PENDING, or RUNNING asked to move) take the message."""
+    if not messages_by_vm:
+        return
+    vms = VirtualMachine.__table__
+    rows = [{"vm_id": int(vm_id), "message": message}
+            for vm_id, message in messages_by_vm.items()]
+    session.execute(
+        vms.update().where(vms.c.id == bindparam("vm_id"),
+                           or_(vms.c.state == "PENDING", vms.c.resched.is_(True)))
+        .values(sched_message=bindparam("message")), rows)
 
 
 def vm_summary(vm, host_name, owner_name, target_host_name=None):

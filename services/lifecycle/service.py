@@ -41,6 +41,11 @@ class LifecycleService:
             return logic.deploy(session, vm_id, host_id)
 
     @api
+    def deploy_many(self, placements):
+        with self.relay.transaction() as session:
+            return logic.deploy_many(session, placements)
+
+    @api
     def vm_action(self, vm_id, action, options=None):
         with self.relay.transaction() as session:
             return logic.describe(session, logic.vm_action(session, vm_id, action, options))
@@ -64,6 +69,11 @@ class LifecycleService:
     def set_sched_message(self, vm_id, message):
         with self.relay.transaction() as session:
             logic.set_sched_message(session, vm_id, message)
+
+    @api
+    def set_sched_messages(self, messages_by_vm):
+        with self.relay.transaction() as session:
+            logic.set_sched_messages(session, messages_by_vm)
 
     @event_handler(messages.NODE, messages.COMMAND_RESULT, requeue_on_error=True)
     def on_command_result(self, result):

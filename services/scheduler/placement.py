@@ -1,60 +1,490 @@
-"""Placement: which hosts can take a VM, best first. Pure functions, no I/O.
+"""Placement: which host each VM goes to. Pure: no I/O, no clock.
 
-Capacity is checked against what VMs have *allocated*, as OpenNebula does: a
-host fits when MAX_CPU - CPU_USAGE >= 100*CPU and MAX_MEM - MEM_USAGE >= MEMORY.
-Among the hosts that fit, the default policy is packing: the host with the
-most VMs first, so that whole hosts stay free for large VMs. A running VM
-asked to move (resched) ranks the same way among the hosts it is not on.
+OpenNebula's matchmaker (REFERENCE.md section 2, docs/scheduler.md):
+
+- **Capacity** counts what VMs have *allocated*: a host fits when
+  MAX_CPU - CPU_USAGE >= 100*CPU and MAX_MEM - MEM_USAGE >= MEMORY, where MAX_*
+  is the host's total minus RESERVED_CPU/RESERVED_MEM (negative: overcommit).
+- **Requirements**: the VM's SCHED_REQUIREMENTS, and a CLUSTER_ID in its
+  template restricts it to those clusters (the automatic requirement).
+- **Rank**: the VM's SCHED_RANK if it has one, else the policy's: packing
+  (RUNNING_VMS), striping (-RUNNING_VMS), load-aware (FREE_CPU), custom
+  (``scheduler.rank``, 0 if unset) or fixed (the host's PRIORITY). Highest
+  first; ties go to the lowest host id, so placement is deterministic.
+- **VM groups**: per role, HOST_AFFINED/HOST_ANTI_AFFINED hosts and a POLICY
+  among its own VMs; ANTI_AFFINED roles never share a host; AFFINED roles (and
+  the VMs of an AFFINED role) form one *affined set* that goes to one host
+  together, and waits until one host fits all of it.
+- **Limits**: MAX_HOST VMs per host and MAX_DISPATCH VMs per pass (0: none).
+
+Speed, for 10,000 VMs and 2,500 hosts: each host's attribute dict is built
+once per pass and updated in place when a VM is reserved on it. VMs that ask
+the same thing (same requirements, rank and size) share a *class*, which keeps
+a heap of its hosts by rank: choosing is a pop, and a reservation re-pushes
+only the host it changed. Capacity is checked before any expression, and an
+expression's result is cached for the whole pass unless it reads an attribute
+that reservations change (CPU_USAGE, MEM_USAGE, RUNNING_VMS).
 """
-from dataclasses import dataclass
+import heapq
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from cirrus.expressions import ExpressionError, compile_rank, compile_requirements
+
+# attributes that change as VMs are placed within a pass
+DYNAMIC = frozenset({"CPU_USAGE", "MEM_USAGE", "RUNNING_VMS"})
+
+POLICIES = {
+    "packing": lambda a: a["RUNNING_VMS"],
+    "striping": lambda a: -a["RUNNING_VMS"],
+    "load-aware": lambda a: a["FREE_CPU"],
+    "fixed": lambda a: number(a.get("PRIORITY")),
+}
+DYNAMIC_POLICIES = {"packing", "striping"}
+POLICY_NUMBERS = {"0": "packing", "1": "striping", "2": "load-aware", "3": "custom",
+                  "4": "fixed"}
+
+
+def number(value, default=0.0):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def policy_name(value):
+    """A policy from its name or OpenNebula's number; ValueError names the choices."""
+    name = POLICY_NUMBERS.get(str(value).strip(), str(value).strip().lower())
+    if name not in POLICIES and name != "custom":
+        raise ValueError(f"scheduler.policy: unknown policy {value!r}; choose from packing, "
+                         "striping, load-aware, custom, fixed (or 0-4)")
+    return name
 
 
 @dataclass
 class HostView:
+    """A host as the scheduler sees it during one pass. ``attributes`` is
+    everything SCHED_REQUIREMENTS and SCHED_RANK may read (see ``host_view``)."""
     id: int
     name: str
-    max_cpu: int
+    max_cpu: int            # effective: total - RESERVED_CPU
     max_mem: int
     cpu_usage: int
     mem_usage: int
     running_vms: int
+    attributes: dict = field(default_factory=dict)
+    version: int = 0        # bumped at each reservation in this pass
+    dispatched: int = 0     # VMs sent here in this pass (MAX_HOST)
+
+    def __post_init__(self):
+        self.attributes.update(NAME=self.name, ID=self.id, MAX_CPU=self.max_cpu,
+                               MAX_MEM=self.max_mem)
+        for key, value in (("CLUSTER_ID", -1), ("HYPERVISOR", ""), ("USED_CPU", 0),
+                           ("FREE_CPU", self.max_cpu), ("USED_MEM", 0),
+                           ("FREE_MEM", self.max_mem)):
+            self.attributes.setdefault(key, value)
+        self._sync()
 
     @property
-    def free_cpu(self):
+    def room_cpu(self):
         return self.max_cpu - self.cpu_usage
 
     @property
-    def free_mem(self):
+    def room_mem(self):
         return self.max_mem - self.mem_usage
+
+    def fits(self, cpu, memory):
+        return self.max_cpu - self.cpu_usage >= cpu and self.max_mem - self.mem_usage >= memory
 
     def reserve(self, cpu, memory):
         self.cpu_usage += cpu
         self.mem_usage += memory
         self.running_vms += 1
+        self.dispatched += 1
+        self.version += 1
+        self._sync()
+
+    def _sync(self):
+        self.attributes.update(CPU_USAGE=self.cpu_usage, MEM_USAGE=self.mem_usage,
+                               RUNNING_VMS=self.running_vms)
+
+
+def host_view(row, cluster_template=None):
+    """A HostView from a host's columns (a mapping or an object with id, name,
+    cluster_id, max_cpu, max_mem, reserved_cpu, reserved_mem, cpu_usage,
+    mem_usage, running_vms, template, monitoring). Attributes, later ones
+    winning: the monitoring report, the cluster's template, the host's template,
+    then the computed ones. Memory is in MB throughout (OpenNebula uses KB)."""
+    get = row.get if isinstance(row, dict) else lambda k, d=None: getattr(row, k, d)
+    mon = get("monitoring") or {}
+    attributes = {k: v for k, v in mon.items() if not isinstance(v, (dict, list))}
+    attributes.update(cluster_template or {})
+    attributes.update(get("template") or {})
+    max_cpu = (get("max_cpu") or 0) - (get("reserved_cpu") or 0)
+    used_cpu = int(number(mon.get("USEDCPU")))
+    used_mem = int(number(mon.get("USEDMEMORY"))) // 1024
+    total_mem = get("max_mem") or 0
+    free_mem = (int(number(mon["FREEMEMORY"])) // 1024 if "FREEMEMORY" in mon
+                else total_mem - used_mem)
+    cluster_id = get("cluster_id")
+    attributes.update(
+        CLUSTER_ID=-1 if cluster_id is None else cluster_id,
+        HYPERVISOR=mon.get("HYPERVISOR", ""),
+        USED_CPU=used_cpu, FREE_CPU=int(number(mon.get("FREECPU"), max_cpu - used_cpu)),
+        USED_MEM=used_mem, FREE_MEM=free_mem)
+    return HostView(get("id"), get("name"), max_cpu, total_mem - (get("reserved_mem") or 0),
+                    get("cpu_usage") or 0, get("mem_usage") or 0, get("running_vms") or 0,
+                    attributes)
 
 
 @dataclass
 class VmRequest:
     id: int
-    cpu: int        # percent of a core
-    memory: int     # MB
+    cpu: int                # percent of a core
+    memory: int             # MB
+    template: dict = field(default_factory=dict)
+    group: int = None       # VM group id
+    role: str = None
+    current_host: int = None    # a RUNNING VM to move: it must leave this host
+
+    @property
+    def priority(self):
+        return number(self.template.get("USER_PRIORITY"))
 
 
-def rank(vm, hosts):
-    """The hosts that fit ``vm``, best first, and why none does if the list is empty."""
-    if not hosts:
-        return [], "No host is enabled and monitored"
-    fitting = [h for h in hosts if h.free_cpu >= vm.cpu and h.free_mem >= vm.memory]
-    if fitting:
-        return sorted(fitting, key=lambda h: (-h.running_vms, h.id)), None
-    if not any(h.free_cpu >= vm.cpu for h in hosts):
-        return [], f"Not enough CPU capacity: {vm.cpu}/{max(h.free_cpu for h in hosts)}"
-    return [], f"Not enough memory: {vm.memory}/{max(h.free_mem for h in hosts)} MB"
+@dataclass
+class Group:
+    """A VM group for one pass: its roles and rules, and where its VMs are."""
+    id: int
+    name: str
+    roles: dict             # name -> {"policy", "host_affined", "host_anti_affined"}
+    rules: list
+    placed: dict = field(default_factory=lambda: defaultdict(set))    # role -> host ids
+
+    @classmethod
+    def from_dict(cls, data, placed=()):
+        """``placed``: (role, host id) of the group's VMs that are on a host."""
+        group = cls(data["id"], data["name"], {r["name"]: r for r in data["roles"]},
+                    data.get("rules") or [])
+        for role, host_id in placed:
+            group.placed[role].add(host_id)
+        return group
+
+    def affined_roles(self, role):
+        """The roles whose VMs must share a host with ``role``'s (itself included)."""
+        linked, todo = {role}, [role]
+        while todo:
+            current = todo.pop()
+            for rule in self.rules:
+                if rule["policy"] == "AFFINED" and current in rule["roles"]:
+                    for other in rule["roles"]:
+                        if other not in linked:
+                            linked.add(other)
+                            todo.append(other)
+        return linked
+
+    def is_affined(self, role):
+        return len(self.affined_roles(role)) > 1 or self.roles[role]["policy"] == "AFFINED"
+
+    def anti_roles(self, role):
+        out = {role} if self.roles[role]["policy"] == "ANTI_AFFINED" else set()
+        for rule in self.rules:
+            if rule["policy"] == "ANTI_AFFINED" and role in rule["roles"]:
+                out.update(r for r in rule["roles"] if r != role)
+        return out
+
+    def allows(self, role, host_id):
+        spec = self.roles[role]
+        if spec["host_affined"] and host_id not in spec["host_affined"]:
+            return False
+        if host_id in spec["host_anti_affined"]:
+            return False
+        if any(host_id in self.placed[r] for r in self.anti_roles(role)):
+            return False
+        if self.is_affined(role):
+            there = set().union(*(self.placed[r] for r in self.affined_roles(role)))
+            if there and host_id not in there:
+                return False
+        return True
 
 
-def rank_elsewhere(vm, hosts, current_host_id):
-    """``rank`` for a VM that must leave ``current_host_id``: every other host."""
-    others = [h for h in hosts if h.id != current_host_id]
-    if not others:
-        return [], "No other host is enabled and monitored"
-    return rank(vm, others)
+class Unplaceable(Exception):
+    """A VM that no host can take in this pass; the message is the reason."""
+
+
+class Planner:
+    """One scheduling pass over a fixed set of hosts. ``choose(vm)`` gives the
+    best host (or raises Unplaceable), ``reserve(vm, host)`` records a
+    placement, ``forget(host)`` drops a host lifecycle refused."""
+
+    def __init__(self, hosts, policy="packing", default_rank="", groups=None, max_host=0):
+        self.hosts = {h.id: h for h in hosts}
+        self.order = sorted(self.hosts)
+        self.policy = policy_name(policy)
+        self.default_rank = default_rank or ""
+        self.groups = groups or {}
+        self.max_host = max_host or 0
+        self.changes = []           # ids of the hosts changed by reservations, in order
+        self.classes = {}
+        self.requirement_cache = {}
+        self.rank_cache = {}
+        self.compiled = {}
+
+    # ------------------------------------------------------------ expressions
+
+    def compile(self, kind, text, template):
+        """A compiled expression, or None for none; cached by text (and the
+        template, when the text has $VARIABLEs)."""
+        if not text or not str(text).strip():
+            return None
+        key = (kind, text, json.dumps(template, sort_keys=True) if "$" in text else None)
+        if key not in self.compiled:
+            build = compile_requirements if kind == "requirements" else compile_rank
+            self.compiled[key] = build(text, template)
+        return self.compiled[key]
+
+    def expressions(self, vm):
+        """(requirement, rank function, rank is dynamic, cluster ids) for a VM."""
+        template = vm.template
+        try:
+            requirement = self.compile("requirements", template.get("SCHED_REQUIREMENTS"),
+                                       template)
+            rank_text = template.get("SCHED_RANK") or (
+                self.default_rank if self.policy == "custom" else "")
+            rank = self.compile("rank", rank_text, template)
+        except ExpressionError as exc:
+            raise Unplaceable(str(exc)) from None
+        if rank is not None:
+            rank_fn, dynamic_rank = rank.evaluate, bool(rank.attributes & DYNAMIC)
+        elif self.policy == "custom":
+            rank_fn, dynamic_rank = (lambda a: 0.0), False
+        else:
+            rank_fn, dynamic_rank = POLICIES[self.policy], self.policy in DYNAMIC_POLICIES
+        return requirement, rank, rank_fn, dynamic_rank, cluster_ids(template)
+
+    def matches(self, requirement, clusters, host):
+        if clusters is not None and host.attributes["CLUSTER_ID"] not in clusters:
+            return False
+        if requirement is None:
+            return True
+        version = host.version if requirement.attributes & DYNAMIC else -1
+        key = (id(requirement), host.id)
+        cached = self.requirement_cache.get(key)
+        if cached is None or cached[0] != version:
+            cached = (version, bool(requirement.evaluate(host.attributes)))
+            self.requirement_cache[key] = cached
+        return cached[1]
+
+    def open(self, host):
+        return self.max_host <= 0 or host.dispatched < self.max_host
+
+    # ------------------------------------------------------------ choosing
+
+    def choose(self, vm):
+        """The best host for ``vm``; Unplaceable with the reason if none."""
+        if not self.hosts:
+            raise Unplaceable("No host is enabled and monitored")
+        if vm.group is not None and vm.group in self.groups:
+            return self.choose_by_scan(vm, [vm])
+        if vm.current_host is not None:
+            return self.choose_by_scan(vm, [vm])
+        return self.vm_class(vm).choose()
+
+    def vm_class(self, vm):
+        requirement, rank, rank_fn, dynamic_rank, clusters = self.expressions(vm)
+        key = (id(requirement) if requirement else None, id(rank) if rank else None,
+               vm.cpu, vm.memory, clusters)
+        found = self.classes.get(key)
+        if found is None:
+            found = self.classes[key] = VmClass(self, vm.cpu, vm.memory, requirement, rank_fn,
+                                                dynamic_rank, clusters)
+        return found
+
+    def choose_by_scan(self, vm, members):
+        """The best host for a VM with group rules, or for an affined set
+        (``members``, all to one host): every host is looked at."""
+        requirements = [self.expressions(m) for m in members]
+        cpu, memory = sum(m.cpu for m in members), sum(m.memory for m in members)
+        rank_fn = requirements[0][2]
+        best, best_key, matching = None, None, []
+        for host_id in self.order:
+            host = self.hosts[host_id]
+            if host.id == vm.current_host:
+                continue
+            if not all(self.matches(req, clusters, host)
+                       for req, _, _, _, clusters in requirements):
+                continue
+            if not all(self.group_allows(m, host.id) for m in members):
+                continue
+            matching.append(host)
+            if not host.fits(cpu, memory) or not self.open(host):
+                continue
+            key = (-rank_fn(host.attributes), host.id)
+            if best_key is None or key < best_key:
+                best, best_key = host, key
+        if best is not None:
+            return best
+        if not matching:
+            raise Unplaceable(self.no_match_reason(vm))
+        raise Unplaceable(self.capacity_reason(cpu, memory, matching, members))
+
+    def no_match_reason(self, vm):
+        if vm.current_host is not None and set(self.hosts) <= {vm.current_host}:
+            return "No other host is enabled and monitored"
+        if vm.group is not None and vm.group in self.groups:
+            return (f"No host matches the requirements and the rules of VM group "
+                    f"{self.groups[vm.group].name} (role {vm.role})")
+        return "No host matches the requirements"
+
+    def capacity_reason(self, cpu, memory, hosts, members=()):
+        """Why none of ``hosts`` (which match the requirements) takes the VM."""
+        what = ""
+        if len(members) > 1:
+            group = self.groups[members[0].group]
+            what = f" for the affined set of {len(members)} VMs of VM group {group.name}"
+        if not any(h.room_cpu >= cpu for h in hosts):
+            return f"Not enough CPU capacity{what}: {cpu}/{max(h.room_cpu for h in hosts)}"
+        if not any(h.room_mem >= memory for h in hosts):
+            return f"Not enough memory{what}: {memory}/{max(h.room_mem for h in hosts)} MB"
+        if not any(h.fits(cpu, memory) for h in hosts):
+            return f"No host has both {cpu}% CPU and {memory} MB free{what}"
+        return f"Every host that fits got MAX_HOST VMs in this pass{what}"
+
+    def group_allows(self, vm, host_id):
+        if vm.group is None or vm.group not in self.groups:
+            return True
+        return self.groups[vm.group].allows(vm.role, host_id)
+
+    # ------------------------------------------------------------ recording
+
+    def reserve(self, vm, host):
+        host.reserve(vm.cpu, vm.memory)
+        self.changes.append(host.id)
+        if vm.group is not None and vm.group in self.groups:
+            self.groups[vm.group].placed[vm.role].add(host.id)
+
+    def forget(self, host):
+        """Lifecycle refused ``host`` (another scheduler filled it): skip it
+        for the rest of the pass."""
+        self.hosts.pop(host.id, None)
+        self.order = [h for h in self.order if h != host.id]
+        self.changes.append(host.id)
+
+    # ------------------------------------------------------------ a whole pass
+
+    def plan(self, vms, max_dispatch=0):
+        """Choose hosts for ``vms`` in order (USER_PRIORITY, then FIFO),
+        reserving in this view as it goes. Yields (members, host or None,
+        reason): ``members`` is one VM, or an affined set of a VM group that
+        goes to one host together. The caller may ``forget`` a host between
+        steps; the members it could not place are its business."""
+        dispatched = 0
+        done = set()
+        group_members = defaultdict(list)
+        for vm in sorted(vms, key=lambda v: v.id):
+            if vm.group in self.groups and vm.current_host is None:
+                group_members[vm.group].append(vm)
+        for vm in sorted(vms, key=lambda v: (-v.priority, v.id)):
+            if vm.id in done:
+                continue
+            members = self.affined_set(vm, group_members)
+            done.update(m.id for m in members)
+            if max_dispatch and dispatched >= max_dispatch:
+                return
+            try:
+                if len(members) > 1:
+                    host = self.choose_by_scan(vm, members)
+                else:
+                    host = self.choose(vm)
+            except Unplaceable as exc:
+                yield members, None, str(exc)
+                continue
+            for member in members:
+                self.reserve(member, host)
+            dispatched += len(members)
+            yield members, host, None
+
+    def affined_set(self, vm, group_members):
+        """``vm`` and the pending VMs that must go to its host with it."""
+        group = self.groups.get(vm.group)
+        if group is None or vm.current_host is not None or not group.is_affined(vm.role):
+            return [vm]
+        roles = group.affined_roles(vm.role)
+        return [m for m in group_members[vm.group] if m.role in roles]
+
+
+def cluster_ids(template):
+    """The automatic requirement: a template's CLUSTER_ID ("1" or "1,2")."""
+    value = template.get("CLUSTER_ID")
+    if value in (None, ""):
+        return None
+    ids = []
+    for part in str(value).split(","):
+        try:
+            ids.append(int(part.strip()))
+        except ValueError:
+            raise Unplaceable(f"CLUSTER_ID: must be cluster ids, got {value!r}") from None
+    return frozenset(ids)
+
+
+class VmClass:
+    """The VMs of a pass that ask the same: requirement, rank, size and
+    clusters. Its heap holds (-rank, host id, host version) for the hosts that
+    fit and match; an entry whose version is old is dropped when popped. A
+    reservation re-pushes the host it changed, when the class next chooses."""
+
+    def __init__(self, planner, cpu, memory, requirement, rank_fn, dynamic_rank, clusters):
+        self.planner, self.cpu, self.memory = planner, cpu, memory
+        self.requirement, self.rank_fn, self.clusters = requirement, rank_fn, clusters
+        self.dynamic_rank = dynamic_rank
+        self.failure = None
+        self.heap = []
+        for host_id in planner.order:
+            self.consider(planner.hosts[host_id])
+        heapq.heapify(self.heap)
+        self.seen = len(planner.changes)
+
+    def consider(self, host, push=False):
+        if not host.fits(self.cpu, self.memory) or not self.planner.open(host):
+            return
+        if not self.planner.matches(self.requirement, self.clusters, host):
+            return
+        entry = (-self.rank_fn(host.attributes), host.id, host.version)
+        if push:
+            heapq.heappush(self.heap, entry)
+        else:
+            self.heap.append(entry)
+
+    def refresh(self):
+        changes = self.planner.changes
+        if self.seen < len(changes):
+            hosts = self.planner.hosts
+            for host_id in set(changes[self.seen:]):
+                host = hosts.get(host_id)
+                if host is not None:
+                    self.consider(host, push=True)
+            self.seen = len(changes)
+
+    def choose(self):
+        if self.failure:
+            raise Unplaceable(self.failure)     # capacity only shrinks within a pass
+        self.refresh()
+        hosts = self.planner.hosts
+        while self.heap:
+            _, host_id, version = self.heap[0]
+            host = hosts.get(host_id)
+            if host is None or host.version != version or not self.planner.open(host):
+                heapq.heappop(self.heap)
+                continue
+            return host
+        self.failure = self.reason()
+        raise Unplaceable(self.failure)
+
+    def reason(self):
+        planner = self.planner
+        matching = [h for h in planner.hosts.values()
+                    if planner.matches(self.requirement, self.clusters, h)]
+        if not matching:
+            return "No host matches the requirements"
+        return planner.capacity_reason(self.cpu, self.memory, matching)

@@ -1,33 +1,89 @@
 """The scheduler service: places each VM the moment it becomes PENDING, and
 moves RUNNING VMs flagged for rescheduling.
 
-It owns nothing durable. A ``vm.state`` event for a PENDING VM triggers a
+It owns nothing durable. A ``vm.state`` event for a PENDING VM asks for a
 placement at once, one for a RUNNING VM with ``resched`` a live migration; a
-VM leaving a host (capacity freed) or a host becoming MONITORED triggers a
-sweep, and a periodic sweep catches whatever events were missed (and frees
-that migrations leave behind on arrival). The final reservation is
-lifecycle's, atomic in the database, so any number of schedulers can run side
-by side.
+VM leaving a host (capacity freed) or a host becoming MONITORED or changing
+asks for a pass over every waiting VM, and a periodic sweep catches whatever
+events were missed. Requests that arrive while a pass runs are merged into
+the next pass, so a burst of 10,000 creations makes a few passes, not 10,000.
+
+A pass reads the hosts and the waiting VMs once, plans with
+``placement.Planner`` and sends the placements to lifecycle in batches
+(``deploy_many``). The reservation is lifecycle's, atomic in the database, so
+any number of schedulers can run side by side: a host another scheduler
+filled first is refused, dropped from this pass, and its VMs planned again.
 """
 import logging
 
+from eventlet.semaphore import Semaphore
 from nameko.events import event_handler
 from nameko.exceptions import RemoteError
+from nameko.extensions import DependencyProvider
 from nameko.rpc import RpcProxy
 from nameko.timer import timer
 from sqlalchemy import and_, or_, select
 
 from cirrus import config, messages
-from cirrus.db.models import Host, VirtualMachine
+from cirrus.db.models import Cluster, Host, VirtualMachine, VmGroup
 from cirrus.dependencies import Database
-from services.scheduler.placement import HostView, VmRequest, rank, rank_elsewhere
+from services.scheduler.placement import Group, Planner, VmRequest, host_view, policy_name
 
 log = logging.getLogger(__name__)
 
-SWEEP_INTERVAL = config.get()["scheduler"].get("sweep_interval", 5)
+
+def setting(key, default):
+    value = config.get()["scheduler"].get(key, default)
+    return default if value is None else value
+
+
+SWEEP_INTERVAL = setting("sweep_interval", 5)
 
 # statuses entered by leaving a host, i.e. freeing capacity
 OFF_HOST = ("DONE", "STOPPED", "UNDEPLOYED")
+
+
+class Settings:
+    """The scheduler's knobs, read once: policy and default rank, MAX_VM
+    (waiting VMs read per pass), MAX_DISPATCH (placements per pass), MAX_HOST
+    (placements per host per pass), 0 meaning no limit, and the size of the
+    batches sent to lifecycle."""
+
+    def __init__(self):
+        self.policy = policy_name(setting("policy", "packing"))
+        self.rank = setting("rank", "")
+        self.max_vm = int(setting("max_vm", 0))
+        self.max_dispatch = int(setting("max_dispatch", 0))
+        self.max_host = int(setting("max_host", 0))
+        self.batch = max(1, int(setting("batch", 500)))
+
+
+class PassQueue(DependencyProvider):
+    """Merges placement requests: the VM ids asked for (or "all") wait here
+    while a pass runs, and the next pass takes them all at once."""
+
+    def setup(self):
+        self.ids, self.everything = set(), False
+        self.lock = Semaphore()
+
+    def get_dependency(self, worker_ctx):
+        return self
+
+    def run(self, vm_ids, do_pass):
+        """Queue ``vm_ids`` (None: every waiting VM), then run passes until
+        nothing is queued, unless another worker is already doing so."""
+        if vm_ids is None:
+            self.everything = True
+        else:
+            self.ids.update(vm_ids)
+        while (self.everything or self.ids) and self.lock.acquire(blocking=False):
+            try:
+                while self.everything or self.ids:
+                    ids = None if self.everything else self.ids
+                    self.ids, self.everything = set(), False
+                    do_pass(ids)
+            finally:
+                self.lock.release()
 
 
 class SchedulerService:
@@ -35,6 +91,7 @@ class SchedulerService:
 
     db = Database()
     lifecycle = RpcProxy(messages.LIFECYCLE)
+    queue = PassQueue()
 
     @event_handler(messages.LIFECYCLE, messages.VM_STATE)
     def on_vm_state(self, event):
@@ -54,65 +111,134 @@ class SchedulerService:
 
     def schedule(self, vm_ids=None):
         """Place the given PENDING VMs and move the given RUNNING VMs flagged
-        for rescheduling, or all of them, oldest first. HOLD VMs wait."""
-        vms = VirtualMachine
+        for rescheduling, or all of them. HOLD VMs wait."""
+        self.queue.run(vm_ids, self.one_pass)
+
+    def one_pass(self, vm_ids):
+        settings = Settings()
         with self.db() as session:
-            query = select(vms.id, vms.cpu, vms.memory, vms.sched_message, vms.state,
-                           vms.host_id).where(or_(
-                               vms.state == "PENDING",
-                               and_(vms.state == "ACTIVE", vms.lcm_state == "RUNNING",
-                                    vms.resched.is_(True))))
-            if vm_ids is not None:
-                query = query.where(vms.id.in_(vm_ids))
-            todo = session.execute(query.order_by(vms.id)).all()
-            if not todo:
+            vms, old_messages = waiting_vms(session, vm_ids, settings.max_vm)
+            if not vms:
                 return
-            hosts = [HostView(h.id, h.name, h.max_cpu, h.max_mem, h.cpu_usage, h.mem_usage,
-                              h.running_vms)
-                     for h in session.scalars(select(Host).where(Host.state == "MONITORED"))]
-        for vm_id, cpu, memory, old_message, state, host_id in todo:
-            vm = VmRequest(vm_id, int(round(cpu * 100)), memory)
-            if state == "PENDING":
-                self.place(vm, hosts, old_message)
-            else:
-                self.move(vm, hosts, host_id, old_message)
+            hosts = monitored_hosts(session)
+            groups = vm_groups(session, {vm.group for vm in vms if vm.group is not None})
+        planner = Planner(hosts, settings.policy, settings.rank, groups, settings.max_host)
+        reasons = {}
+        pending = [vm for vm in vms if vm.current_host is None]
+        for attempt in range(3):        # again for the VMs of hosts another scheduler filled
+            pending = self.place(planner, pending, settings, reasons)
+            if not pending:
+                break
+        for vm in vms:
+            if vm.current_host is not None:
+                self.move(planner, vm, reasons)
+        changed = {vm_id: reason for vm_id, reason in reasons.items()
+                   if reason != old_messages.get(vm_id)}
+        if changed:
+            self.lifecycle.set_sched_messages(changed)
 
-    def place(self, vm, hosts, old_message):
-        candidates, reason = rank(vm, hosts)
-        self.try_hosts(vm, candidates, reason, old_message, self.deploy)
+    def place(self, planner, vms, settings, reasons):
+        """Plan ``vms`` and send the placements in batches; returns the VMs
+        whose host lifecycle refused (filled by another scheduler)."""
+        batch, retry = [], []
+        for members, host, reason in planner.plan(vms, settings.max_dispatch):
+            if host is None:
+                reasons.update((m.id, reason) for m in members)
+                continue
+            batch.extend((m, host) for m in members)
+            if len(batch) >= settings.batch:
+                retry += self.deploy(planner, batch, reasons)
+                batch = []
+        if batch:
+            retry += self.deploy(planner, batch, reasons)
+        return retry
 
-    def move(self, vm, hosts, current_host_id, old_message):
-        candidates, reason = rank_elsewhere(vm, hosts, current_host_id)
-        self.try_hosts(vm, candidates, reason, old_message, self.migrate)
+    def deploy(self, planner, batch, reasons):
+        answers = self.lifecycle.deploy_many([[vm.id, host.id] for vm, host in batch])
+        hosts = {vm.id: (vm, host) for vm, host in batch}
+        retry = []
+        for answer in answers:
+            vm, host = hosts[answer["vm_id"]]
+            if answer["outcome"] == "deployed":
+                reasons.pop(vm.id, None)
+            elif answer["outcome"] == "host_unfit":
+                planner.forget(host)
+                reasons[vm.id] = answer["reason"]
+                retry.append(vm)
+            # vm_not_pending: another scheduler placed it, or its owner acted
+        log.info("placed %d of %d VMs", sum(a["outcome"] == "deployed" for a in answers),
+                 len(answers))
+        return retry
 
-    def try_hosts(self, vm, candidates, reason, old_message, send):
-        """Send ``vm`` to the first candidate that takes it; ``send`` answers
-        "sent", "gone" (the VM moved on: stop) or why the host refused."""
-        for host in candidates:
-            answer = send(vm, host)
-            if answer == "sent":
-                host.reserve(vm.cpu, vm.memory)
-                return
-            if answer == "gone":
-                return      # another scheduler got it first, or the user acted
-            reason = answer
-        if reason and reason != old_message:
-            self.lifecycle.set_sched_message(vm.id, reason)
-
-    def deploy(self, vm, host):
-        answer = self.lifecycle.deploy(vm.id, host.id)
-        if answer["outcome"] == "deployed":
-            log.info("VM %s placed on %s", vm.id, host.name)
-            return "sent"
-        return "gone" if answer["outcome"] == "vm_not_pending" else answer["reason"]
-
-    def migrate(self, vm, host):
+    def move(self, planner, vm, reasons):
+        """Live-migrate a VM flagged for rescheduling to the best other host."""
+        members, host, reason = next(planner.plan([vm]))
+        if host is None:
+            reasons[vm.id] = reason
+            return
         try:
             self.lifecycle.vm_action(vm.id, "migrate", {"host_id": host.id, "live": True})
         except RemoteError as err:
             if err.exc_type != "FailedPrecondition":
                 raise
+            planner.forget(host)
             # the VM's status refusing the migration is TransitionError's text
-            return "gone" if f"VM {vm.id}: cannot " in (err.value or "") else err.value
+            if f"VM {vm.id}: cannot " not in (err.value or ""):
+                reasons[vm.id] = err.value
+            return
+        reasons.pop(vm.id, None)
         log.info("VM %s rescheduled to %s", vm.id, host.name)
-        return "sent"
+
+
+# ---------------------------------------------------------------- reading a pass
+
+def waiting_vms(session, vm_ids=None, limit=0):
+    """The VMs to place (PENDING) or move (RUNNING with resched), as
+    VmRequests, and their current scheduling messages."""
+    vms = VirtualMachine
+    query = select(vms.id, vms.cpu, vms.memory, vms.template, vms.sched_message, vms.state,
+                   vms.host_id, vms.vmgroup_id, vms.vmgroup_role).where(or_(
+                       vms.state == "PENDING",
+                       and_(vms.state == "ACTIVE", vms.lcm_state == "RUNNING",
+                            vms.resched.is_(True))))
+    if vm_ids is not None:
+        query = query.where(vms.id.in_(sorted(vm_ids)))
+    query = query.order_by(vms.id)
+    if limit:
+        query = query.limit(limit)
+    requests, old = [], {}
+    for row in session.execute(query):
+        requests.append(VmRequest(
+            row.id, int(round(row.cpu * 100)), row.memory, row.template or {},
+            row.vmgroup_id, row.vmgroup_role,
+            row.host_id if row.state == "ACTIVE" else None))
+        old[row.id] = row.sched_message
+    return requests, old
+
+
+def monitored_hosts(session):
+    clusters = dict(session.execute(select(Cluster.id, Cluster.template)).all())
+    rows = session.execute(select(
+        Host.id, Host.name, Host.cluster_id, Host.max_cpu, Host.max_mem, Host.reserved_cpu,
+        Host.reserved_mem, Host.cpu_usage, Host.mem_usage, Host.running_vms, Host.template,
+        Host.monitoring).where(Host.state == "MONITORED"))
+    return [host_view(row._mapping, clusters.get(row.cluster_id)) for row in rows]
+
+
+def vm_groups(session, group_ids):
+    """The groups of this pass, with the hosts their VMs are on (or moving to)."""
+    if not group_ids:
+        return {}
+    vms = VirtualMachine
+    placed = session.execute(
+        select(vms.vmgroup_id, vms.vmgroup_role, vms.host_id, vms.target_host_id)
+        .where(vms.vmgroup_id.in_(group_ids), vms.state != "DONE",
+               or_(vms.host_id.is_not(None), vms.target_host_id.is_not(None)))).all()
+    groups = {}
+    for group in session.scalars(select(VmGroup).where(VmGroup.id.in_(group_ids))):
+        on_hosts = [(role, host) for gid, role, host_id, target in placed if gid == group.id
+                    for host in (host_id, target) if host is not None]
+        groups[group.id] = Group.from_dict(
+            {"id": group.id, "name": group.name, "roles": group.roles, "rules": group.rules},
+            on_hosts)
+    return groups

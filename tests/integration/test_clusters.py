@@ -223,3 +223,25 @@ def test_joining_a_missing_group_or_role_is_refused_and_no_vm_is_made(
             logic.allocate(s, admin_id, vm_name, 1, 1, 256, {"VMGROUP": vmgroup})
     with factory() as s:
         assert vm_name not in [v["name"] for v in logic.list_vms(s, include_done=True)]
+
+
+@pytest.mark.parametrize("template, message", [
+    ({"SCHED_REQUIREMENTS": 'SSD = "yes" &'}, "SCHED_REQUIREMENTS: "),
+    ({"SCHED_RANK": "FREE_CPU +* 2"}, "SCHED_RANK: "),
+    ({"SCHED_REQUIREMENTS": "ZONE = $NO_SUCH_VARIABLE"}, "SCHED_REQUIREMENTS: "),
+    ({"CLUSTER_ID": "one"}, "CLUSTER_ID: must be a cluster id or ids"),
+])
+def test_a_bad_placement_rule_is_refused_when_the_vm_is_created(factory, admin_id, template,
+                                                                message):
+    name = unique("rules")
+    with pytest.raises(InvalidArgument, match=message) as caught:
+        with factory() as s, s.begin():
+            logic.allocate(s, admin_id, name, 1, 1, 256, template)
+    assert type(caught.value) is InvalidArgument
+    with factory() as s:
+        assert name not in [v["name"] for v in logic.list_vms(s, include_done=True)]
+    with factory() as s, s.begin():
+        good = logic.allocate(s, admin_id, name, 1, 1, 256, {
+            "SCHED_REQUIREMENTS": 'SSD = "yes" | CLUSTER_ID = 3', "SCHED_RANK": "-RUNNING_VMS",
+            "CLUSTER_ID": "3, 4"})
+        assert good.state == "PENDING"
