@@ -8,8 +8,11 @@ import argparse
 import getpass
 import json
 import os
+import queue
 import sys
-from datetime import datetime
+import threading
+import time
+from datetime import datetime, timezone
 
 from cirrus import states
 
@@ -27,6 +30,26 @@ def resource_id(text):
     if not 0 < value <= INT32_MAX:
         raise argparse.ArgumentTypeError(f"invalid id {text!r}: must be between 1 and {INT32_MAX}")
     return value
+
+
+def host_ref(text):
+    """A host by id (digits) or by name; the client looks names up."""
+    if text.isdigit():
+        return resource_id(text)
+    if not text.strip():
+        raise argparse.ArgumentTypeError("invalid host: give its name or id")
+    return text
+
+
+def moment(text):
+    """An ISO-8601 date or date-time; without a zone it is UTC, a date is its 00:00."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid time {text!r}: expected an ISO date or date-time such as 2026-01-31 "
+            "or 2026-01-31T12:00:00Z") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def vm_status(text):
@@ -95,6 +118,17 @@ def when(stamp):
         return stamp
 
 
+def duration(seconds):
+    """Seconds for reading: 4.2s, 3m04s, 2h03m."""
+    seconds = float(seconds or 0)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 def vm_table(vms):
     return format_table(
         ["ID", "NAME", "OWNER", "STAT", "HOST", "CPU", "MEM"],
@@ -138,7 +172,10 @@ def vm_view(vm):
         format_fields([
             ("NAME", vm["name"]), ("OWNER", vm["owner"]), ("STATE", vm["state"]),
             ("LCM_STATE", vm["lcm_state"]), ("STATUS", f"{vm['status']} ({vm['short_status']})"),
-            ("HOST", host), ("CPU", cores(vm["cpu"])), ("VCPU", vm["vcpu"]),
+            ("HOST", host), ("MIGRATING_TO", vm.get("target_host")),
+            ("RESCHED", "yes" if vm.get("resched") else None),
+            ("RESUME_FROM", vm.get("resume_from")),
+            ("CPU", cores(vm["cpu"])), ("VCPU", vm["vcpu"]),
             ("MEMORY", megabytes(vm["memory"])), ("DEPLOY_ID", vm.get("deploy_id")),
             ("ERROR", vm.get("error")), ("SCHEDULER", vm.get("sched_message")),
             ("CREATED", when(vm.get("created_at"))), ("UPDATED", when(vm.get("updated_at"))),
@@ -146,6 +183,15 @@ def vm_view(vm):
     ]
     if vm.get("template"):
         parts += ["", "TEMPLATE", template_text(vm["template"], indent="  ")]
+    if vm.get("monitoring"):
+        parts += ["", "MONITORING", format_fields(sorted(vm["monitoring"].items()), indent="  ")]
+    if vm.get("stays"):
+        parts += ["", "STAYS", format_table(
+            ["HOST", "START", "END", "REASON", "PROLOG", "BOOT", "RUNNING", "EPILOG"],
+            [[s.get("host"), when(s.get("start")), when(s.get("end")), s.get("reason"),
+              duration(s["prolog_seconds"]), duration(s["boot_seconds"]),
+              duration(s["running_seconds"]), duration(s["epilog_seconds"])]
+             for s in vm["stays"]])]
     if vm.get("history"):
         parts += ["", "HISTORY", format_table(
             ["SEQ", "ACTION", "FROM", "TO", "HOST", "AT", "MESSAGE"],
@@ -158,7 +204,7 @@ def host_view(host):
     parts = [
         f"HOST {host['id']}",
         format_fields([
-            ("NAME", host["name"]), ("STATE", host["state"]),
+            ("NAME", host["name"]), ("STATE", host["state"]), ("HA", host.get("ha")),
             ("RUNNING_VMS", host["running_vms"]),
             ("ALLOC_CPU", f"{host['cpu_usage']} / {host['max_cpu']}"),
             ("ALLOC_MEM", f"{megabytes(host['mem_usage'])} / {megabytes(host['max_mem'])}"),
@@ -195,6 +241,80 @@ def change_line(change):
     if change.get("current"):
         line += "  (current)"
     return line
+
+
+def top_table(vms):
+    """`vm top`'s table: the listing's columns and what the VMs use now
+    (their latest monitoring: CPU in % of one core, memory)."""
+    return format_table(
+        ["ID", "NAME", "OWNER", "STAT", "HOST", "CPU", "MEM", "UCPU", "UMEM"],
+        [[vm["id"], vm["name"], vm.get("owner"), vm.get("short_status") or vm["status"].lower(),
+          vm.get("host"), cores(vm.get("cpu")), megabytes(vm.get("memory")),
+          usage_cpu(vm.get("monitoring")), usage_memory(vm.get("monitoring"))] for vm in vms])
+
+
+def usage_cpu(monitoring):
+    cpu = (monitoring or {}).get("CPU")
+    return None if cpu is None else f"{float(cpu):.0f}%"
+
+
+def usage_memory(monitoring):
+    kb = (monitoring or {}).get("MEMORY")
+    return None if kb is None else megabytes(float(kb) / 1024)
+
+
+def accounting_view(report):
+    window = (f"from {when(report.get('start')) or 'the beginning'} "
+              f"to {when(report.get('end')) or 'now'} (UTC)")
+    hours = "{:.2f}".format
+    return "\n".join([
+        f"VM usage {window}",
+        format_table(["ID", "NAME", "OWNER", "HOURS", "CPU_HOURS", "MEM_GB_HOURS"],
+                     [[v["id"], v["name"], v["owner"], hours(v["hours"]), hours(v["cpu_hours"]),
+                       hours(v["memory_gb_hours"])] for v in report["vms"]]),
+        "",
+        format_table(["USER", "VMS", "CPU_HOURS", "MEM_GB_HOURS"],
+                     [[u["owner"], u["vms"], hours(u["cpu_hours"]), hours(u["memory_gb_hours"])]
+                      for u in report["users"]]),
+    ])
+
+
+class VmTop:
+    """The rows of `vm top`: a listing kept current by Watch changes. DONE VMs
+    leave the table; ``status`` (a status or state word) and ``user`` narrow it."""
+
+    def __init__(self, status=None, user=None):
+        self.status = status.upper() if status else None
+        self.user = user
+        self.vms = {}
+
+    def load(self, vms):
+        self.vms = {vm["id"]: vm for vm in vms}
+
+    def knows(self, vm_id):
+        return vm_id in self.vms
+
+    def apply(self, change):
+        """Take a Watch change; True if the table changed."""
+        vm = self.vms.get(change["id"])
+        if change["status"] == "DONE":
+            return self.vms.pop(change["id"], None) is not None
+        if vm is None:
+            vm = self.vms[change["id"]] = {"id": change["id"], "name": change["name"], "seq": -1}
+        if change["seq"] <= vm.get("seq", -1):
+            return False
+        vm.update({key: change.get(key) for key in
+                   ("state", "status", "short_status", "host", "seq", "error")})
+        return True
+
+    def wanted(self, vm):
+        return ((self.status is None or self.status in (vm.get("status"), vm.get("state")))
+                and (self.user is None or vm.get("owner") == self.user))
+
+    def render(self):
+        shown = [vm for _, vm in sorted(self.vms.items()) if self.wanted(vm)]
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        return f"{stamp} UTC  {len(shown)} VMs\n{top_table(shown)}"
 
 
 def emit(args, data, human):
@@ -261,7 +381,7 @@ def cmd_login(args):
 
 
 def cmd_host_create(args):
-    host = client(args).create_host(args.name)
+    host = client(args).create_host(args.name, ha=args.ha)
     emit(args, host, lambda h: h["id"])
 
 
@@ -270,14 +390,22 @@ def cmd_host_list(args):
 
 
 def cmd_host_show(args):
-    emit(args, client(args).get_host(args.id), host_view)
+    api = client(args)
+    emit(args, api.get_host(api.host_id(args.id)), host_view)
 
 
 def host_action(method, verb):
     def run(args):
-        host = getattr(client(args), method)(args.id)
+        api = client(args)
+        host = getattr(api, method)(api.host_id(args.id))
         emit(args, host, lambda h: f"host {h['id']} ({h['name']}) {verb}; state {h['state']}")
     return run
+
+
+def cmd_host_update(args):
+    api = client(args)
+    host = api.update_host(api.host_id(args.id), ha=args.ha)
+    emit(args, host, lambda h: f"host {h['id']} ({h['name']}) updated; ha {h['ha']}")
 
 
 def cmd_vm_create(args):
@@ -295,9 +423,19 @@ def cmd_vm_show(args):
     emit(args, client(args).get_vm(args.id), vm_view)
 
 
-def cmd_vm_terminate(args):
-    vm = client(args).terminate_vm(args.id, hard=args.hard)
-    emit(args, vm, lambda v: f"VM {v['id']} ({v['name']}) is terminating; now {v['status']}")
+def vm_action(action):
+    """The command of one VM action; the options are the args it has (--hard,
+    --live, HOST, a recover flag)."""
+    def run(args):
+        api = client(args)
+        host = getattr(args, "host", None)
+        vm = api.vm_action(args.id, action, hard=getattr(args, "hard", False),
+                           live=getattr(args, "live", False),
+                           host_id=None if host is None else api.host_id(host),
+                           operation=getattr(args, "operation", None))
+        emit(args, vm, lambda v: f"VM {v['id']} ({v['name']}): {action} accepted; "
+                                 f"now {v['status']}")
+    return run
 
 
 def cmd_vm_wait(args):
@@ -307,7 +445,7 @@ def cmd_vm_wait(args):
 
 def cmd_vm_watch(args):
     try:
-        for change in client(args).watch_vms(args.id):
+        for change in client(args).watch_vms(args.id, status=args.status, user=args.user):
             if args.json:
                 print(json.dumps(change, default=str), flush=True)
             else:
@@ -315,6 +453,80 @@ def cmd_vm_watch(args):
     except KeyboardInterrupt:
         pass
     return 0
+
+
+# how often `vm top` lists the VMs again, for their usage (Watch carries states only)
+TOP_USAGE_REFRESH = 10.0
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def cmd_vm_top(args):
+    """A table of VMs, drawn again as Watch reports changes. On a terminal it
+    is redrawn in place every --delay seconds; otherwise (or with --once or
+    --iterations) each frame is printed after the last, when something changed."""
+    api = client(args)
+    frames = 1 if args.once else args.iterations
+    live = sys.stdout.isatty() and frames is None
+    top = VmTop(args.status, args.user)
+    changes = queue.Queue()
+
+    def read():
+        try:
+            for change in api.watch_vms(user=args.user):
+                changes.put(change)
+        except Exception as exc:     # handed to the main thread, which reports it
+            changes.put(exc)
+
+    def draw():
+        print((CLEAR_SCREEN if live else "") + top.render() + ("" if live else "\n"),
+              flush=True)
+
+    try:
+        top.load(api.list_vms())
+        listed = time.monotonic()
+        if frames != 1:
+            threading.Thread(target=read, name="top-watch", daemon=True).start()
+        draw()
+        drawn = 1
+        while frames is None or drawn < frames:
+            changed = take_changes(api, top, changes, args.delay)
+            if time.monotonic() - listed >= TOP_USAGE_REFRESH:
+                top.load(api.list_vms())
+                listed, changed = time.monotonic(), True
+            if changed or live:
+                draw()
+                drawn += 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def take_changes(api, top, changes, delay):
+    """Apply the Watch changes that arrive within ``delay`` seconds; True if any
+    changed the table. A VM not in the table yet is looked up for its details."""
+    from cirrus.client import ClientError
+    deadline = time.monotonic() + delay
+    changed = False
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            change = changes.get(timeout=remaining)
+        except queue.Empty:
+            break
+        if isinstance(change, Exception):
+            raise change
+        if not top.knows(change["id"]) and change["status"] != "DONE":
+            try:
+                top.vms[change["id"]] = api.get_vm(change["id"])
+            except ClientError as exc:
+                if exc.code != "NOT_FOUND":
+                    raise
+        changed = top.apply(change) or changed
+    return changed
+
+
+def cmd_accounting(args):
+    report = client(args).accounting(user=args.user, start=args.start, end=args.end)
+    emit(args, report, accounting_view)
 
 
 def cmd_template_create(args):
@@ -341,6 +553,30 @@ def cmd_template_instantiate(args):
 
 
 # ----------------------------------------------------------------- parser
+
+HA_POLICIES = ("none", "reschedule")
+# VM actions that take only an id, and the help of --hard where they have one
+VM_ACTIONS = [
+    ("terminate", "shut a VM down and remove it", "destroy instead of shut down"),
+    ("poweroff", "power a running VM off; it keeps its host", "pull the plug instead"),
+    ("suspend", "pause a running VM and save its memory, on its host", None),
+    ("stop", "save a running VM and move it off its host", None),
+    ("undeploy", "power a VM off and move it off its host", "pull the plug instead"),
+    ("resume", "bring back a powered-off, suspended, stopped or undeployed VM", None),
+    ("reboot", "reboot a running VM", "reset instead of a clean reboot"),
+    ("hold", "keep a PENDING VM from being scheduled", None),
+    ("release", "let a held VM be scheduled", None),
+    ("resched", "ask the scheduler to move a running VM to a better host", None),
+    ("unresched", "cancel a resched", None),
+]
+RECOVER_OPERATIONS = [
+    ("success", "as if the pending driver command had succeeded"),
+    ("failure", "as if it had failed"),
+    ("retry", "send the command again"),
+    ("delete", "remove the VM from its host and end it (DONE)"),
+    ("recreate", "remove the VM from its host and make it PENDING again"),
+]
+
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="cirrus", description=__doc__,
@@ -372,14 +608,26 @@ def build_parser():
 
     host = groups.add_parser("host", help="hypervisor hosts").add_subparsers(
         dest="action", metavar="ACTION", required=True)
-    command(host, "create", cmd_host_create, "register a host; prints its id").add_argument("name")
+    ha_help = ("when the host fails: none (its VMs wait for it) or reschedule "
+               "(they are recreated elsewhere)")
+    create = command(host, "create", cmd_host_create, "register a host; prints its id")
+    create.add_argument("name")
+    create.add_argument("--ha", choices=HA_POLICIES, help=ha_help + "; default none")
     command(host, "list", cmd_host_list, "list the hosts")
     for name, func, help in [
             ("show", cmd_host_show, "show a host and its monitoring"),
             ("enable", host_action("enable_host", "enabled"), "let VMs be placed on a host"),
             ("disable", host_action("disable_host", "disabled"), "keep new VMs off a host"),
+            ("offline", host_action("offline_host", "offline"),
+             "take a host with no VMs out of service: no VMs, no monitoring"),
+            ("flush", host_action("flush_host", "flushed"),
+             "disable a host and have the scheduler move its running VMs elsewhere"),
             ("delete", host_action("delete_host", "deleted"), "forget a host with no VMs")]:
-        command(host, name, func, help).add_argument("id", type=resource_id)
+        command(host, name, func, help).add_argument("id", type=host_ref, metavar="HOST",
+                                                     help="host name or id")
+    update = command(host, "update", cmd_host_update, "change a host's settings")
+    update.add_argument("id", type=host_ref, metavar="HOST", help="host name or id")
+    update.add_argument("--ha", choices=HA_POLICIES, required=True, help=ha_help)
 
     vm = groups.add_parser("vm", help="virtual machines").add_subparsers(
         dest="action", metavar="ACTION", required=True)
@@ -398,9 +646,30 @@ def build_parser():
         "--all", action="store_true", help="include terminated (DONE) VMs")
     command(vm, "show", cmd_vm_show, "show a VM with its history").add_argument(
         "id", type=resource_id)
-    terminate = command(vm, "terminate", cmd_vm_terminate, "shut a VM down and remove it")
-    terminate.add_argument("id", type=resource_id)
-    terminate.add_argument("--hard", action="store_true", help="destroy instead of shut down")
+    for action, help, hard in VM_ACTIONS:
+        cmd = command(vm, action, vm_action(action), help)
+        cmd.add_argument("id", type=resource_id)
+        if hard:
+            cmd.add_argument("--hard", action="store_true", help=hard)
+    migrate = command(vm, "migrate", vm_action("migrate"),
+                      "move a running VM to another host (administrators)")
+    migrate.add_argument("id", type=resource_id)
+    migrate.add_argument("host", type=host_ref, metavar="HOST", help="host name or id")
+    migrate.add_argument("--live", action="store_true",
+                         help="move the running domain instead of saving and restoring it")
+    deploy = command(vm, "deploy", vm_action("deploy"),
+                     "place a PENDING or HOLD VM on a host now (administrators)")
+    deploy.add_argument("id", type=resource_id)
+    deploy.add_argument("host", type=host_ref, metavar="HOST", help="host name or id")
+    recover = command(vm, "recover", vm_action("recover"),
+                      "settle a VM stuck in a transient or failure state")
+    recover.add_argument("id", type=resource_id)
+    operations = recover.add_mutually_exclusive_group(required=True)
+    for operation, help in RECOVER_OPERATIONS:
+        operations.add_argument(f"--{operation}", dest="operation", action="store_const",
+                                const=operation, help=help)
+    recover.add_argument("--hard", action="store_true",
+                         help="with --retry: send the hard form of the command (cancel, reset)")
     wait = command(vm, "wait", cmd_vm_wait,
                    "wait until a VM reaches a state; fails if it ends elsewhere or times out")
     wait.add_argument("id", type=resource_id)
@@ -408,8 +677,30 @@ def build_parser():
                       help="e.g. RUNNING or DONE")
     wait.add_argument("--timeout", type=number(float, positive=True), default=60.0,
                       help="seconds (default 60)")
-    command(vm, "watch", cmd_vm_watch, "print VM state changes until Ctrl-C").add_argument(
-        "id", type=resource_id, nargs="?", help="one VM (default: all you can see)")
+    watch = command(vm, "watch", cmd_vm_watch, "print VM state changes until Ctrl-C")
+    watch.add_argument("id", type=resource_id, nargs="?", help="one VM (default: all you can see)")
+    watch.add_argument("--status", help="only changes into this status (RUNNING...) or state "
+                                        "(ACTIVE...)")
+    watch.add_argument("--user", help="only this user's VMs")
+    top = command(vm, "top", cmd_vm_top, "a live table of VMs, refreshed as they change",
+                  json_output=False)
+    top.add_argument("--status", help="only VMs in this status (RUNNING...) or state (ACTIVE...)")
+    top.add_argument("--user", help="only this user's VMs")
+    frames = top.add_mutually_exclusive_group()
+    frames.add_argument("--once", action="store_true", help="print the table once and exit")
+    frames.add_argument("--iterations", type=number(int, positive=True), metavar="N",
+                        help="exit after N tables")
+    top.add_argument("--delay", type=number(float, positive=True), default=1.0,
+                     help="seconds between refreshes (default 1)")
+
+    accounting = command(groups, "accounting", cmd_accounting,
+                         "CPU-hours and memory-GB-hours per VM and per user")
+    accounting.add_argument("--user", help="this user's VMs (default: yours; an administrator's: "
+                                           "everyone's)")
+    for name in ("start", "end"):
+        accounting.add_argument(f"--{name}", type=moment, metavar="TIME",
+                                help="ISO date or date-time, UTC unless it has a zone "
+                                     "(a date is its 00:00); default: open")
 
     template = groups.add_parser("template", help="VM templates").add_subparsers(
         dest="action", metavar="ACTION", required=True)

@@ -14,6 +14,7 @@ import base64
 import os
 import time
 import uuid
+from datetime import timezone
 from pathlib import Path
 
 import grpc
@@ -169,8 +170,19 @@ class Client:
 
     # -------------------------------------------------------------- hosts
 
-    def create_host(self, name):
-        return to_dict(self._call(self.hosts.Create, host_pb2.CreateHostRequest(name=name)))
+    def create_host(self, name, ha=None):
+        """Register a host; ``ha`` is its failure policy, "none" (default) or "reschedule"."""
+        return to_dict(self._call(self.hosts.Create,
+                                  host_pb2.CreateHostRequest(name=name, ha=ha or "")))
+
+    def host_id(self, host):
+        """The id of a host given by id (an int or a string of digits) or by name."""
+        if isinstance(host, int) or str(host).isdigit():
+            return int(host)
+        for found in self.list_hosts():
+            if found["name"] == host:
+                return found["id"]
+        raise ClientError("NOT_FOUND", f"host {host!r} does not exist")
 
     def get_host(self, host_id):
         return to_dict(self._call(self.hosts.Get, host_pb2.GetHostRequest(id=host_id)))
@@ -187,6 +199,15 @@ class Client:
 
     def delete_host(self, host_id):
         return to_dict(self._call(self.hosts.Delete, host_pb2.DeleteHostRequest(id=host_id)))
+
+    def offline_host(self, host_id):
+        return to_dict(self._call(self.hosts.Offline, host_pb2.OfflineHostRequest(id=host_id)))
+
+    def flush_host(self, host_id):
+        return to_dict(self._call(self.hosts.Flush, host_pb2.FlushHostRequest(id=host_id)))
+
+    def update_host(self, host_id, ha=None):
+        return to_dict(self._call(self.hosts.Update, host_pb2.UpdateHostRequest(id=host_id, ha=ha)))
 
     # -------------------------------------------------------------- VMs
 
@@ -217,11 +238,31 @@ class Client:
         return to_dict(self._call(self.vms.Terminate,
                                   vm_pb2.TerminateVmRequest(id=vm_id, hard=hard)))
 
-    def watch_vms(self, vm_id=None, timeout=None):
+    def vm_action(self, vm_id, action, hard=False, live=False, host_id=None, operation=None):
+        """Any user action on a VM (poweroff, resume, migrate...; see
+        VmActionRequest in vm.proto); returns the VM as the action left it."""
+        request = vm_pb2.VmActionRequest(id=vm_id, action=action, hard=hard, live=live,
+                                         host_id=host_id, operation=operation)
+        return to_dict(self._call(self.vms.Action, request))
+
+    def accounting(self, user=None, start=None, end=None):
+        """CPU-hours and memory-GB-hours per VM and per user over [start, end):
+        datetimes (naive ones are UTC) or None for an open end."""
+        request = vm_pb2.AccountingRequest(user=user)
+        for name, moment in (("start", start), ("end", end)):
+            if moment is not None:
+                if moment.tzinfo is None:
+                    moment = moment.replace(tzinfo=timezone.utc)
+                getattr(request, name).FromDatetime(moment.astimezone(timezone.utc))
+        return to_dict(self._call(self.vms.Accounting, request))
+
+    def watch_vms(self, vm_id=None, timeout=None, status=None, user=None):
         """Yield state changes as dicts: first the current state(s) (``current``
-        true), then each change, until the caller stops iterating."""
-        stream = self.vms.Watch(vm_pb2.WatchVmsRequest(id=vm_id), metadata=self._metadata(),
-                                timeout=timeout)
+        true), then each change, until the caller stops iterating. ``status``
+        keeps the changes into that status (or state, e.g. ACTIVE), ``user``
+        those of that user's VMs."""
+        request = vm_pb2.WatchVmsRequest(id=vm_id, status=status, user=user)
+        stream = self.vms.Watch(request, metadata=self._metadata(), timeout=timeout)
         try:
             for change in stream:
                 yield to_dict(change)

@@ -185,6 +185,26 @@ def _scalar(field, value):
     return str(value)
 
 
+def vm_message(data):
+    """A VirtualMachine from a VM dict; metric samples come with the node's
+    upper-case keys (CPU, NETRX...)."""
+    metrics = [{key.lower(): value for key, value in point.items()}
+               for point in data.get("metrics") or ()]
+    return fill(vm_pb2.VirtualMachine(), {**data, "metrics": metrics})
+
+
+def optional(request, name):
+    """A request field's value, or None when an optional field is unset."""
+    return getattr(request, name) if request.HasField(name) else None
+
+
+def iso_time(request, name):
+    """A Timestamp field as an ISO-8601 string in UTC, or None when unset."""
+    if not request.HasField(name):
+        return None
+    return getattr(request, name).ToDatetime(tzinfo=timezone.utc).isoformat()
+
+
 def vm_change(data, current=False):
     """A VmStateChange from a vm.state event payload or a VM dict."""
     status = data.get("status") or states.status(data["state"], data["lcm_state"])
@@ -408,12 +428,20 @@ def offer(events, item):
 class WatchStream:
     """The state of one Watch call: which VMs it may see and what it sent."""
 
-    def __init__(self, call, vm_id):
+    def __init__(self, call, vm_id, status=None, user=None):
         self.call = call
         self.vm_id = vm_id
         self.last_seq = {}      # vm id -> seq last sent
-        # who may see what is decided from the event's owner, with no call per VM
-        self.user = call("whoami")
+        # who may see what is decided once, from the event's owner, with no call per VM
+        self.scope = call("watch_scope", status=status, user=user)
+
+    def wanted(self, vm):
+        """Whether a VM dict or vm.state event is within the stream's filters."""
+        scope = self.scope
+        return ((self.vm_id is None or vm["id"] == self.vm_id)
+                and (scope["owner_id"] is None or vm.get("owner_id") == scope["owner_id"])
+                and (scope["status"] is None
+                     or scope["status"] in (vm.get("status"), vm.get("state"))))
 
     def snapshot(self):
         """Current-state messages for what the caller may see."""
@@ -422,20 +450,15 @@ class WatchStream:
         else:
             vms = self.call("list_vms")
         for vm in vms:
-            if vm.get("seq", 0) > self.last_seq.get(vm["id"], -1):
+            if self.wanted(vm) and vm.get("seq", 0) > self.last_seq.get(vm["id"], -1):
                 self.last_seq[vm["id"]] = vm.get("seq", 0)
                 yield vm_change(vm, current=True)
 
     def change(self, event):
         """The message for ``event``, or None if this stream does not send it."""
-        vm_id = event["id"]
-        if self.vm_id is not None and vm_id != self.vm_id:
-            return None
-        if event.get("seq", 0) <= self.last_seq.get(vm_id, -1):
-            return None     # a repeat, or older than what was sent
-        if not (self.user["admin"] or event.get("owner_id") == self.user["id"]):
-            return None
-        self.last_seq[vm_id] = event.get("seq", 0)
+        if not self.wanted(event) or event.get("seq", 0) <= self.last_seq.get(event["id"], -1):
+            return None     # filtered out, a repeat, or older than what was sent
+        self.last_seq[event["id"]] = event.get("seq", 0)
         return vm_change(event)
 
 
@@ -459,16 +482,13 @@ class VirtualMachineServicer(Servicer, vm_pb2_grpc.VirtualMachineServiceServicer
 
     def Create(self, request, context):
         call = self.call(context, "Create")
-        spec = {"name": request.name if request.HasField("name") else None,
-                "cpu": request.cpu if request.HasField("cpu") else None,
-                "vcpu": request.vcpu if request.HasField("vcpu") else None,
-                "memory": request.memory if request.HasField("memory") else None,
+        spec = {**{name: optional(request, name) for name in ("name", "cpu", "vcpu", "memory")},
                 "template": request.template or None, "hold": request.hold,
                 "request_id": call.request_id}
-        return fill(vm_pb2.VirtualMachine(), call("create_vm", spec))
+        return vm_message(call("create_vm", spec))
 
     def Get(self, request, context):
-        return fill(vm_pb2.VirtualMachine(), self.call(context, "Get")("get_vm", request.id))
+        return vm_message(self.call(context, "Get")("get_vm", request.id))
 
     def List(self, request, context):
         vms = self.call(context, "List")("list_vms", include_done=request.include_done)
@@ -476,7 +496,20 @@ class VirtualMachineServicer(Servicer, vm_pb2_grpc.VirtualMachineServiceServicer
 
     def Terminate(self, request, context):
         vm = self.call(context, "Terminate")("terminate_vm", request.id, hard=request.hard)
-        return fill(vm_pb2.VirtualMachine(), vm)
+        return vm_message(vm)
+
+    def Action(self, request, context):
+        options = {"hard": request.hard, "live": request.live,
+                   "host_id": optional(request, "host_id"),
+                   "operation": optional(request, "operation")}
+        vm = self.call(context, "Action")("vm_action", request.id, request.action, options)
+        return vm_message(vm)
+
+    def Accounting(self, request, context):
+        report = self.call(context, "Accounting")(
+            "accounting", user=optional(request, "user"), start=iso_time(request, "start"),
+            end=iso_time(request, "end"))
+        return fill(vm_pb2.AccountingResponse(), report)
 
     def Watch(self, request, context):
         call = self.call(context, "Watch")
@@ -485,17 +518,18 @@ class VirtualMachineServicer(Servicer, vm_pb2_grpc.VirtualMachineServiceServicer
                           f"the gateway already serves {self.max_watchers} watch streams; "
                           "poll with Get instead")
         try:
-            yield from self._watch(call, request.id if request.HasField("id") else None)
+            yield from self._watch(call, optional(request, "id"), optional(request, "status"),
+                                   optional(request, "user"))
         finally:
             self.watch_slots.release()
 
-    def _watch(self, call, vm_id):
+    def _watch(self, call, vm_id, status, user):
         context = call.context
         # subscribe before reading the current state, so no change falls between
         events = self.hub.subscribe()
         context.add_callback(lambda: offer(events, CLOSED))
         try:
-            stream = WatchStream(call, vm_id)
+            stream = WatchStream(call, vm_id, status, user)
             yield from stream.snapshot()
             while context.is_active():
                 try:
@@ -517,7 +551,8 @@ class VirtualMachineServicer(Servicer, vm_pb2_grpc.VirtualMachineServiceServicer
 
 class HostServicer(Servicer, host_pb2_grpc.HostServiceServicer):
     def Create(self, request, context):
-        return fill(host_pb2.Host(), self.call(context, "Create")("create_host", request.name))
+        host = self.call(context, "Create")("create_host", request.name, ha=request.ha or None)
+        return fill(host_pb2.Host(), host)
 
     def Get(self, request, context):
         return fill(host_pb2.Host(), self.call(context, "Get")("get_host", request.id))
@@ -534,6 +569,17 @@ class HostServicer(Servicer, host_pb2_grpc.HostServiceServicer):
 
     def Delete(self, request, context):
         return fill(host_pb2.Host(), self.call(context, "Delete")("delete_host", request.id))
+
+    def Offline(self, request, context):
+        return fill(host_pb2.Host(), self.call(context, "Offline")("offline_host", request.id))
+
+    def Flush(self, request, context):
+        return fill(host_pb2.Host(), self.call(context, "Flush")("flush_host", request.id))
+
+    def Update(self, request, context):
+        host = self.call(context, "Update")("update_host", request.id,
+                                            ha=optional(request, "ha"))
+        return fill(host_pb2.Host(), host)
 
 
 class TemplateServicer(Servicer, template_pb2_grpc.TemplateServiceServicer):
@@ -555,9 +601,8 @@ class TemplateServicer(Servicer, template_pb2_grpc.TemplateServiceServicer):
 
     def Instantiate(self, request, context):
         vm = self.call(context, "Instantiate")(
-            "instantiate_template", request.id,
-            name=request.name if request.HasField("name") else None, hold=request.hold)
-        return fill(vm_pb2.VirtualMachine(), vm)
+            "instantiate_template", request.id, name=optional(request, "name"), hold=request.hold)
+        return vm_message(vm)
 
 
 class SessionServicer(Servicer, session_pb2_grpc.SessionServiceServicer):

@@ -5,13 +5,21 @@ Approvals and quotas will sit here too; today a valid request goes straight
 to ``lifecycle``.
 """
 from nameko.rpc import rpc
+from sqlalchemy import select
 
-from cirrus import auth, config, messages
+from cirrus import auth, config, messages, states
+from cirrus.db.models import User
 from cirrus.dependencies import Database, Rpc
-from cirrus.errors import CirrusError, NotFound, PermissionDenied, Unauthenticated
+from cirrus.errors import (CirrusError, InvalidArgument, NotFound, PermissionDenied,
+                           Unauthenticated)
 from cirrus.template import parse, vm_resources
 
 api = rpc(expected_exceptions=CirrusError)
+
+# VM actions that choose a host: administrators only, as in OpenNebula
+ADMIN_ACTIONS = frozenset({"deploy", "migrate"})
+# what a Watch may filter on: a status word, or a state word (ACTIVE) for all its statuses
+WATCH_STATUSES = sorted(set(states.ALL_STATUSES) | {s.value for s in states.VmState})
 
 
 def parse_template(text):
@@ -58,6 +66,19 @@ class RequestsService:
             raise PermissionDenied("host management is for administrators")
         return user
 
+    def owner_id(self, caller, name, what):
+        """The id of the user called ``name`` whose VMs ``caller`` asks about
+        (``what``); users may only ask about themselves."""
+        if name == caller["name"]:
+            return caller["id"]
+        if not caller["admin"]:
+            raise PermissionDenied(f"{what} of other users is for administrators")
+        with self.db() as session:
+            user_id = session.scalar(select(User.id).where(User.name == name))
+        if user_id is None:
+            raise NotFound(f"user {name!r} does not exist")
+        return user_id
+
     @api
     def login(self, credentials):
         with self.db() as session, session.begin():
@@ -94,15 +115,50 @@ class RequestsService:
 
     @api
     def terminate_vm(self, credentials, vm_id, hard=False):
-        self.get_vm(credentials, vm_id)
-        return self.lifecycle.terminate(vm_id, hard)
+        return self.vm_action(credentials, vm_id, "terminate", {"hard": hard})
+
+    @api
+    def vm_action(self, credentials, vm_id, action, options=None):
+        """A user action on a VM (lifecycle checks the action and its options)."""
+        user = self.user(credentials)
+        if action in ADMIN_ACTIONS and not user["admin"]:
+            raise PermissionDenied(f"{action} chooses a host: it is for administrators")
+        self.owned(user, self.lifecycle.get_vm(vm_id), "VM", vm_id)
+        return self.lifecycle.vm_action(vm_id, action, options)
+
+    @api
+    def watch_scope(self, credentials, status=None, user=None):
+        """What a Watch stream may send: {"caller", "status", "owner_id"}; the
+        stream sends a change of a VM owned by ``owner_id`` (None: any the
+        caller may see) whose status or state is ``status`` (None: any)."""
+        caller = self.user(credentials)
+        if status is not None:
+            status = status.upper()
+            if status not in WATCH_STATUSES:
+                raise InvalidArgument(f"status: unknown VM status {status!r}; choose from "
+                                      f"{', '.join(WATCH_STATUSES)}")
+        owner_id = None if user is None else self.owner_id(caller, user, "watching the VMs")
+        if owner_id is None and not caller["admin"]:
+            owner_id = caller["id"]
+        return {"caller": caller, "status": status, "owner_id": owner_id}
+
+    @api
+    def accounting(self, credentials, user=None, start=None, end=None):
+        """Usage over [start, end) (ISO-8601 strings): a user's own VMs; an
+        administrator's: every user's, or those of ``user``."""
+        caller = self.user(credentials)
+        if user is not None:
+            owner_id = self.owner_id(caller, user, "accounting")
+        else:
+            owner_id = None if caller["admin"] else caller["id"]
+        return self.lifecycle.accounting(owner_id, start, end)
 
     # -------------------------------------------------------------- hosts
 
     @api
-    def create_host(self, credentials, name):
+    def create_host(self, credentials, name, ha=None):
         self.admin(credentials)
-        return self.lifecycle.create_host(name)
+        return self.lifecycle.create_host(name, ha or "none")
 
     @api
     def get_host(self, credentials, host_id):
@@ -128,6 +184,24 @@ class RequestsService:
     def delete_host(self, credentials, host_id):
         self.admin(credentials)
         return self.lifecycle.delete_host(host_id)
+
+    @api
+    def offline_host(self, credentials, host_id):
+        self.admin(credentials)
+        return self.lifecycle.offline_host(host_id)
+
+    @api
+    def flush_host(self, credentials, host_id):
+        self.admin(credentials)
+        return self.lifecycle.flush_host(host_id)
+
+    @api
+    def update_host(self, credentials, host_id, ha=None):
+        """Change a host's settings; today the only one is its HA policy."""
+        self.admin(credentials)
+        if ha is None:
+            raise InvalidArgument("nothing to update: give ha")
+        return self.lifecycle.set_host_ha(host_id, ha)
 
     # -------------------------------------------------------------- templates
 

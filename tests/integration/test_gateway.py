@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import threading
+import uuid
+from datetime import datetime, timedelta, timezone
 
 import grpc
 import pytest
@@ -16,10 +18,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from cirrus import config
+from cirrus import auth, config, db, messages
 from cirrus.client import Client, ClientError
+from cirrus.db.models import User
 from cirrus.v1 import host_pb2, host_pb2_grpc, vm_pb2, vm_pb2_grpc
-from tests.procs import Proc
+from tests.broker import join_node
+from tests.procs import Proc, start_services, wait_until
 
 API = ["cirrus.v1.VirtualMachineService", "cirrus.v1.HostService",
        "cirrus.v1.TemplateService", "cirrus.v1.SessionService"]
@@ -47,12 +51,10 @@ def logs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def services(cirrus_env, logs):
-    procs = []
-    for name in ("requests", "lifecycle"):
-        proc = Proc(["cirrus-service", name], cirrus_env, logs / f"{name}.log").start()
-        procs.append(proc)
-    for proc, name in zip(procs, ("requests", "lifecycle")):
-        proc.wait_for(f"{name} started")
+    # no scheduler: a VM stays PENDING until a test deploys it. The test plays the
+    # nodes and sends no heartbeat, so hosts must not time out meanwhile.
+    procs = start_services(["requests", "lifecycle"],
+                           {**cirrus_env, "CIRRUS_LIFECYCLE_HOST_TIMEOUT": "3600"}, logs)
     yield
     for proc in procs:
         proc.stop()
@@ -251,6 +253,277 @@ def test_watch_of_an_unknown_vm_is_not_found(api):
     with pytest.raises(ClientError) as exc_info:
         next(api.watch_vms(999999))
     assert exc_info.value.code == "NOT_FOUND"
+
+
+# ----------------------------------------------------------------- VM actions
+
+def unique(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def refused(call, *args, **kwargs):
+    """The ClientError of a call expected to fail."""
+    with pytest.raises(ClientError) as exc_info:
+        call(*args, **kwargs)
+    return exc_info.value
+
+
+@pytest.fixture(scope="module")
+def user(gateway, services):
+    """A plain user: (name, password)."""
+    name, password = unique("gw-ann"), "ann-pw"
+    with db.session_factory()() as session, session.begin():
+        session.add(User(name=name, role="user", password_hash=auth.hash_password(password)))
+    return name, password
+
+
+@pytest.fixture
+def ann(gateway, user):
+    with Client(gateway, username=user[0], password=user[1]) as client:
+        yield client
+
+
+class Node:
+    """A host played by the test: it answers the driver commands sent to it."""
+
+    def __init__(self, api, amqp_uri):
+        self.name = unique("gw-node")
+        self.transport, self.host = join_node(api, amqp_uri, self.name)
+        self.id = self.host["id"]
+
+    def report(self, domains):
+        """A monitoring report from the node, with the capacity join_node gave it."""
+        self.transport.publish(messages.HOST_MONITOR, {"host": self.name, "monitoring": {
+            "TOTALCPU": 400, "TOTALMEMORY": 4096 * 1024, "VMS": domains}})
+
+    def answer(self, action, info=None):
+        command = self.transport.next_command()
+        assert command["action"] == action, command
+        self.transport.publish(messages.COMMAND_RESULT, messages.result(command, True, info))
+        return command
+
+
+def wait_status(api, vm_id, status):
+    return wait_until(lambda: (lambda vm: vm if vm["status"] == status else None)(
+        api.get_vm(vm_id)), timeout=20, what=f"VM {vm_id} {status}")
+
+
+def running_vm(api, node, name, owner=None):
+    """A VM deployed on ``node`` by the admin ``api`` and RUNNING there."""
+    vm = (owner or api).create_vm(name=name, cpu=0.5, vcpu=1, memory=256)
+    assert api.vm_action(vm["id"], "deploy", host_id=api.host_id(node.name))["status"] == "PROLOG"
+    node.answer("clone")
+    node.answer("deploy", {"deploy_id": f"cirrus-{vm['id']}"})
+    return wait_status(api, vm["id"], "RUNNING")
+
+
+def test_hold_release_and_terminate_need_no_node(api):
+    vm = api.create_vm(name="gw-pending", memory=32)
+    assert vm["status"] == "PENDING"
+    assert api.vm_action(vm["id"], "hold")["status"] == "HOLD"
+    assert api.vm_action(vm["id"], "release")["status"] == "PENDING"
+    done = api.vm_action(vm["id"], "terminate")
+    assert (done["status"], done["state"]) == ("DONE", "DONE")
+    assert [h["action"] for h in api.get_vm(vm["id"])["history"]] == [
+        "allocate", "hold", "release", "terminate"]
+
+
+def test_an_action_the_status_does_not_allow_names_both_states(api):
+    vm = api.create_vm(name="gw-held-poweroff", memory=32, hold=True)
+    error = refused(api.vm_action, vm["id"], "poweroff")
+    assert error.code == "FAILED_PRECONDITION"
+    assert error.details == (f"VM {vm['id']}: cannot poweroff a VM in HOLD; "
+                             "it must be in one of: RUNNING, UNKNOWN")
+    error = refused(api.vm_action, vm["id"], "suspend")
+    assert error.code == "FAILED_PRECONDITION" and "in HOLD" in error.details
+    assert api.get_vm(vm["id"])["seq"] == vm["seq"]     # nothing moved
+    api.terminate_vm(vm["id"])
+    error = refused(api.vm_action, vm["id"], "release")
+    assert error.code == "FAILED_PRECONDITION" and "in DONE" in error.details
+
+
+@pytest.mark.parametrize("action,options,says", [
+    ("explode", {}, "unknown action 'explode'"),
+    ("suspend", {"hard": True}, "hard: does not apply to suspend"),
+    ("hold", {"live": True}, "live: does not apply to hold"),
+    ("migrate", {}, "host_id: migrate needs the host"),
+    ("recover", {}, "operation: recover needs one of"),
+    ("recover", {"operation": "undo"}, "unknown recover operation 'undo'"),
+])
+def test_a_bad_action_or_option_is_invalid_argument(api, action, options, says):
+    vm = api.create_vm(name="gw-bad-action", memory=32, hold=True)
+    error = refused(api.vm_action, vm["id"], action, **options)
+    assert error.code == "INVALID_ARGUMENT" and says in error.details, error.details
+    assert api.get_vm(vm["id"])["status"] == "HOLD"
+
+
+def test_owners_act_on_their_vms_and_only_admins_choose_hosts(api, ann, user):
+    mine = ann.create_vm(name="gw-ann-vm", memory=32)
+    assert mine["owner"] == user[0]
+    assert ann.vm_action(mine["id"], "hold")["status"] == "HOLD"
+    for action, options in (("deploy", {"host_id": 1}), ("migrate", {"host_id": 1})):
+        error = refused(ann.vm_action, mine["id"], action, **options)
+        assert error.code == "PERMISSION_DENIED" and action in error.details
+    theirs = api.create_vm(name="gw-admin-vm", memory=32, hold=True)
+    for call in (lambda: ann.vm_action(theirs["id"], "release"),
+                 lambda: ann.terminate_vm(theirs["id"])):
+        error = refused(call)
+        assert (error.code, error.details) == ("NOT_FOUND", f"VM {theirs['id']} does not exist")
+    assert api.get_vm(theirs["id"])["status"] == "HOLD"
+    # an administrator acts on anyone's VM
+    assert api.vm_action(mine["id"], "release")["status"] == "PENDING"
+    for call in (lambda: ann.offline_host(1), lambda: ann.flush_host(1),
+                 lambda: ann.update_host(1, ha="none"), lambda: ann.create_host("gw-nope")):
+        assert refused(call).code == "PERMISSION_DENIED"
+
+
+def currents(stream, count):
+    """The first ``count`` messages of a Watch stream (its current states), by VM id."""
+    return {c["id"]: c for c in (next(stream) for _ in range(count))}
+
+
+def test_watch_filters_by_status_and_by_user(api, ann, user):
+    held = api.create_vm(name="gw-w-held", memory=32, hold=True)
+    pending = api.create_vm(name="gw-w-pending", memory=32)
+    anns = ann.create_vm(name="gw-w-ann", memory=32, hold=True)
+    on_hold = api.watch_vms(status="hold")
+    current = currents(on_hold, sum(vm["status"] == "HOLD" for vm in api.list_vms()))
+    assert {held["id"], anns["id"]} <= set(current) and pending["id"] not in current
+    assert all(c["status"] == "HOLD" and c["current"] for c in current.values())
+    api.vm_action(held["id"], "release")        # into PENDING: not sent
+    api.vm_action(pending["id"], "hold")        # into HOLD: sent
+    change = next(on_hold)
+    assert (change["id"], change["status"], change["current"]) == (pending["id"], "HOLD", False)
+    on_hold.close()
+
+    anns_held = api.watch_vms(user=user[0], status="HOLD")
+    current = currents(anns_held, sum(vm["status"] == "HOLD" for vm in ann.list_vms()))
+    assert anns["id"] in current and {c["id"] for c in current.values()} <= {
+        vm["id"] for vm in ann.list_vms()}
+    api.vm_action(held["id"], "hold")           # the admin's VM: not sent
+    ann.vm_action(anns["id"], "release")        # into PENDING: not sent
+    ann.vm_action(anns["id"], "hold")
+    change = next(anns_held)
+    assert (change["id"], change["status"], change["current"]) == (anns["id"], "HOLD", False)
+    anns_held.close()
+
+
+def test_watch_filters_are_checked(api, ann, user):
+    for stream, code, says in [
+            (api.watch_vms(status="SLEEPING"), "INVALID_ARGUMENT", "unknown VM status 'SLEEPING'"),
+            (api.watch_vms(user="gw-nobody"), "NOT_FOUND", "user 'gw-nobody' does not exist"),
+            (ann.watch_vms(user="admin"), "PERMISSION_DENIED", "for administrators")]:
+        error = refused(next, stream)
+        assert error.code == code and says in error.details, error.details
+    vm = ann.create_vm(name="gw-w-self", memory=32, hold=True)
+    assert next(ann.watch_vms(vm["id"], user=user[0]))["id"] == vm["id"]   # naming oneself
+
+
+@pytest.fixture(scope="module")
+def node(gateway, admin, amqp_uri):
+    with Client(gateway, username=admin[0], password=admin[1]) as client:
+        yield Node(client, amqp_uri)
+
+
+def test_a_vm_on_a_node_is_powered_off_resumed_and_shown_with_its_stay(api, node):
+    vm = running_vm(api, node, "gw-poweroff")
+    # a state word: every ACTIVE status, not POWEROFF
+    active = api.watch_vms(status="active")
+    assert vm["id"] in currents(active, sum(v["state"] == "ACTIVE" for v in api.list_vms()))
+    assert api.vm_action(vm["id"], "poweroff", hard=True)["status"] == "SHUTDOWN_POWEROFF"
+    node.answer("cancel")
+    wait_status(api, vm["id"], "POWEROFF")
+    assert api.vm_action(vm["id"], "resume")["status"] == "BOOT_POWEROFF"
+    node.answer("deploy")
+    shown = wait_status(api, vm["id"], "RUNNING")
+    assert [next(active)["status"] for _ in range(3)] == [
+        "SHUTDOWN_POWEROFF", "BOOT_POWEROFF", "RUNNING"]
+    active.close()
+    [stay] = shown["stays"]
+    assert (stay["host"], stay["host_id"], stay["end"], stay["reason"]) == (
+        node.name, node.id, None, None)
+    assert stay["running_seconds"] > 0 and stay["start"]
+    assert shown["monitoring"] is None and shown["metrics"] == []
+    assert shown["resched"] is False and shown["target_host"] is None
+    # what the node reports of the VM: its latest values and a series
+    node.report([{"DEPLOY_ID": f"cirrus-{vm['id']}", "VM_ID": vm["id"], "STATE": "RUNNING",
+                  "CPU": 12.5, "MEMORY": 262144, "NETRX": 10, "NETTX": 20,
+                  "DISKRDBYTES": 30, "DISKWRBYTES": 40}])
+    shown = wait_until(lambda: (lambda v: v if v["metrics"] else None)(api.get_vm(vm["id"])),
+                       what="the VM's metrics")
+    assert shown["monitoring"]["CPU"] == 12.5 and shown["monitoring"]["STATE"] == "RUNNING"
+    [sample] = shown["metrics"]
+    assert (sample["cpu"], sample["memory"], sample["netrx"], sample["diskwrbytes"]) == (
+        12.5, 262144, 10, 40)
+    assert sample["at"]
+    api.vm_action(vm["id"], "terminate", hard=True)
+    node.answer("cancel")
+    node.answer("delete")
+    [stay] = wait_status(api, vm["id"], "DONE")["stays"]
+    assert stay["end"] and stay["reason"] == "terminate_hard"
+
+
+def test_migrate_to_the_host_it_is_on_is_refused(api, node):
+    vm = running_vm(api, node, "gw-nomove")
+    error = refused(api.vm_action, vm["id"], "migrate", host_id=node.id, live=True)
+    assert error.code == "FAILED_PRECONDITION" and node.name in error.details
+    assert refused(api.host_id, "gw-no-such-host").code == "NOT_FOUND"
+    api.vm_action(vm["id"], "recover", operation="delete")
+    node.answer("delete")
+    wait_status(api, vm["id"], "DONE")
+
+
+def test_accounting_users_see_their_own_and_admins_anyones(api, ann, user, node):
+    vm = running_vm(api, node, "gw-acct", owner=ann)
+    theirs = running_vm(api, node, "gw-acct-admin")
+    own = ann.accounting()
+    assert [v["id"] for v in own["vms"]] == [vm["id"]]
+    [line] = own["vms"]
+    assert line["owner"] == user[0] and line["hours"] > 0
+    assert line["cpu_hours"] == pytest.approx(0.5 * line["hours"])
+    assert line["memory_gb_hours"] == pytest.approx(0.25 * line["hours"])
+    assert [u["owner"] for u in own["users"]] == [user[0]]
+    assert ann.accounting(user=user[0])["vms"][0]["id"] == vm["id"]
+    error = refused(ann.accounting, user="admin")
+    assert error.code == "PERMISSION_DENIED" and "accounting" in error.details
+    everyone = api.accounting()
+    assert {vm["id"], theirs["id"]} <= {v["id"] for v in everyone["vms"]}
+    assert [v["id"] for v in api.accounting(user=user[0])["vms"]] == [vm["id"]]
+    assert refused(api.accounting, user="gw-nobody").code == "NOT_FOUND"
+    # a window before the VMs existed has nothing; a window is echoed back
+    start = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    before = api.accounting(start=start, end=start + timedelta(days=1))
+    assert before["vms"] == [] and before["start"].startswith("2020-01-01T00:00:00")
+    error = refused(api.accounting, start=start, end=start - timedelta(hours=1))
+    assert error.code == "INVALID_ARGUMENT" and "end" in error.details
+    for each in (vm, theirs):
+        api.vm_action(each["id"], "recover", operation="delete")
+        node.answer("delete")
+
+
+def test_hosts_are_created_with_ha_updated_flushed_and_taken_offline(api, amqp_uri):
+    host = api.create_host(unique("gw-ha"), ha="reschedule")
+    assert host["ha"] == "reschedule"
+    assert api.update_host(host["id"], ha="none")["ha"] == "none"
+    error = refused(api.update_host, host["id"], ha="sometimes")
+    assert error.code == "INVALID_ARGUMENT" and "ha" in error.details
+    error = refused(api.update_host, host["id"])
+    assert error.code == "INVALID_ARGUMENT" and "nothing to update" in error.details
+    assert api.get_host(host["id"])["ha"] == "none"
+    assert api.create_host(unique("gw-plain"))["ha"] == "none"
+
+    busy = Node(api, amqp_uri)
+    vm = running_vm(api, busy, "gw-flushed")
+    error = refused(api.offline_host, busy.id)
+    assert error.code == "FAILED_PRECONDITION" and "still has VMs" in error.details
+    assert api.flush_host(busy.id)["state"] == "DISABLED"
+    assert api.get_vm(vm["id"])["resched"] is True
+    api.vm_action(vm["id"], "recover", operation="delete")
+    busy.answer("delete")
+    wait_status(api, vm["id"], "DONE")
+    assert api.offline_host(busy.id)["state"] == "OFFLINE"
+    assert api.enable_host(busy.id)["state"] != "OFFLINE"
+    assert refused(api.offline_host, 999999).code == "NOT_FOUND"
 
 
 # ----------------------------------------------------------------- templates

@@ -3,6 +3,7 @@ token file and where credentials come from."""
 import os
 import socket
 import stat
+from datetime import datetime, timezone
 
 import pytest
 
@@ -40,9 +41,10 @@ def test_vm_create_refuses_bad_resources_naming_the_option(capsys, option, value
 
 
 @pytest.mark.parametrize("argv", [
-    ("host", "show", "abc"), ("host", "enable", "1.5"), ("host", "delete", "x"),
+    ("host", "show", "0"), ("host", "flush", str(2 ** 31)),
     ("vm", "show", "web"), ("vm", "terminate", "0"), ("vm", "wait", "two", "--state", "RUNNING"),
-    ("vm", "watch", "all"), ("template", "instantiate", "t1"),
+    ("vm", "watch", "all"), ("vm", "poweroff", "1.5"), ("vm", "migrate", "x", "node-2"),
+    ("template", "instantiate", "t1"),
 ])
 def test_ids_must_be_positive_whole_numbers(capsys, argv):
     err = usage_error(capsys, *argv)
@@ -53,6 +55,102 @@ def test_ids_are_ints():
     assert parse("host", "show", "7").id == 7
     assert parse("vm", "terminate", "42", "--hard").id == 42
     assert parse("template", "instantiate", "3", "--name", "n", "--hold").id == 3
+
+
+@pytest.mark.parametrize("action", ["show", "enable", "disable", "offline", "flush", "delete"])
+def test_host_commands_take_a_name_or_an_id(action):
+    assert parse("host", action, "node-1.example").id == "node-1.example"
+    assert parse("host", action, "12").id == 12
+
+
+def test_an_empty_host_name_is_refused(capsys):
+    assert "give its name or id" in usage_error(capsys, "host", "flush", " ")
+
+
+# ----------------------------------------------------------------- VM actions
+
+@pytest.mark.parametrize("action,has_hard", [
+    ("terminate", True), ("poweroff", True), ("undeploy", True), ("reboot", True),
+    ("suspend", False), ("stop", False), ("resume", False), ("hold", False),
+    ("release", False), ("resched", False), ("unresched", False),
+])
+def test_every_vm_action_takes_an_id_and_hard_where_it_applies(capsys, action, has_hard):
+    args = parse("vm", action, "5")
+    assert args.id == 5 and args.func.__name__ == "run"
+    if has_hard:
+        assert parse("vm", action, "5", "--hard").hard is True
+        assert args.hard is False
+    else:
+        assert "unrecognized arguments: --hard" in usage_error(capsys, "vm", action, "5",
+                                                               "--hard")
+
+
+def test_migrate_and_deploy_take_a_host_by_name_or_id(capsys):
+    args = parse("vm", "migrate", "5", "node-2", "--live")
+    assert (args.id, args.host, args.live) == (5, "node-2", True)
+    assert parse("vm", "migrate", "5", "2").live is False
+    assert parse("vm", "deploy", "5", "2").host == 2
+    assert "HOST" in usage_error(capsys, "vm", "migrate", "5")
+    assert "HOST" in usage_error(capsys, "vm", "deploy", "5")
+    assert "--live" in usage_error(capsys, "vm", "deploy", "5", "2", "--live")
+
+
+def test_recover_takes_exactly_one_operation(capsys):
+    for operation in ("success", "failure", "retry", "delete", "recreate"):
+        assert parse("vm", "recover", "3", f"--{operation}").operation == operation
+    err = usage_error(capsys, "vm", "recover", "3")
+    assert "one of the arguments --success --failure --retry --delete --recreate is required" \
+        in err
+    err = usage_error(capsys, "vm", "recover", "3", "--delete", "--retry")
+    assert "--retry: not allowed with argument --delete" in err
+
+
+def test_an_unknown_vm_action_names_it(capsys):
+    err = usage_error(capsys, "vm", "explode", "3")
+    assert "invalid choice: 'explode'" in err and "poweroff" in err
+
+
+def test_watch_and_top_filters():
+    args = parse("vm", "watch", "--status", "running", "--user", "ann")
+    assert (args.id, args.status, args.user) == (None, "running", "ann")
+    args = parse("vm", "top", "--once", "--status", "ACTIVE")
+    assert (args.once, args.iterations, args.status, args.delay) == (True, None, "ACTIVE", 1.0)
+    assert parse("vm", "top", "--iterations", "3", "--delay", "0.2").iterations == 3
+
+
+def test_top_frames_are_once_or_a_positive_count(capsys):
+    assert "not allowed with argument" in usage_error(capsys, "vm", "top", "--once",
+                                                      "--iterations", "2")
+    assert "must be greater than 0" in usage_error(capsys, "vm", "top", "--iterations", "0")
+
+
+# ----------------------------------------------------------------- hosts and accounting
+
+def test_host_create_and_update_take_an_ha_policy(capsys):
+    assert parse("host", "create", "node-9").ha is None
+    assert parse("host", "create", "node-9", "--ha", "reschedule").ha == "reschedule"
+    args = parse("host", "update", "node-9", "--ha", "none")
+    assert (args.id, args.ha) == ("node-9", "none")
+    assert "invalid choice: 'always'" in usage_error(capsys, "host", "create", "n",
+                                                     "--ha", "always")
+    assert "--ha" in usage_error(capsys, "host", "update", "3")
+
+
+def test_accounting_reads_iso_dates_and_times_as_utc():
+    args = parse("accounting", "--user", "ann", "--start", "2026-01-31",
+                 "--end", "2026-02-01T12:30:00Z")
+    assert args.user == "ann"
+    assert args.start == datetime(2026, 1, 31, tzinfo=timezone.utc)
+    assert args.end == datetime(2026, 2, 1, 12, 30, tzinfo=timezone.utc)
+    start = parse("accounting", "--start", "2026-01-31T10:00:00+02:00").start
+    assert start == datetime(2026, 1, 31, 8, tzinfo=timezone.utc)
+    assert parse("accounting").start is None
+
+
+@pytest.mark.parametrize("value", ["yesterday", "2026-13-01", "31/01/2026", ""])
+def test_a_bad_accounting_time_is_named(capsys, value):
+    err = usage_error(capsys, "accounting", "--end", value)
+    assert f"argument --end: invalid time {value!r}" in err and "ISO" in err
 
 
 def test_vm_wait_needs_a_known_state_and_reads_it_in_any_case(capsys):
@@ -73,7 +171,8 @@ def test_vm_watch_takes_an_optional_id():
 @pytest.mark.parametrize("argv", [
     ("host", "list"), ("host", "show", "1"), ("vm", "list"), ("vm", "list", "--all"),
     ("vm", "show", "1"), ("template", "list"), ("template", "show", "1"),
-    ("vm", "watch"), ("vm", "wait", "1", "--state", "RUNNING"),
+    ("vm", "watch"), ("vm", "wait", "1", "--state", "RUNNING"), ("accounting",),
+    ("vm", "poweroff", "1"), ("host", "flush", "n"),
 ])
 def test_every_read_command_has_json(argv):
     assert parse(*argv, "--json").json is True
@@ -174,6 +273,81 @@ def test_host_view_lists_monitoring_and_domains():
         "1", "node1", "MONITORED", "1", "50", "/", "400", "512M", "/", "8G"]
 
 
+def test_vm_view_shows_the_stays_and_the_latest_monitoring():
+    vm = {**VM, "resched": True, "target_host": "node2",
+          "monitoring": {"CPU": 12.5, "MEMORY": 65536, "STATE": "RUNNING"},
+          "stays": [{"host": "node1", "host_id": 1, "start": "2026-01-02T03:04:06Z",
+                     "end": "2026-01-02T04:04:06Z", "reason": "migrate", "ended_by": "migrate",
+                     "prolog_seconds": 1.25, "boot_seconds": 0.5, "running_seconds": 3599.0,
+                     "epilog_seconds": 0.0},
+                    {"host": "node2", "host_id": 2, "start": "2026-01-02T04:04:06Z",
+                     "end": None, "reason": None, "ended_by": None, "prolog_seconds": 2.0,
+                     "boot_seconds": 1.0, "running_seconds": 65.0, "epilog_seconds": 0.0}]}
+    view = cli.vm_view(vm)
+    assert "MIGRATING_TO  node2" in view and "RESCHED       yes" in view
+    assert "CPU     12.5" in view.split("MONITORING\n", 1)[1]
+    stays = view.split("STAYS\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert stays[0].split() == ["HOST", "START", "END", "REASON", "PROLOG", "BOOT", "RUNNING",
+                                "EPILOG"]
+    assert stays[1].split() == ["node1", "2026-01-02", "03:04:06", "2026-01-02", "04:04:06",
+                                "migrate", "1.2s", "0.5s", "59m59s", "0.0s"]
+    assert stays[2].split() == ["node2", "2026-01-02", "04:04:06", "-", "-", "2.0s", "1.0s",
+                                "1m05s", "0.0s"]
+
+
+def test_duration_reads_as_seconds_minutes_or_hours():
+    assert [cli.duration(s) for s in (0, 4.24, 184, 7380)] == ["0.0s", "4.2s", "3m04s", "2h03m"]
+
+
+def test_accounting_view_lists_vms_then_users():
+    report = {"start": "2026-01-01T00:00:00Z", "end": None,
+              "vms": [{"id": 3, "name": "web", "owner": "ann", "owner_id": 2, "hours": 2.0,
+                       "cpu_hours": 1.0, "memory_gb_hours": 0.5}],
+              "users": [{"owner": "ann", "owner_id": 2, "vms": 1, "cpu_hours": 1.0,
+                         "memory_gb_hours": 0.5}]}
+    lines = cli.accounting_view(report).splitlines()
+    assert lines[0] == "VM usage from 2026-01-01 00:00:00 to now (UTC)"
+    assert lines[1].split() == ["ID", "NAME", "OWNER", "HOURS", "CPU_HOURS", "MEM_GB_HOURS"]
+    assert lines[2].split() == ["3", "web", "ann", "2.00", "1.00", "0.50"]
+    assert lines[4].split() == ["USER", "VMS", "CPU_HOURS", "MEM_GB_HOURS"]
+    assert lines[5].split() == ["ann", "1", "1.00", "0.50"]
+
+
+def change(vm_id, status, seq, state="ACTIVE", host="node1", name="web"):
+    return {"id": vm_id, "name": name, "state": state, "status": status, "seq": seq,
+            "short_status": status[:4].lower(), "host": host, "error": None}
+
+
+def test_top_follows_changes_and_drops_done_vms():
+    top = cli.VmTop()
+    top.load([{**VM, "monitoring": {"CPU": 50.0, "MEMORY": 524288}}])
+    assert top.apply(change(42, "SHUTDOWN_POWEROFF", 5))
+    assert not top.apply(change(42, "RUNNING", 4))        # older than what is shown
+    assert not top.apply(change(42, "SHUTDOWN_POWEROFF", 5))
+    assert top.apply(change(9, "PENDING", 1, state="PENDING", host=None, name="db"))
+    lines = top.render().splitlines()
+    assert lines[0].endswith("UTC  2 VMs")
+    assert lines[1].split() == ["ID", "NAME", "OWNER", "STAT", "HOST", "CPU", "MEM", "UCPU",
+                                "UMEM"]
+    assert lines[2].split() == ["9", "db", "-", "pend", "-", "-", "-", "-", "-"]
+    assert lines[3].split() == ["42", "web", "admin", "shut", "node1", "0.5", "1.5G", "50%",
+                                "512M"]
+    assert top.apply(change(42, "DONE", 9, state="DONE", host=None))
+    assert not top.apply(change(42, "DONE", 9, state="DONE", host=None))
+    assert [line.split()[0] for line in top.render().splitlines()[2:]] == ["9"]
+
+
+def test_top_narrows_to_a_status_or_state_and_a_user():
+    vms = [{**VM, "id": 1}, {**VM, "id": 2, "status": "PENDING", "state": "PENDING"},
+           {**VM, "id": 3, "owner": "ann", "status": "POWEROFF", "state": "POWEROFF"}]
+    for status, user, shown in [("running", None, ["1"]), ("ACTIVE", None, ["1"]),
+                                (None, "ann", ["3"]), (None, None, ["1", "2", "3"]),
+                                ("PENDING", "ann", [])]:
+        top = cli.VmTop(status, user)
+        top.load(vms)
+        assert [line.split()[0] for line in top.render().splitlines()[2:]] == shown
+
+
 def test_change_line_names_the_vm_and_its_status():
     change = {"id": 42, "name": "web", "status": "BOOT_FAILURE", "host": "node1", "seq": 3,
               "error": "no such image", "at": "2026-01-02T03:04:05Z", "current": False}
@@ -218,6 +392,11 @@ def test_credentials_come_from_env_token_then_file_then_user_then_config(home, m
 def test_authorization_metadata():
     assert client.authorization({"token": "t0k"}) == "Bearer t0k"
     assert client.authorization({"username": "ann", "password": "p:w"}) == "Basic YW5uOnA6dw=="
+
+
+def test_host_ids_pass_through_without_a_call():
+    with client.Client(address=f"127.0.0.1:{free_port()}", token="t") as api:
+        assert (api.host_id(4), api.host_id("17")) == (4, 17)
 
 
 def test_wait_vm_refuses_an_unknown_status_before_calling():
