@@ -592,6 +592,86 @@ def test_the_cli_logs_in_and_uses_the_token(gateway, cirrus_env, admin, tmp_path
     assert (refused.returncode, refused.stderr.split(":")[:2]) == (1, ["cirrus", " UNAUTHENTICATED"])
 
 
+def test_the_cli_acts_on_vms_and_hosts_and_shows_refusals_as_they_are(gateway, cirrus_env, admin,
+                                                                      tmp_path, api):
+    env = {**cirrus_env, "HOME": str(tmp_path), "CIRRUS_USER": admin[0],
+           "CIRRUS_PASSWORD": admin[1]}
+    vm_id = int(cirrus(gateway, env, "vm", "create", "--name", "gw-cli-act", "--memory", "32",
+                       "--hold").stdout)
+    refused_ = cirrus(gateway, env, "vm", "poweroff", str(vm_id), "--hard")
+    assert (refused_.returncode, refused_.stderr) == (
+        1, f"cirrus: FAILED_PRECONDITION: VM {vm_id}: cannot poweroff hard a VM in HOLD; "
+           "it must be in one of: RUNNING, UNKNOWN\n")
+    released = cirrus(gateway, env, "vm", "release", str(vm_id))
+    assert released.stdout == f"VM {vm_id} (gw-cli-act): release accepted; now PENDING\n"
+    assert json.loads(cirrus(gateway, env, "vm", "hold", str(vm_id), "--json").stdout)[
+        "status"] == "HOLD"
+    recovered = cirrus(gateway, env, "vm", "recover", str(vm_id), "--delete")
+    assert recovered.returncode == 0 and recovered.stdout.endswith("now DONE\n")
+
+    name = unique("gw-cli-host")
+    host_id = int(cirrus(gateway, env, "host", "create", name, "--ha", "reschedule").stdout)
+    updated = cirrus(gateway, env, "host", "update", name, "--ha", "none")
+    assert updated.stdout == f"host {host_id} ({name}) updated; ha none\n"
+    assert json.loads(cirrus(gateway, env, "host", "show", name, "--json").stdout)["ha"] == "none"
+    assert "HA           none" in cirrus(gateway, env, "host", "show", str(host_id)).stdout
+    assert cirrus(gateway, env, "host", "offline", name).stdout.endswith("state OFFLINE\n")
+    missing = cirrus(gateway, env, "host", "flush", "gw-no-such-host")
+    assert (missing.returncode, missing.stderr) == (
+        1, "cirrus: NOT_FOUND: host 'gw-no-such-host' does not exist\n")
+    migrate = cirrus(gateway, env, "vm", "migrate", str(vm_id), "gw-no-such-host")
+    assert "host 'gw-no-such-host' does not exist" in migrate.stderr
+
+
+def test_the_cli_accounts_and_refuses_bad_times(gateway, cirrus_env, admin, tmp_path, api, node):
+    env = {**cirrus_env, "HOME": str(tmp_path), "CIRRUS_USER": admin[0],
+           "CIRRUS_PASSWORD": admin[1]}
+    vm = running_vm(api, node, "gw-cli-acct")
+    report = json.loads(cirrus(gateway, env, "accounting", "--user", admin[0], "--json").stdout)
+    assert vm["id"] in [v["id"] for v in report["vms"]]
+    table = cirrus(gateway, env, "accounting", "--start", "2020-01-01").stdout.splitlines()
+    assert table[0] == "VM usage from 2020-01-01 00:00:00 to now (UTC)"
+    assert [str(vm["id"]), "gw-cli-acct", admin[0]] in [r.split()[:3] for r in table]
+    bad = cirrus(gateway, env, "accounting", "--end", "2026-02-30")
+    assert bad.returncode == 2 and "argument --end: invalid time '2026-02-30'" in bad.stderr
+    backwards = cirrus(gateway, env, "accounting", "--start", "2026-02-01", "--end", "2026-01-01")
+    assert backwards.returncode == 1 and "INVALID_ARGUMENT: end: must be after start" in \
+        backwards.stderr
+    api.vm_action(vm["id"], "recover", operation="delete")
+    node.answer("delete")
+
+
+def frames(text):
+    return [frame.splitlines() for frame in text.strip().split("\n\n")]
+
+
+def test_vm_top_prints_a_table_and_redraws_it_on_a_change(gateway, cirrus_env, admin, tmp_path,
+                                                         api):
+    env = {**cirrus_env, "HOME": str(tmp_path), "CIRRUS_USER": admin[0],
+           "CIRRUS_PASSWORD": admin[1]}
+    once = frames(cirrus(gateway, env, "vm", "top", "--once").stdout)
+    assert len(once) == 1
+    assert once[0][1].split() == ["ID", "NAME", "OWNER", "STAT", "HOST", "CPU", "MEM", "UCPU",
+                                  "UMEM"]
+    assert len(once[0]) - 2 == len(api.list_vms())
+    top = subprocess.Popen([sys.executable, "-m", "cirrus.cli", "--address", gateway, "vm", "top",
+                            "--iterations", "2", "--delay", "0.2", "--status", "HOLD"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = []
+        while (line := top.stdout.readline()) != "\n":
+            first.append(line)
+        vm = api.create_vm(name="gw-topped", memory=32, hold=True)
+        rest, err = top.communicate(timeout=30)
+    finally:
+        top.kill()
+    assert top.returncode == 0, err
+    assert str(vm["id"]) not in [line.split()[0] for line in first[2:]]
+    [second] = frames(rest)
+    assert [str(vm["id"]), "gw-topped", admin[0], "hold"] in [r.split()[:4] for r in second]
+    assert all(r.split()[3] == "hold" for r in second[2:])
+
+
 # ----------------------------------------------------------------- stopping
 
 def test_sigterm_ends_open_streams_and_stops_the_gateway(services, cirrus_env, logs, admin):
