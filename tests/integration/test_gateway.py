@@ -598,8 +598,8 @@ def test_the_cli_acts_on_vms_and_hosts_and_shows_refusals_as_they_are(gateway, c
            "CIRRUS_PASSWORD": admin[1]}
     vm_id = int(cirrus(gateway, env, "vm", "create", "--name", "gw-cli-act", "--memory", "32",
                        "--hold").stdout)
-    refused_ = cirrus(gateway, env, "vm", "poweroff", str(vm_id), "--hard")
-    assert (refused_.returncode, refused_.stderr) == (
+    not_allowed = cirrus(gateway, env, "vm", "poweroff", str(vm_id), "--hard")
+    assert (not_allowed.returncode, not_allowed.stderr) == (
         1, f"cirrus: FAILED_PRECONDITION: VM {vm_id}: cannot poweroff hard a VM in HOLD; "
            "it must be in one of: RUNNING, UNKNOWN\n")
     released = cirrus(gateway, env, "vm", "release", str(vm_id))
