@@ -517,6 +517,7 @@ def take_changes(api, top, changes, delay):
         if not top.knows(change["id"]) and change["status"] != "DONE":
             try:
                 top.vms[change["id"]] = api.get_vm(change["id"])
+                changed = True
             except ClientError as exc:
                 if exc.code != "NOT_FOUND":
                     raise
