@@ -134,5 +134,13 @@ def node(start_node, bus):
     return started
 
 
+def run_ok(bus, host, vm, action, timeout=15, **args):
+    """Send one command and return the info of its successful result."""
+    cmd = bus.send(host, messages.command(action, vm["id"], host, vm=vm, **args))
+    result = bus.result(cmd, timeout)
+    assert result["success"], result
+    return result["info"]
+
+
 def vm_states(report):
     return {v["VM_ID"]: v["STATE"] for v in report["monitoring"]["VMS"]}

@@ -287,7 +287,11 @@ class NodeWorker:
             pass        # the pipe is full: the main loop is waking anyway
 
     def flush(self, producer, channel):
-        """Publish what is ready, acking each command once its result is confirmed."""
+        """Publish what is ready, acking each command once its result is confirmed.
+        Domain events go first: they happened before any result now waiting (a
+        save's domain stops before the save returns)."""
+        while self.vm_events:
+            self.outbox.append((None, messages.VM_EVENT, self.vm_events.popleft()))
         while True:
             try:
                 message, result = self.finished.get_nowait()
@@ -298,8 +302,6 @@ class NodeWorker:
             report, self.latest_monitor = self.latest_monitor, None
         if report is not None:
             self.outbox.append((None, messages.HOST_MONITOR, report))
-        while self.vm_events:
-            self.outbox.append((None, messages.VM_EVENT, self.vm_events.popleft()))
         while self.outbox:
             message, event_type, body = self.outbox[0]
             producer.publish(body, exchange=self.events, routing_key=event_type,
@@ -468,6 +470,12 @@ def main(argv=None):
     signal.signal(signal.SIGINT, worker.stop)
     log.info("node %s on %s (%s backend)", args.host, args.uri, args.backend)
     worker.run()
+    if worker.running:
+        # a command stuck in the hypervisor must not keep the process alive past
+        # its grace: its message was never acked, so it goes back to the queue
+        log.warning("leaving %d commands still running to be redelivered", len(worker.running))
+        logging.shutdown()
+        os._exit(0)
 
 
 if __name__ == "__main__":

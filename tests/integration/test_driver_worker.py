@@ -9,7 +9,8 @@ import time
 import uuid
 
 from cirrus import messages
-from tests.node_worker import a_vm, bus, node, now_iso, start_node, vm_states  # noqa: F401
+from tests.node_worker import (a_vm, bus, node, now_iso, run_ok, start_node,  # noqa: F401
+                               vm_states)
 
 
 def test_first_monitoring_report_comes_at_start(start_node, bus):
@@ -167,13 +168,6 @@ def test_a_command_running_when_the_broker_drops_it_is_answered(start_node, bus)
     assert bus.result(cmd, timeout=20)["success"]
     bus.wait_for(lambda k, b: len(bus.results_of(cmd)) == 2, timeout=20)
     assert "redelivered command " + cmd["id"] in node.output()
-
-
-def run_ok(bus, host, vm, action, **args):
-    """Send one command and return the info of its successful result."""
-    result = bus.result(bus.send(host, messages.command(action, vm["id"], host, vm=vm, **args)))
-    assert result["success"], result
-    return result["info"]
 
 
 def test_the_life_cycle_actions_answer_and_repeat_harmlessly(node, bus):
