@@ -1,7 +1,7 @@
 """``cirrus-launch``: a whole Cirrus cluster on this machine, under one small supervisor.
 
     cirrus-launch [--scale scheduler=2,lifecycle=2] [--nodes node-1,node-2]
-                  [--uri test:///default] [--no-migrate]
+                  [--uri test:///default] [--node-args "--backend simulated"] [--no-migrate]
 
 It migrates the database, starts the Nameko services, the gRPC gateway and one
 driver worker per node, waits for the gateway, makes sure each node's host
@@ -17,6 +17,7 @@ the supervisor must not depend on what it supervises.
 import argparse
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -322,12 +323,23 @@ def program(name):
     return shutil.which(name) or name
 
 
-def cluster_specs(scale=None, nodes=("node-1",), uri="test:///default"):
+def node_arguments(text, node):
+    """Extra ``cirrus-node`` arguments from ``--node-args``, with ``{node}``
+    standing for each node's name (e.g. a state file per node)."""
+    try:
+        words = shlex.split(text or "")
+    except ValueError as exc:
+        raise LaunchError(f"--node-args {text!r}: {exc}") from None
+    return [word.replace("{node}", node) for word in words]
+
+
+def cluster_specs(scale=None, nodes=("node-1",), uri="test:///default", node_args=""):
     """The processes of one cluster: the services (scaled), the gateway, one worker per node."""
     scale = {name: 1 for name in SERVICES} | dict(scale or {})
     specs = [ProcessSpec(name, [program("cirrus-service"), name], scale[name]) for name in SCALABLE]
     specs.append(ProcessSpec("gateway", [program("cirrus-gateway")], scale["gateway"]))
-    specs += [ProcessSpec(node, [program("cirrus-node"), "--host", node, "--uri", uri])
+    specs += [ProcessSpec(node, [program("cirrus-node"), "--host", node, "--uri", uri,
+                                 *node_arguments(node_args, node)])
               for node in nodes]
     return specs
 
@@ -434,6 +446,10 @@ def build_parser():
                         help="driver workers to run, one per hypervisor node (default node-1)")
     parser.add_argument("--uri", help="libvirt URI of the nodes (default: drivers.uri of the "
                                       "configuration, test:///default)")
+    parser.add_argument("--node-args", default="", metavar="ARGS",
+                        help="more cirrus-node arguments for every node, {node} standing for "
+                             "its name, e.g. \"--backend simulated --sim-state "
+                             "/var/tmp/sim-{node}.json\"")
     parser.add_argument("--no-migrate", action="store_true",
                         help="do not run `cirrus db upgrade` first")
     parser.add_argument("--ready-timeout", type=float, default=60.0, metavar="SECONDS",
@@ -453,6 +469,7 @@ def main(argv=None):
             for name, count in parse_scale(text).items():
                 scale[name] = count
         nodes = parse_nodes(args.nodes)
+        node_arguments(args.node_args, "")
     except LaunchError as exc:
         parser.error(str(exc))
 
@@ -487,7 +504,7 @@ def main(argv=None):
             return 1
         return 0
 
-    supervisor = Supervisor(cluster_specs(scale, nodes, uri), console)
+    supervisor = Supervisor(cluster_specs(scale, nodes, uri, args.node_args), console)
     console.make_room(["migrate"])
     code = 0
     try:

@@ -31,9 +31,11 @@ class CliError(AssertionError):
 
 
 class Cluster:
-    def __init__(self, tmp_path, nodes=("node-1",), uri="test:///default", scale=None):
+    def __init__(self, tmp_path, nodes=("node-1",), uri="test:///default", scale=None,
+                 node_args=None):
         self.id = uuid.uuid4().hex[:8]
         self.nodes, self.uri, self.scale = list(nodes), uri, scale
+        self.node_args = node_args
         self.tmp = tmp_path
         self.db_url = BASE_DB.rstrip("/") + f"/cirrus_e2e_{self.id}"
         self.vhost = f"cirrus-e2e-{self.id}"
@@ -59,6 +61,8 @@ class Cluster:
         args = ["cirrus-launch", "--nodes", ",".join(self.nodes), "--uri", self.uri]
         if self.scale:
             args += ["--scale", self.scale]
+        if self.node_args:
+            args += ["--node-args", self.node_args]
         self.proc = Proc(args, self.env, self.tmp / "cluster.log").start()
         self.proc.wait_for("cirrus: cluster ready", timeout=120)
         return self
@@ -89,6 +93,18 @@ class Cluster:
 
     def create_vm(self, *args):
         return int(self.cli("vm", "create", *args).stdout.strip())
+
+    def isolate_vm_ids(self):
+        """Start this cluster's VM ids at a random high number: domain names
+        come from VM ids, so clusters sharing qemu:///system would otherwise
+        name their first VMs alike and see each other's domains."""
+        from sqlalchemy import create_engine
+        engine = create_engine(self.db_url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('vms', 'id'), %s)",
+                                 (10**9 + int(self.id, 16) % 10**6 * 1000,))
+        engine.dispose()
+        return self
 
     # ------------------------------------------------------------ the SDK
 

@@ -2,6 +2,9 @@
 cluster, and a driver worker killed mid-deploy. Each restart test restarts
 the machine's one server, so each runs once and brings it back whatever
 happens."""
+import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -13,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from cirrus.client import ClientError
+from cirrus.config import REPO_ROOT
+from services.drivers.backend import domain_name, vm_id_of
 from tests.conftest import rabbitmqctl
 from tests.procs import wait_until
 
@@ -201,3 +206,85 @@ def test_rabbitmq_restart_while_vms_come_and_go(make_cluster):
     # every service is still there: a full round trip through all of them
     last = create_persistently(client, "after-restart")
     client.wait_vm(last, "RUNNING", timeout=60)
+
+
+# ------------------------------------------------------------------ driver worker
+
+QEMU = "qemu:///system"
+
+
+def qemu_domains():
+    """Every domain on qemu:///system, by name: state ("running", "shut off"...)."""
+    out = subprocess.run(["virsh", "-c", QEMU, "list", "--all"], capture_output=True,
+                         text=True, check=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines()[2:] if line.strip()]
+    return {row[1]: row[2].strip() for row in rows if len(row) == 3}
+
+
+def remove_domains(names):
+    """Leave nothing on the shared hypervisor, whatever the test did."""
+    for name in names:
+        subprocess.run(["virsh", "-c", QEMU, "destroy", name], capture_output=True)
+        subprocess.run(["virsh", "-c", QEMU, "undefine", name], capture_output=True)
+
+
+@pytest.fixture
+def qemu_cluster(make_cluster):
+    subprocess.run([str(REPO_ROOT / "deploy" / "libvirt-up.sh")], check=True, timeout=120)
+    made = []
+
+    def make(node):
+        cluster = make_cluster(nodes=(node,), uri=QEMU).isolate_vm_ids()
+        made.append(cluster)
+        return cluster
+    yield make
+    for cluster in made:
+        remove_domains(domain_name(vm["id"])
+                       for vm in persist(lambda: cluster.client().list_vms(include_done=True)))
+
+
+DEPLOY_PATH = ["PENDING", "PROLOG", "BOOT", "RUNNING"]
+
+
+def test_driver_worker_killed_while_deploying(make_cluster, tmp_path):
+    """On the simulated hypervisor with its state file: its domains outlive a
+    killed worker as a real hypervisor's do (test:///default's die with the
+    worker's process), and 20 of them cost nothing on a small machine.
+    Each action takes a moment, so the kill lands mid-deploy."""
+    state = tmp_path / "sim-{node}.json"
+    cluster = make_cluster(nodes=("kill-1",),
+                           node_args=f"--backend simulated --sim-delay 0.4 --sim-state {state}")
+    client = cluster.client()
+    wait_until(lambda: client.list_hosts()[0]["state"] == "MONITORED", what="host monitored")
+    old_pid = cluster.pids("kill-1.1")
+
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(lambda i: client.create_vm(name=f"kill-{i}", cpu=0.1, memory=32)["id"],
+                            range(20)))
+
+    def some_booted():
+        now = [vm["status"] for vm in client.list_vms()]
+        return sum(s in ("BOOT", "RUNNING") for s in now) >= 3 and now
+    at_kill = wait_until(some_booted, timeout=60, interval=0.05, what="the first VMs booting")
+    cluster.kill("kill-1.1", signal.SIGKILL)
+    assert at_kill.count("RUNNING") < 20, "every VM was deployed before the kill"
+
+    wait_until(lambda: cluster.pids("kill-1.1") not in (None, old_pid), timeout=30,
+               what="the worker restarted by the supervisor")
+    for vm_id in ids:
+        client.wait_vm(vm_id, "RUNNING", timeout=120)
+    vms = [client.get_vm(vm_id) for vm_id in ids]
+    # straight through: no driver failure on the way, e.g. from a deploy redone
+    assert [[h["to_status"] for h in vm["history"]] for vm in vms] == [DEPLOY_PATH] * 20
+    deploy_ids = {vm["deploy_id"] for vm in vms}
+    assert len(deploy_ids) == 20
+    # the hypervisor holds one running domain per VM, and nothing else
+    domains = json.loads((tmp_path / "sim-kill-1.json").read_text())["domains"]
+    assert {name: d["state"] for name, d in domains.items()} == \
+        {d: "RUNNING" for d in deploy_ids}
+    wait_until(lambda: cluster.domains("kill-1") == {d: "RUNNING" for d in deploy_ids},
+               timeout=15, what="the node reporting exactly the 20 domains")
+    # the commands unanswered at the kill came back to the new worker
+    assert "redelivered command" in cluster.proc.output()
+    host = client.list_hosts()[0]
+    assert (host["cpu_usage"], host["running_vms"]) == (10 * 20, 20)

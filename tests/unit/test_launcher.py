@@ -223,3 +223,15 @@ def test_signal_number_names_in_exit_notes():
     from cirrus.launcher import describe_exit
     assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
     assert describe_exit(2) == "exited with code 2"
+
+
+def test_node_args_reach_every_worker_with_its_own_name():
+    specs = {s.name: s for s in cluster_specs(None, ["n1", "n2"], "test:///default",
+                                              "--backend simulated --sim-state '/v t/{node}.json'")}
+    assert specs["n2"].argv[-4:] == ["--backend", "simulated", "--sim-state", "/v t/n2.json"]
+    assert specs["n1"].argv[-1] == "/v t/n1.json"
+
+
+def test_unbalanced_node_args_are_refused_by_name():
+    with pytest.raises(LaunchError, match="--node-args"):
+        cluster_specs(None, ["n1"], "test:///default", "--sim-state 'open")
