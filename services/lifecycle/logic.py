@@ -147,19 +147,32 @@ def reserve(session, vm, host_id):
     conditional UPDATE so that concurrent placements never overcommit.
     Room is counted as the scheduler counts it: MAX - RESERVED - USAGE.
     False when the host does not fit (``unfit_reason`` says why)."""
-    need_cpu = cpu_percent(vm.cpu)
-    return session.execute(
-        update(Host)
-        .where(Host.id == host_id, Host.state == "MONITORED",
-               Host.max_cpu - Host.reserved_cpu - Host.cpu_usage >= need_cpu,
-               Host.max_mem - Host.reserved_mem - Host.mem_usage >= vm.memory)
-        .values(cpu_usage=Host.cpu_usage + need_cpu, mem_usage=Host.mem_usage + vm.memory,
-                running_vms=Host.running_vms + 1)
-        .returning(Host.id)).scalar() is not None
+    return reserve_capacity(session, host_id, cpu_percent(vm.cpu), vm.memory, 1)
+
+
+_hosts = Host.__table__.c
+# a plain (Core) UPDATE, built once: host objects already in the session keep
+# their old usage, so reading a host's name later costs no query
+# (``unfit_reason`` reads afresh)
+RESERVE = (
+    Host.__table__.update()
+    .where(_hosts.id == bindparam("host_id"), _hosts.state == "MONITORED",
+           _hosts.max_cpu - _hosts.reserved_cpu - _hosts.cpu_usage >= bindparam("cpu"),
+           _hosts.max_mem - _hosts.reserved_mem - _hosts.mem_usage >= bindparam("memory"))
+    .values(cpu_usage=_hosts.cpu_usage + bindparam("cpu"),
+            mem_usage=_hosts.mem_usage + bindparam("memory"),
+            running_vms=_hosts.running_vms + bindparam("vms"))
+    .returning(_hosts.id))
+
+
+def reserve_capacity(session, host_id, cpu, memory, vms):
+    """``reserve`` for ``vms`` VMs needing ``cpu`` and ``memory`` in all: all or nothing."""
+    return session.execute(RESERVE, {"host_id": host_id, "cpu": cpu, "memory": memory,
+                                     "vms": vms}).scalar() is not None
 
 
 def unfit_reason(session, vm, host_id):
-    host = session.get(Host, host_id)
+    host = session.get(Host, host_id, populate_existing=True)
     if host is None:
         return f"host {host_id} does not exist"
     if host.state != "MONITORED":
@@ -212,31 +225,71 @@ def deploy(session, vm_id, host_id):
     a host that no longer fits is a normal answer, not an error, so the
     scheduler can try its next choice."""
     vm = get_vm_locked(session, vm_id)
+    refusal = deploy_refusal(vm)
+    if refusal:
+        return refusal
+    if not reserve(session, vm, host_id):
+        return {"outcome": "host_unfit", "reason": unfit_reason(session, vm, host_id)}
+    return deployed(session, vm, host_id)
+
+
+def deploy_refusal(vm):
+    """The answer for a VM that is not waiting for a host, or None."""
     action = DEPLOY_ACTIONS[vm.resume_from]
     if not allows(vm_status(vm), action):
         return {"outcome": "vm_not_pending", "reason": str(TransitionError(action, vm_status(vm)))}
-    if not reserve(session, vm, host_id):
-        return {"outcome": "host_unfit", "reason": unfit_reason(session, vm, host_id)}
+    return None
+
+
+def deployed(session, vm, host_id):
+    """Send ``vm`` to ``host_id``, whose capacity is already reserved for it."""
     vm.host_id = host_id
     vm.sched_message = None
     vm.error = None
-    apply(session, vm, action)
+    apply(session, vm, DEPLOY_ACTIONS[vm.resume_from])
     return {"outcome": "deployed", "reason": None}
 
 
 def deploy_many(session, placements):
     """``deploy`` for a batch of [vm_id, host_id], in one transaction; returns
-    each answer with its vm_id, in the order given. All the VM rows are locked
-    first, in id order, and hosts are then reserved in host order, so that two
-    batches (two schedulers) never wait for each other in a cycle."""
+    each answer with its vm_id, in the order given.
+
+    All the VM rows are locked first, in id order, and hosts are then
+    reserved in host order, so that two batches (two schedulers) never wait
+    for each other in a cycle. The VMs going to one host are reserved with
+    one conditional UPDATE when they all fit, else one by one; the rows the
+    batch writes (history, outbox) are flushed together at the end."""
     placements = [(int(vm_id), int(host_id)) for vm_id, host_id in placements]
-    session.scalars(select(VirtualMachine).where(
-        VirtualMachine.id.in_(sorted({vm_id for vm_id, _ in placements})))
-        .order_by(VirtualMachine.id).with_for_update()).all()
+    vms = {vm.id: vm for vm in session.scalars(
+        select(VirtualMachine).where(VirtualMachine.id.in_({v for v, _ in placements}))
+        .order_by(VirtualMachine.id).with_for_update())}
+    # held here so that they stay in the session (a weak map) for apply() and
+    # driver_command(), which read the host's name
+    hosts = session.scalars(select(Host).where(Host.id.in_({h for _, h in placements}))).all()
+    by_host = {}
     answers = {}
-    for vm_id, host_id in sorted(placements, key=lambda p: (p[1], p[0])):
-        answers[vm_id] = {"vm_id": vm_id, **deploy(session, vm_id, host_id)}
-    return [answers[vm_id] for vm_id, _ in placements]
+    for vm_id, host_id in placements:
+        vm = vms.get(vm_id)
+        refusal = (deploy_refusal(vm) if vm is not None else
+                   {"outcome": "vm_not_pending", "reason": f"VM {vm_id} does not exist"})
+        if refusal:
+            answers[vm_id] = refusal
+        else:
+            by_host.setdefault(host_id, []).append(vm)
+    with session.no_autoflush:
+        for host_id, group in sorted(by_host.items()):
+            group.sort(key=lambda vm: vm.id)
+            if reserve_capacity(session, host_id, sum(cpu_percent(vm.cpu) for vm in group),
+                                sum(vm.memory for vm in group), len(group)):
+                fitting = group
+            else:
+                fitting = [vm for vm in group if reserve(session, vm, host_id)]
+            for vm in group:
+                answers[vm.id] = (deployed(session, vm, host_id) if vm in fitting else
+                                  {"outcome": "host_unfit",
+                                   "reason": unfit_reason(session, vm, host_id)})
+    del hosts
+    return [{"vm_id": vm_id, **answers[vm_id]} for vm_id, _ in placements]
 
 
 def migrate(session, vm, host_id, live=False):

@@ -41,7 +41,9 @@ POLICIES = {
     "load-aware": lambda a: a["FREE_CPU"],
     "fixed": lambda a: number(a.get("PRIORITY")),
 }
-DYNAMIC_POLICIES = {"packing", "striping"}
+# policies whose rank of a host may rise when a VM is reserved on it (an
+# expression reading CPU_USAGE, MEM_USAGE or RUNNING_VMS is counted as such)
+RISING_POLICIES = {"packing"}
 POLICY_NUMBERS = {"0": "packing", "1": "striping", "2": "load-aware", "3": "custom",
                   "4": "fixed"}
 
@@ -256,12 +258,12 @@ class Planner:
         except ExpressionError as exc:
             raise Unplaceable(str(exc)) from None
         if rank is not None:
-            rank_fn, dynamic_rank = rank.evaluate, bool(rank.attributes & DYNAMIC)
+            rank_fn, rank_rises = rank.evaluate, bool(rank.attributes & DYNAMIC)
         elif self.policy == "custom":
-            rank_fn, dynamic_rank = (lambda a: 0.0), False
+            rank_fn, rank_rises = (lambda a: 0.0), False
         else:
-            rank_fn, dynamic_rank = POLICIES[self.policy], self.policy in DYNAMIC_POLICIES
-        return requirement, rank, rank_fn, dynamic_rank, cluster_ids(template)
+            rank_fn, rank_rises = POLICIES[self.policy], self.policy in RISING_POLICIES
+        return requirement, rank, rank_fn, rank_rises, cluster_ids(template)
 
     def matches(self, requirement, clusters, host):
         if clusters is not None and host.attributes["CLUSTER_ID"] not in clusters:
@@ -292,13 +294,13 @@ class Planner:
         return self.vm_class(vm).choose()
 
     def vm_class(self, vm):
-        requirement, rank, rank_fn, dynamic_rank, clusters = self.expressions(vm)
+        requirement, rank, rank_fn, rank_rises, clusters = self.expressions(vm)
         key = (id(requirement) if requirement else None, id(rank) if rank else None,
                vm.cpu, vm.memory, clusters)
         found = self.classes.get(key)
         if found is None:
             found = self.classes[key] = VmClass(self, vm.cpu, vm.memory, requirement, rank_fn,
-                                                dynamic_rank, clusters)
+                                                rank_rises, clusters)
         return found
 
     def choose_by_scan(self, vm, members):
@@ -431,13 +433,19 @@ def cluster_ids(template):
 class VmClass:
     """The VMs of a pass that ask the same: requirement, rank, size and
     clusters. Its heap holds (-rank, host id, host version) for the hosts that
-    fit and match; an entry whose version is old is dropped when popped. A
-    reservation re-pushes the host it changed, when the class next chooses."""
+    fit and match. Capacity only shrinks within a pass, so a host that does
+    not fit now never will; an entry whose host changed since is *stale*:
+    - if the host's rank can only have stayed or fallen, and whether it
+      matches cannot have changed, the stale entry is checked again when it
+      reaches the top (and pushed back with its new rank if the host still fits);
+    - otherwise (packing, or an expression reading what reservations change)
+      the class is *eager*: before choosing, it pushes afresh every host
+      changed since it last looked, and drops stale entries."""
 
-    def __init__(self, planner, cpu, memory, requirement, rank_fn, dynamic_rank, clusters):
+    def __init__(self, planner, cpu, memory, requirement, rank_fn, rank_rises, clusters):
         self.planner, self.cpu, self.memory = planner, cpu, memory
         self.requirement, self.rank_fn, self.clusters = requirement, rank_fn, clusters
-        self.dynamic_rank = dynamic_rank
+        self.eager = rank_rises or bool(requirement and requirement.attributes & DYNAMIC)
         self.failure = None
         self.heap = []
         for host_id in planner.order:
@@ -446,9 +454,9 @@ class VmClass:
         self.seen = len(planner.changes)
 
     def consider(self, host, push=False):
-        if not host.fits(self.cpu, self.memory) or not self.planner.open(host):
-            return
-        if not self.planner.matches(self.requirement, self.clusters, host):
+        if (host.max_cpu - host.cpu_usage < self.cpu or host.max_mem - host.mem_usage < self.memory
+                or not self.planner.open(host)
+                or not self.planner.matches(self.requirement, self.clusters, host)):
             return
         entry = (-self.rank_fn(host.attributes), host.id, host.version)
         if push:
@@ -469,15 +477,22 @@ class VmClass:
     def choose(self):
         if self.failure:
             raise Unplaceable(self.failure)     # capacity only shrinks within a pass
-        self.refresh()
-        hosts = self.planner.hosts
-        while self.heap:
-            _, host_id, version = self.heap[0]
+        if self.eager:
+            self.refresh()
+        hosts, heap = self.planner.hosts, self.heap
+        while heap:
+            _, host_id, version = heap[0]
             host = hosts.get(host_id)
-            if host is None or host.version != version or not self.planner.open(host):
-                heapq.heappop(self.heap)
-                continue
-            return host
+            if host is None:
+                heapq.heappop(heap)
+            elif host.version != version:
+                heapq.heappop(heap)
+                if not self.eager:
+                    self.consider(host, push=True)
+            elif not self.planner.open(host):
+                heapq.heappop(heap)
+            else:
+                return host
         self.failure = self.reason()
         raise Unplaceable(self.failure)
 

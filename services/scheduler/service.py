@@ -15,6 +15,7 @@ any number of schedulers can run side by side: a host another scheduler
 filled first is refused, dropped from this pass, and its VMs planned again.
 """
 import logging
+from collections import deque
 
 from eventlet.semaphore import Semaphore
 from nameko.events import event_handler
@@ -46,8 +47,8 @@ OFF_HOST = ("DONE", "STOPPED", "UNDEPLOYED")
 class Settings:
     """The scheduler's knobs, read once: policy and default rank, MAX_VM
     (waiting VMs read per pass), MAX_DISPATCH (placements per pass), MAX_HOST
-    (placements per host per pass), 0 meaning no limit, and the size of the
-    batches sent to lifecycle."""
+    (placements per host per pass), 0 meaning no limit, the size of the
+    batches sent to lifecycle and how many may be in flight at once."""
 
     def __init__(self):
         self.policy = policy_name(setting("policy", "packing"))
@@ -56,6 +57,7 @@ class Settings:
         self.max_dispatch = int(setting("max_dispatch", 0))
         self.max_host = int(setting("max_host", 0))
         self.batch = max(1, int(setting("batch", 500)))
+        self.in_flight = max(1, int(setting("in_flight", 4)))
 
 
 class PassQueue(DependencyProvider):
@@ -138,23 +140,33 @@ class SchedulerService:
             self.lifecycle.set_sched_messages(changed)
 
     def place(self, planner, vms, settings, reasons):
-        """Plan ``vms`` and send the placements in batches; returns the VMs
-        whose host lifecycle refused (filled by another scheduler)."""
-        batch, retry = [], []
+        """Plan ``vms`` and send the placements in batches, up to
+        ``in_flight`` batches at a time while planning goes on; returns the
+        VMs whose host lifecycle refused (filled by another scheduler)."""
+        batch, sent, retry = [], deque(), []
         for members, host, reason in planner.plan(vms, settings.max_dispatch):
             if host is None:
                 reasons.update((m.id, reason) for m in members)
                 continue
             batch.extend((m, host) for m in members)
             if len(batch) >= settings.batch:
-                retry += self.deploy(planner, batch, reasons)
+                sent.append(self.send(batch))
                 batch = []
+                if len(sent) >= settings.in_flight:
+                    retry += self.settle(planner, *sent.popleft(), reasons)
         if batch:
-            retry += self.deploy(planner, batch, reasons)
+            sent.append(self.send(batch))
+        while sent:
+            retry += self.settle(planner, *sent.popleft(), reasons)
         return retry
 
-    def deploy(self, planner, batch, reasons):
-        answers = self.lifecycle.deploy_many([[vm.id, host.id] for vm, host in batch])
+    def send(self, batch):
+        return batch, self.lifecycle.deploy_many.call_async([[vm.id, host.id]
+                                                             for vm, host in batch])
+
+    def settle(self, planner, batch, reply, reasons):
+        """Read lifecycle's answers to one batch; returns the VMs to plan again."""
+        answers = reply.result()
         hosts = {vm.id: (vm, host) for vm, host in batch}
         retry = []
         for answer in answers:

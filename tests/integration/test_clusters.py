@@ -245,3 +245,34 @@ def test_a_bad_placement_rule_is_refused_when_the_vm_is_created(factory, admin_i
             "SCHED_REQUIREMENTS": 'SSD = "yes" | CLUSTER_ID = 3', "SCHED_RANK": "-RUNNING_VMS",
             "CLUSTER_ID": "3, 4"})
         assert good.state == "PENDING"
+
+
+def test_deploy_many_reserves_per_host_all_or_one_by_one_and_answers_each_vm(factory,
+                                                                            admin_id):
+    roomy, tight = make_host(factory, cpu=400), make_host(factory, cpu=250)
+    with factory() as s, s.begin():
+        vms = [logic.allocate(s, admin_id, unique("many"), 1, 1, 256, {}).id for _ in range(5)]
+        held = logic.allocate(s, admin_id, unique("held"), 1, 1, 256, {}, hold=True).id
+    placements = [[vms[0], roomy], [vms[1], tight], [vms[2], roomy], [vms[3], tight],
+                  [vms[4], tight], [held, roomy], [999999, roomy]]
+    with factory() as s, s.begin():
+        answers = logic.deploy_many(s, placements)
+    assert [(a["vm_id"], a["outcome"]) for a in answers] == [
+        (vms[0], "deployed"), (vms[1], "deployed"), (vms[2], "deployed"),
+        (vms[3], "deployed"), (vms[4], "host_unfit"), (held, "deployed"),
+        (999999, "vm_not_pending")]
+    assert "it has 50% and" in answers[4]["reason"]
+    assert answers[6]["reason"] == "VM 999999 does not exist"
+    with factory() as s:
+        # three one-CPU VMs on the roomy host (the held one too: deploy takes HOLD VMs),
+        # two on the tight one, and each placed VM went PENDING -> PROLOG with its command
+        assert [(s.get(Host, h).cpu_usage, s.get(Host, h).running_vms)
+                for h in (roomy, tight)] == [(300, 3), (200, 2)]
+        for vm_id in (vms[0], vms[1], held):
+            shown = logic.get_vm(s, vm_id)
+            assert shown["status"] == "PROLOG" and shown["history"][-1]["action"] == "deploy"
+        assert logic.get_vm(s, vms[4])["status"] == "PENDING"
+        commands = [r.payload for r in s.scalars(select(Outbox)) if r.payload.get("action")]
+        assert {c["vm_id"] for c in commands if c["action"] == "clone"} >= \
+            {vms[0], vms[1], vms[2], vms[3], held}
+        assert vms[4] not in {c["vm_id"] for c in commands}
