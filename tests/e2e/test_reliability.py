@@ -288,3 +288,44 @@ def test_driver_worker_killed_while_deploying(make_cluster, tmp_path):
     assert "redelivered command" in cluster.proc.output()
     host = client.list_hosts()[0]
     assert (host["cpu_usage"], host["running_vms"]) == (10 * 20, 20)
+
+
+# ------------------------------------------------------------------ real guest
+
+GUEST = Path(os.environ.get("CIRRUS_GUEST_CACHE", "/var/tmp/cirrus/guest"))
+GUEST_UP = "CIRRUS GUEST UP"        # what the tiny guest prints once it listens
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(os.environ.get("CIRRUS_SKIP_QEMU") == "1", reason="CIRRUS_SKIP_QEMU=1")
+def test_a_real_guest_powering_itself_off_is_poweroff_then_resumes(qemu_cluster, tmp_path):
+    subprocess.run([str(REPO_ROOT / "deploy" / "guest" / "build-tiny-guest.sh"), str(GUEST)],
+                   check=True, timeout=600)
+    cluster = qemu_cluster("self-off-1")
+    template = tmp_path / "tiny.tpl"
+    template.write_text(f'''CPU = 0.5
+VCPU = 1
+MEMORY = 128
+OS = [ KERNEL = "{GUEST}/vmlinuz", INITRD = "{GUEST}/initrd.img",
+       KERNEL_CMDLINE = "console=ttyS0 quiet" ]
+''')
+    vm_id = cluster.create_vm("--file", template, "--name", "self-off")
+    cluster.cli("vm", "wait", vm_id, "--state", "RUNNING", "--timeout", "240")
+    name = cluster.json("vm", "show", vm_id)["deploy_id"]
+    console = cluster.datastore / str(vm_id) / "console.log"
+    wait_until(lambda: console.exists() and GUEST_UP in console.read_text(errors="replace"),
+               timeout=180, what="the guest listening to its power button")
+
+    # the ACPI power button: the guest itself runs poweroff, Cirrus is not asked
+    subprocess.run(["virsh", "-c", QEMU, "shutdown", name], check=True, capture_output=True)
+    cluster.cli("vm", "wait", vm_id, "--state", "POWEROFF", "--timeout", "60")
+    assert qemu_domains()[name] == "shut off"
+    vm = cluster.json("vm", "show", vm_id)
+    assert vm["host"] == "self-off-1"       # a powered off VM keeps its host
+
+    cluster.cli("vm", "resume", vm_id)
+    cluster.cli("vm", "wait", vm_id, "--state", "RUNNING", "--timeout", "240")
+    assert qemu_domains()[name] == "running"
+    cluster.cli("vm", "terminate", vm_id, "--hard")
+    cluster.cli("vm", "wait", vm_id, "--state", "DONE", "--timeout", "120")
+    assert name not in qemu_domains()
