@@ -279,7 +279,9 @@ class Requests:
                              "the requests service is not running") from exc
         except Exception as exc:
             self._discard(local)
-            if isinstance(exc, BROKER_ERRORS):
+            # nameko's standalone proxy says RuntimeError when the broker took
+            # its reply consumer down: that too is the broker, and a fresh proxy fixes it
+            if isinstance(exc, BROKER_ERRORS) or "has been disconnected" in str(exc):
                 raise CallFailed(grpc.StatusCode.UNAVAILABLE,
                                  f"cannot reach the requests service: {exc}") from exc
             log.exception("requests.%s failed", method)
