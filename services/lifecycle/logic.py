@@ -87,7 +87,7 @@ def apply(session, vm, action, message=None):
     vm.state, vm.lcm_state = (s.value for s in split(transition.target))
     vm.seq += 1
     vm.updated_at = utcnow()
-    move_capacity(session, vm, current, transition)
+    freed = move_capacity(session, vm, current, transition)
     if transition.fresh:
         start_over(vm)
     if transition.target == "RUNNING":
@@ -101,15 +101,18 @@ def apply(session, vm, action, message=None):
         outbox.add_command(session, cmd)
     host = session.get(Host, vm.host_id) if vm.host_id else None
     outbox.add_event(session, messages.LIFECYCLE, messages.VM_STATE,
-                     state_event(vm, host.name if host else None))
+                     state_event(vm, host.name if host else None, freed))
     return vm
 
 
 def move_capacity(session, vm, current, transition):
     """Keep the hosts' usage in step with where the VM is. A migration holds
     both hosts until it ends: arriving frees the old one, anything else
-    (failure, terminate, recover) frees the target."""
+    (failure, terminate, recover) frees the target. True when capacity was
+    freed, which the scheduler hears in the event: a waiting VM may fit now."""
+    freed = False
     if vm.target_host_id and transition.target not in MIGRATING:
+        freed = True
         if transition.arrives:
             add_usage(session, vm, vm.host_id, -1)
             vm.host_id = vm.target_host_id
@@ -119,12 +122,14 @@ def move_capacity(session, vm, current, transition):
     was_on, now_on = current in ON_HOST, transition.target in ON_HOST
     if was_on and not now_on:
         add_usage(session, vm, vm.host_id, -1)
+        freed = True
     elif now_on and not was_on and not transition.reserved:
         # the cleanup of a stopped or undeployed VM runs on its last host and
         # holds capacity there until it is done, as any VM in EPILOG
         add_usage(session, vm, vm.host_id, +1)
     if transition.target in ("PENDING", "HOLD"):
         vm.host_id = None       # waiting for the scheduler: on no host
+    return freed
 
 
 def start_over(vm):
@@ -207,12 +212,12 @@ def driver_spec(vm):
             "runtime": vm.runtime or {}}
 
 
-def state_event(vm, host_name):
+def state_event(vm, host_name, freed=False):
     return {"key": messages.vm_event_key(vm.state, vm.lcm_state, vm.id), "id": vm.id,
             "name": vm.name, "owner_id": vm.owner_id, "state": vm.state,
             "lcm_state": vm.lcm_state, "status": vm_status(vm), "seq": vm.seq,
             "host": host_name, "host_id": vm.host_id, "resched": bool(vm.resched),
-            "error": vm.error, "at": iso(vm.updated_at)}
+            "error": vm.error, "at": iso(vm.updated_at), "freed": freed}
 
 
 # the deploy path brings back what a stop or an undeploy put away

@@ -40,9 +40,6 @@ def setting(key, default):
 
 SWEEP_INTERVAL = setting("sweep_interval", 5)
 
-# statuses entered by leaving a host, i.e. freeing capacity
-OFF_HOST = ("DONE", "STOPPED", "UNDEPLOYED")
-
 
 class Settings:
     """The scheduler's knobs, read once: policy and default rank, MAX_VM
@@ -99,8 +96,8 @@ class SchedulerService:
     def on_vm_state(self, event):
         if event["status"] == "PENDING" or (event["status"] == "RUNNING" and event.get("resched")):
             self.schedule([event["id"]])
-        elif event["status"] in OFF_HOST:
-            self.schedule()
+        elif event.get("freed"):
+            self.schedule()     # a VM left a host (or a migration target): room for others
 
     @event_handler(messages.LIFECYCLE, messages.HOST_STATE)
     def on_host_state(self, event):

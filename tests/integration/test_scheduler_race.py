@@ -22,6 +22,8 @@ def services(cirrus_env, tmp_path_factory):
         s.execute(update(Host).values(state="DISABLED"))
         s.execute(update(VirtualMachine).where(VirtualMachine.state.in_(["PENDING", "HOLD"]))
                   .values(state="DONE"))
+        # and VMs they flagged for rescheduling would move to this module's hosts
+        s.execute(update(VirtualMachine).values(resched=False))
     env = {**cirrus_env, "CIRRUS_LIFECYCLE_HOST_TIMEOUT": "600",
            # small batches: the schedulers interleave their calls to lifecycle
            "CIRRUS_SCHEDULER_BATCH": "2"}

@@ -19,8 +19,12 @@ def services(cirrus_env, tmp_path_factory):
         s.execute(update(Host).values(state="DISABLED"))
         s.execute(update(VirtualMachine).where(VirtualMachine.state.in_(["PENDING", "HOLD"]))
                   .values(state="DONE"))
-    # the fake nodes report once: keep host failure detection out of the way
-    env = {**cirrus_env, "CIRRUS_LIFECYCLE_HOST_TIMEOUT": "600"}
+        # and VMs they flagged for rescheduling would move to this module's hosts
+        s.execute(update(VirtualMachine).values(resched=False))
+    # the fake nodes report once: keep host failure detection out of the way;
+    # and no sweep: every placement here must come from an event
+    env = {**cirrus_env, "CIRRUS_LIFECYCLE_HOST_TIMEOUT": "600",
+           "CIRRUS_SCHEDULER_SWEEP_INTERVAL": "600"}
     procs = start_services(["lifecycle", "scheduler"], env, tmp_path_factory.mktemp("sched"))
     yield procs
     for proc in procs:
@@ -99,3 +103,34 @@ def test_a_vm_flagged_resched_is_live_migrated_to_another_host(rpc, amqp_uri):
     assert [rpc.get_host(h["id"])["cpu_usage"] for h in (host_a, host_b)] == [0, 100]
     assert rpc.get_vm(held["id"])["status"] == "HOLD"
     assert node_a.queue.get(no_ack=True) is None and node_b.queue.get(no_ack=True) is None
+
+
+def run_on(node, vm_id):
+    """Answer the clone and deploy commands of a VM placed on ``node``."""
+    for action in ("clone", "deploy"):
+        cmd = node.next_command(timeout=15)
+        assert (cmd["action"], cmd["vm_id"]) == (action, vm_id)
+        node.publish(messages.COMMAND_RESULT, messages.result(cmd, True, {"deploy_id": "d"}))
+
+
+def test_capacity_freed_by_a_vm_leaving_places_a_waiting_vm_at_once(rpc, amqp_uri):
+    with db.session_factory()() as s, s.begin():
+        s.execute(update(Host).values(state="DISABLED"))
+    node, host = join_node(rpc, amqp_uri, "freed-a", cpu=200)
+    first = rpc.allocate(1, "freed-first", 2.0, 1, 512, {})
+    run_on(node, first["id"])
+    wait_until(lambda: rpc.get_vm(first["id"])["status"] == "RUNNING", what="RUNNING")
+    waiting = rpc.allocate(1, "freed-waiting", 1.0, 1, 512, {})
+    wait_until(lambda: rpc.get_vm(waiting["id"])["sched_message"], timeout=15,
+               what="a scheduling message")
+    assert rpc.get_vm(waiting["id"])["sched_message"] == "Not enough CPU capacity: 100/0"
+
+    rpc.terminate(first["id"])
+    for action in ("shutdown", "delete"):
+        cmd = node.next_command(timeout=15)
+        assert (cmd["action"], cmd["vm_id"]) == (action, first["id"])
+        node.publish(messages.COMMAND_RESULT, messages.result(cmd, True))
+    # DONE freed the host; with no sweep for 600 s, only that event can place it
+    cmd = node.next_command(timeout=15)
+    assert (cmd["action"], cmd["vm_id"]) == ("clone", waiting["id"])
+    assert rpc.get_host(host["id"])["cpu_usage"] == 100
