@@ -159,3 +159,101 @@ class Outbox(Base):
     payload: Mapped[dict] = mapped_column(JSONB)
     headers: Mapped[dict] = mapped_column(JSONB, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+# ---------------------------------------------------------------- storage and networks (issue 5)
+
+class Datastore(Base):
+    """Where disks live. IMAGE: a directory on the front end holding registered
+    images. SYSTEM: a node's directory of running VMs (``host_id``: that node)."""
+    __tablename__ = "datastores"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    type: Mapped[str] = mapped_column(String(16))           # IMAGE | SYSTEM
+    path: Mapped[str] = mapped_column(Text)
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id"), nullable=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Image(Base):
+    """A registered disk image. READY; USED by ``running_vms`` VMs (a
+    persistent image by exactly one); LOCKED while a VM's disk is being saved
+    into it (SAVE_AS); ERROR when that failed."""
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("owner_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    datastore_id: Mapped[int] = mapped_column(ForeignKey("datastores.id"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(16))          # qcow2 | raw
+    size_mb: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="READY")
+    persistent: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    running_vms: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # SAVE_AS: the VM whose disk becomes this image when it terminates
+    saved_from_vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"), nullable=True)
+    error: Mapped[str] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class VirtualNetwork(Base):
+    """A virtual network; ``template`` holds GATEWAY, DNS, NETWORK_MASK... as given."""
+    __tablename__ = "vnets"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    template: Mapped[dict] = mapped_column(JSONB, default=dict, server_default="{}")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class AddressRange(Base):
+    """One address range of a network: ``size`` addresses from ``mac`` (and
+    ``ip`` / ``ip6`` / the SLAAC ``ip6_prefix``). ``next_index`` is the
+    round-robin cursor: leases are looked for from there on."""
+    __tablename__ = "address_ranges"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vnet_id: Mapped[int] = mapped_column(ForeignKey("vnets.id", ondelete="CASCADE"), index=True)
+    type: Mapped[str] = mapped_column(String(16))   # IP4 | IP6 | IP6_STATIC | IP4_6 | ETHER
+    size: Mapped[int] = mapped_column(Integer)
+    mac: Mapped[str] = mapped_column(String(17))
+    ip: Mapped[str] = mapped_column(String(15), nullable=True)
+    ip6: Mapped[str] = mapped_column(String(39), nullable=True)          # IP6_STATIC start
+    ip6_prefix: Mapped[str] = mapped_column(String(39), nullable=True)   # SLAAC /64
+    prefix_length: Mapped[int] = mapped_column(Integer, nullable=True)
+    next_index: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    attributes: Mapped[dict] = mapped_column(JSONB, default=dict, server_default="{}")
+
+
+class Lease(Base):
+    """One address of a range, ``idx`` from its start: free (no vm_id, not
+    held), on hold (``hold``, OpenNebula's owner -1), or a VM's NIC. Every
+    address has its row, so taking one is an UPDATE of a free row."""
+    __tablename__ = "leases"
+    __table_args__ = (UniqueConstraint("ar_id", "idx"),)
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    ar_id: Mapped[int] = mapped_column(ForeignKey("address_ranges.id", ondelete="CASCADE"))
+    idx: Mapped[int] = mapped_column(Integer)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"), nullable=True, index=True)
+    nic_id: Mapped[int] = mapped_column(Integer, nullable=True)
+    hold: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+
+
+class VmDevices(Base):
+    """What a deployed VM holds, computed when it was placed and sent with
+    every driver command: the driver spec's disks, nics, context and token.
+    Deleted when the VM gives them back (DONE, recreate)."""
+    __tablename__ = "vm_devices"
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True)
+    disks: Mapped[list] = mapped_column(JSONB, default=list, server_default="[]")
+    nics: Mapped[list] = mapped_column(JSONB, default=list, server_default="[]")
+    context: Mapped[dict] = mapped_column(JSONB, default=dict, server_default="{}")
+    token: Mapped[str] = mapped_column(String(64), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Setting(Base):
+    """Platform values made once and kept (the OneGate token secret)."""
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
