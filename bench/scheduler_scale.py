@@ -15,7 +15,9 @@ through the outbox) all in the loop.
 In the same run it measures:
 - planning alone: the same Planner over the same rows, in this process;
 - the floors: raw SQL reservation throughput (one conditional UPDATE per VM in
-  one transaction, nothing else), and a bare Nameko RPC round trip.
+  one transaction, nothing else), a bare Nameko RPC round trip, and one
+  persistent publish with a publisher confirm (the outbox relay sends each
+  VM's event and driver command that way).
 It checks no host is over-committed and every placed VM satisfies its
 requirements. The last line printed is one JSON object.
 """
@@ -136,6 +138,26 @@ def reservation_floor(url, n):
     return elapsed
 
 
+def confirmed_publish_floor(amqp_uri, n=2000):
+    """Seconds per persistent message published with a publisher confirm, as
+    the outbox relay publishes each event and command (2 per placed VM)."""
+    from kombu import Connection, Exchange, Queue
+    exchange = Exchange("bench.floor", type="direct", durable=True, delivery_mode=2)
+    queue = Queue("bench.floor", exchange, routing_key="floor", durable=True)
+    with Connection(amqp_uri, transport_options={"confirm_publish": True}) as conn:
+        with conn.Producer() as producer:
+            producer.publish({"warm": True}, exchange=exchange, routing_key="floor",
+                             declare=[queue], serializer="json")
+            start = time.perf_counter()
+            for i in range(n):
+                producer.publish({"i": i, "vm": {"id": i, "template": {"CPU": "1"}}},
+                                 exchange=exchange, routing_key="floor", serializer="json",
+                                 delivery_mode=2)
+            elapsed = time.perf_counter() - start
+        queue(conn.default_channel).delete()
+    return elapsed / n
+
+
 def check(url):
     """Over-committed hosts, and placed VMs whose host does not meet their requirements."""
     from sqlalchemy import select
@@ -162,6 +184,8 @@ def main():
     parser.add_argument("--hosts", type=int, default=2500)
     parser.add_argument("--vms", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--lifecycles", type=int, default=1,
+                        help="lifecycle processes sharing the work (default 1)")
     args = parser.parse_args()
 
     run = uuid.uuid4().hex[:8]
@@ -182,16 +206,19 @@ def main():
         read, planned, plannable = plan_in_process(url)
         sql_floor = reservation_floor(url, args.vms)
         rpc_floor = floors.nameko_rpc_round_trip(amqp_uri, 200)
+        publish_floor = confirmed_publish_floor(amqp_uri)
 
         logs = Path(f"/tmp/{vhost}")
         logs.mkdir()
-        for name in ("lifecycle", "scheduler"):
-            procs.append(subprocess.Popen([str(BIN / "cirrus-service"), name], env=env,
-                                          stdout=open(logs / f"{name}.log", "w"),
-                                          stderr=subprocess.STDOUT, start_new_session=True))
-        for name in ("lifecycle", "scheduler"):
+        names = [f"lifecycle-{i}" for i in range(args.lifecycles)] + ["scheduler"]
+        for name in names:
+            procs.append(subprocess.Popen(
+                [str(BIN / "cirrus-service"), name.split("-")[0]], env=env,
+                stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT,
+                start_new_session=True))
+        for name in names:
             deadline = time.monotonic() + 60
-            while f"{name} started" not in (logs / f"{name}.log").read_text():
+            while f"{name.split('-')[0]} started" not in (logs / f"{name}.log").read_text():
                 if time.monotonic() > deadline:
                     raise SystemExit(f"{name} did not start; see {logs}")
                 time.sleep(0.1)
@@ -209,20 +236,25 @@ def main():
                        capture_output=True)
 
     ms = lambda s: round(s * 1000, 1)  # noqa: E731
-    print(f"scheduler + lifecycle: {placed} of {args.vms} VMs placed on {args.hosts} hosts in "
+    print(f"scheduler + {args.lifecycles} lifecycle: {placed} of {args.vms} VMs placed on "
+          f"{args.hosts} hosts in "
           f"{placement:.2f} s ({placed / placement:.0f} VMs/s); goal < 2 s")
     print(f"  planning alone: read {ms(read)} ms, plan {ms(planned)} ms "
           f"({plannable} VMs plannable)")
     print(f"  floor: raw SQL reservation {args.vms / sql_floor:.0f} UPDATEs/s "
           f"({sql_floor:.2f} s for {args.vms}); bare Nameko RPC round trip {ms(rpc_floor)} ms")
+    print(f"  floor: one confirmed persistent publish {ms(publish_floor)} ms; the outbox sends "
+          f"2 per placed VM, so {2 * placed * publish_floor:.1f} s for {placed} VMs one by one")
     print(f"  checks: over-committed hosts {0 if over is None else 'host ' + str(over)}, "
           f"placed VMs breaking their requirements {wrong}")
     print(json.dumps({
         "bench": "scheduler_scale", "hosts": args.hosts, "vms": args.vms, "placed": placed,
+        "lifecycles": args.lifecycles,
         "placement_s": round(placement, 3), "placement_vms_per_s": round(placed / placement, 1),
         "goal_s": 2.0, "plan_only_ms": ms(planned), "read_only_ms": ms(read),
         "floor_sql_reservations_per_s": round(args.vms / sql_floor, 1),
         "floor_sql_reservation_s": round(sql_floor, 3), "floor_nameko_rpc_ms": ms(rpc_floor),
+        "floor_confirmed_publish_ms": round(publish_floor * 1000, 3),
         "over_committed_hosts": 0 if over is None else 1, "requirement_violations": wrong}))
 
 
