@@ -12,9 +12,12 @@ wrong.
 
 ``vm`` is the dict a command carries: {"id", "name", "cpu", "vcpu", "memory"
 (MB), "template" (OpenNebula keys: OS, DISK, NIC...), "deploy_id", "runtime"
-(what earlier results reported: "checkpoint", "vm_dir"...)}.
+(what earlier results reported: "checkpoint", "vm_dir"...)}, and from
+lifecycle's deploy on "disks", "nics", "context" and "token" (the shapes are
+in disk_problem, nic_specs and services/drivers/context.py).
 """
 import abc
+import os
 import re
 
 DOMAIN_PREFIX = "cirrus-"
@@ -80,6 +83,120 @@ def disk_source(disk):
     return disk.get("SOURCE") or disk.get("PATH")
 
 
+# ---------------------------------------------------------------- disks and NICs
+# What lifecycle computes at deploy time (args.vm "disks" and "nics"); a VM
+# without "disks" uses its template's DISK sections that name a SOURCE or PATH.
+
+DISK_TYPES = ("file", "swap", "fs")
+DISK_FORMATS = ("qcow2", "raw")
+CLONE_MODES = ("overlay", "copy", "ln")
+_TARGET = re.compile(r"^(vd|sd|hd|xvd)[a-z]{1,2}$")
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_MODEL = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def disk_target(disk, index):
+    """A template DISK's device name: TARGET, or DEV_PREFIX (vd) and its index."""
+    prefix = disk.get("DEV_PREFIX", "vd")
+    return disk.get("TARGET") or prefix + "abcdefghijklmnopqrstuvwxyz"[index]
+
+
+def template_disks(vm):
+    """The old way: each template DISK with a SOURCE/PATH, copied (a qcow2 image
+    gets an overlay, decided when the file is seen, so "format" is None)."""
+    return [{"id": index, "type": "file", "source": disk_source(disk), "format": None,
+             "clone": None, "size_mb": None, "target": disk_target(disk, index),
+             "readonly": str(disk.get("READONLY", "NO")).upper() == "YES", "save_as": None}
+            for index, disk in enumerate(sections(template_of(vm), "DISK"))
+            if disk_source(disk)]
+
+
+def _absolute_path(value):
+    return isinstance(value, str) and os.path.isabs(value) and "\0" not in value
+
+
+def _positive(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def disk_problem(disk):
+    """What is wrong with one entry of "disks", naming the field, or None."""
+    if not isinstance(disk, dict):
+        return f"disks: each disk must be an object, got {type(disk).__name__}"
+    disk_id = disk.get("id")
+    if not isinstance(disk_id, int) or isinstance(disk_id, bool) or disk_id < 0:
+        return f"disks: id must be a DISK index (an integer from 0), got {disk_id!r}"
+    where = f"DISK {disk_id}"
+    kind = disk.get("type")
+    if kind not in DISK_TYPES:
+        return f"{where}: type must be one of {', '.join(DISK_TYPES)}, got {kind!r}"
+    if kind == "file":
+        if not _absolute_path(disk.get("source")):
+            return f"{where}: source must be an absolute image path, got {disk.get('source')!r}"
+        if disk.get("format") not in DISK_FORMATS:
+            return (f"{where}: format must be one of {', '.join(DISK_FORMATS)}, "
+                    f"got {disk.get('format')!r}")
+        if disk.get("clone") not in CLONE_MODES:
+            return (f"{where}: clone must be one of {', '.join(CLONE_MODES)}, "
+                    f"got {disk.get('clone')!r}")
+        if disk.get("size_mb") is not None and not _positive(disk.get("size_mb")):
+            return f"{where}: size_mb must be a positive integer, got {disk.get('size_mb')!r}"
+    elif not _positive(disk.get("size_mb")):
+        return (f"{where}: a {kind} disk needs size_mb, a positive integer, "
+                f"got {disk.get('size_mb')!r}")
+    if not isinstance(disk.get("target"), str) or not _TARGET.match(disk["target"]):
+        return f"{where}: target must be a device name such as vda, got {disk.get('target')!r}"
+    if not isinstance(disk.get("readonly", False), bool):
+        return f"{where}: readonly must be true or false, got {disk.get('readonly')!r}"
+    if disk.get("save_as") is not None and not _absolute_path(disk["save_as"]):
+        return f"{where}: save_as must be an absolute path or null, got {disk['save_as']!r}"
+    return None
+
+
+def disk_specs(vm):
+    """The VM's disks, checked: "disks" when lifecycle sent them, else the
+    template's. A bad entry raises ValueError naming the disk and the field,
+    before anything is made."""
+    if vm.get("disks") is None:
+        return template_disks(vm)
+    disks = vm["disks"]
+    if not isinstance(disks, list):
+        raise ValueError(f"VM {vm.get('id')}: disks must be a list, got {type(disks).__name__}")
+    for disk in disks:
+        problem = disk_problem(disk)
+        if problem:
+            raise ValueError(f"VM {vm.get('id')}: {problem}")
+    for field in ("id", "target"):
+        values = [disk[field] for disk in disks]
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"VM {vm.get('id')}: disks: {field} {', '.join(repeated)} "
+                             f"appears more than once")
+    return [{"size_mb": None, "readonly": False, "save_as": None, **disk} for disk in disks]
+
+
+def nic_specs(vm):
+    """The VM's NICs as [{"mac", "model"}]: "nics" when lifecycle sent them,
+    else the template's NIC sections. A bad MAC or model raises ValueError."""
+    if vm.get("nics") is None:
+        nics = [{"id": index, "mac": nic.get("MAC"), "model": nic.get("MODEL")}
+                for index, nic in enumerate(sections(template_of(vm), "NIC"))]
+    elif isinstance(vm["nics"], list) and all(isinstance(n, dict) for n in vm["nics"]):
+        nics = vm["nics"]
+    else:
+        raise ValueError(f"VM {vm.get('id')}: nics must be a list of objects")
+    checked = []
+    for index, nic in enumerate(nics):
+        where = f"VM {vm.get('id')}: NIC {nic.get('id', index)}"
+        mac, model = nic.get("mac"), nic.get("model") or "virtio"
+        if mac is not None and not (isinstance(mac, str) and _MAC.match(mac)):
+            raise ValueError(f"{where}: mac must look like 02:00:0a:00:00:01, got {mac!r}")
+        if not (isinstance(model, str) and _MODEL.match(model)):
+            raise ValueError(f"{where}: model must be a NIC model such as virtio, got {model!r}")
+        checked.append({"mac": mac, "model": model})
+    return checked
+
+
 def host_totals(cores, mhz, total_kb, used_kb, used_cpu):
     """Host monitoring in OpenNebula's names; CPU is in percent of one core."""
     total_cpu = int(cores) * 100
@@ -137,7 +254,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def clone(self, vm):
-        """Transfer: make the VM's directory and put a copy of each DISK in it."""
+        """Transfer: make the VM's directory, each disk of disk_specs(vm) in it, and
+        the context CD when the VM has a "context". Returns {"vm_dir", "disks":
+        [paths], "context": the CD's path (only with a context)}."""
 
     @abc.abstractmethod
     def mv(self, vm, direction, from_dir=None):
@@ -147,8 +266,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, vm):
-        """Transfer: remove the domain if it is still there, and the VM's directory
-        (in the datastore or parked)."""
+        """Transfer: remove the domain if it is still there, copy each disk with a
+        save_as there, and remove the VM's directory (in the datastore or parked);
+        never an ln image. Returns {"saved": [save_as paths now holding a disk]}."""
 
     @abc.abstractmethod
     def monitor(self):

@@ -43,7 +43,6 @@ import functools
 import logging
 import os
 import shutil
-import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -51,16 +50,18 @@ import xml.etree.ElementTree as ET
 import libvirt
 
 from services.drivers import backend
-from services.drivers.backend import (CHECKPOINT, MV_DIRECTIONS, Backend, disk_source,
-                                     domain_name, runtime_of, sections, template_of, vm_id_of,
-                                     vm_report)
+from services.drivers.backend import (CHECKPOINT, MV_DIRECTIONS, Backend, disk_specs,
+                                      domain_name, nic_specs, runtime_of, template_of, vm_id_of,
+                                      vm_report)
+from services.drivers.context import CONTEXT_ISO, build_context_iso, context_token
+from services.drivers.storage import (declared_format, disk_file, image_format, make_disk,
+                                      save_disk)
 
 log = logging.getLogger(__name__)
 
 # libvirt also prints every error on stderr; here they arrive as exceptions
 libvirt.registerErrorHandler(lambda _ctx, _error: None, None)
 
-QCOW2_MAGIC = b"QFI\xfb"
 CONSOLE_LOG = "console.log"
 SHUTDOWN_REPEAT = 5     # seconds between ACPI shutdown requests to a guest
 UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
@@ -172,16 +173,6 @@ def positive_int(vm, key):
     return int(value)
 
 
-def disk_path(vm_dir, index):
-    """Where clone puts DISK ``index`` (OpenNebula's disk.<DISK_ID>)."""
-    return os.path.join(vm_dir, f"disk.{index}")
-
-
-def disk_target(disk, index):
-    prefix = disk.get("DEV_PREFIX", "vd")
-    return disk.get("TARGET") or prefix + "abcdefghijklmnopqrstuvwxyz"[index]
-
-
 def _sub(parent, tag, text=None, **attrs):
     element = ET.SubElement(parent, tag, {k: str(v) for k, v in attrs.items()})
     if text is not None:
@@ -191,10 +182,12 @@ def _sub(parent, tag, text=None, **attrs):
 
 def domain_xml(vm, vm_dir, domain_type, disk_formats=None):
     """The libvirt domain of ``vm``: memory (MB) and VCPU, OS kernel/initrd/cmdline
-    when given, one disk per DISK with a source (its copy in ``vm_dir``), a
-    user-mode interface per NIC, and for qemu a serial console logged to
-    ``vm_dir/console.log``. ``disk_formats`` maps a DISK index to "raw" or
-    "qcow2" (default raw)."""
+    when given, one disk per entry of backend.disk_specs (its file in
+    ``vm_dir``, or the image itself for ln), a user-mode interface per NIC, the
+    context CD-ROM when the VM has a context, and for qemu a serial console
+    logged to ``vm_dir/console.log``. A disk's driver type is the format its
+    spec declares; template disks take it from ``disk_formats`` (DISK index
+    -> "raw" or "qcow2", default raw)."""
     template = template_of(vm)
     disk_formats = disk_formats or {}
     os_section = template.get("OS") or {}
@@ -230,22 +223,25 @@ def domain_xml(vm, vm_dir, domain_type, disk_formats=None):
     _sub(domain, "on_crash", "destroy")
 
     devices = _sub(domain, "devices")
-    for index, disk in enumerate(sections(template, "DISK")):
-        if not disk_source(disk):
-            continue
+    disks = disk_specs(vm)
+    for disk in disks:
         element = _sub(devices, "disk", type="file", device="disk")
         if emulated:
-            _sub(element, "driver", name="qemu", type=disk_formats.get(index, "raw"))
-        _sub(element, "source", file=disk_path(vm_dir, index))
-        _sub(element, "target", dev=disk_target(disk, index), bus="virtio")
-        if str(disk.get("READONLY", "NO")).upper() == "YES":
+            _sub(element, "driver", name="qemu",
+                 type=declared_format(disk) or disk_formats.get(disk["id"], "raw"))
+        _sub(element, "source", file=disk_file(vm_dir, disk))
+        _sub(element, "target", dev=disk["target"], bus="virtio")
+        if disk["readonly"]:
             _sub(element, "readonly")
-    for nic in sections(template, "NIC"):
+    if vm.get("context") is not None:
+        context_cdrom(devices, vm_dir, os_section, [disk["target"] for disk in disks],
+                      emulated)
+    for nic in nic_specs(vm):
         # qemu user-mode networking only: no bridges, nothing leaves the host
         element = _sub(devices, "interface", type="user")
-        if nic.get("MAC"):
-            _sub(element, "mac", address=nic["MAC"])
-        _sub(element, "model", type=nic.get("MODEL", "virtio"))
+        if nic["mac"]:
+            _sub(element, "mac", address=nic["mac"])
+        _sub(element, "model", type=nic["model"])
     if emulated:
         serial = _sub(devices, "serial", type="pty")
         _sub(serial, "log", file=os.path.join(vm_dir, CONSOLE_LOG))
@@ -253,6 +249,21 @@ def domain_xml(vm, vm_dir, domain_type, disk_formats=None):
         console = _sub(devices, "console", type="pty")
         _sub(console, "target", type="serial", port=0)
     return ET.tostring(domain, encoding="unicode")
+
+
+def context_cdrom(devices, vm_dir, os_section, taken, emulated):
+    """The context CD: IDE on the default (i440fx) machine, SATA on q35, which
+    has no IDE; its target is the first of hda.. (sda..) no disk uses."""
+    bus = "sata" if "q35" in str(os_section.get("MACHINE", "")) else "ide"
+    prefix = "sd" if bus == "sata" else "hd"
+    target = next(prefix + letter for letter in "abcdefghijklmnopqrstuvwxyz"
+                  if prefix + letter not in taken)
+    element = _sub(devices, "disk", type="file", device="cdrom")
+    if emulated:
+        _sub(element, "driver", name="qemu", type="raw")
+    _sub(element, "source", file=os.path.join(vm_dir, CONTEXT_ISO))
+    _sub(element, "target", dev=target, bus=bus)
+    _sub(element, "readonly")
 
 
 # ---------------------------------------------------------------- the backend
@@ -532,18 +543,16 @@ class LibvirtBackend(Backend):
     # ------------------------------------------------------------ transfer actions
 
     def clone(self, vm):
+        """Make each disk (storage.make_disk) and the context CD in the VM's
+        directory. Specs are checked first, so a bad one makes nothing."""
+        disks = disk_specs(vm)
+        token = context_token(vm)
         vm_dir = self.vm_dir(vm)
         os.makedirs(vm_dir, exist_ok=True)
-        disks = []
-        for index, disk in enumerate(sections(template_of(vm), "DISK")):
-            source = disk_source(disk)
-            if not source:
-                continue
-            target = disk_path(vm_dir, index)
-            if not os.path.exists(target):
-                copy_disk(index, source, target)
-            disks.append(target)
-        return {"vm_dir": vm_dir, "disks": disks}
+        info = {"vm_dir": vm_dir, "disks": [make_disk(vm_dir, disk) for disk in disks]}
+        if vm.get("context") is not None:
+            info["context"] = build_context_iso(vm_dir, vm["context"], token)
+        return info
 
     @reconnecting
     def mv(self, vm, direction, from_dir=None):
@@ -572,13 +581,20 @@ class LibvirtBackend(Backend):
 
     @reconnecting
     def delete(self, vm):
+        """Remove the domain, save the disks marked SAVE_AS, then remove the VM's
+        directory; an ln image is outside it and stays. Returns {"saved": [paths]}."""
+        disks = disk_specs(vm)
         dom = self._lookup(domain_name(vm["id"]))
         if dom is not None:
             self._destroy(dom)
             self._undefine(dom)
-        for vm_dir in (self.vm_dir(vm), self.parked_dir(vm)):
+        vm_dirs = (self.vm_dir(vm), self.parked_dir(vm))
+        saved = [disk["save_as"] for disk in disks
+                 if disk["save_as"] and save_disk(vm_dirs, disk)]
+        for vm_dir in vm_dirs:
             if os.path.isdir(vm_dir):
                 shutil.rmtree(vm_dir)
+        return {"saved": saved}
 
     # ------------------------------------------------------------ monitoring
 
@@ -704,11 +720,12 @@ class LibvirtBackend(Backend):
                 raise
 
     def _disk_formats(self, vm, vm_dir):
+        """Template disks' formats, read from their files (specs declare theirs)."""
         formats = {}
-        for index, disk in enumerate(sections(template_of(vm), "DISK")):
-            path = disk_path(vm_dir, index)
-            if disk_source(disk) and os.path.exists(path):
-                formats[index] = image_format(path)
+        for disk in disk_specs(vm):
+            path = disk_file(vm_dir, disk)
+            if declared_format(disk) is None and os.path.exists(path):
+                formats[disk["id"]] = image_format(path)
         return formats
 
 
@@ -763,28 +780,3 @@ def move_dir(source, target):
         shutil.copytree(source, partial, symlinks=True)
         os.rename(partial, target)
         shutil.rmtree(source)
-
-
-def image_format(path):
-    with open(path, "rb") as image:
-        return "qcow2" if image.read(4) == QCOW2_MAGIC else "raw"
-
-
-def copy_disk(index, source, target):
-    """Copy DISK ``index`` into the VM's directory: a copy-on-write overlay for a
-    qcow2 image, a sparse copy otherwise. Writes a temporary file and renames it,
-    so a half-made copy is never taken for a done one."""
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"DISK {index}: source {source} does not exist")
-    if not os.path.isfile(source):
-        raise ValueError(f"DISK {index}: source {source} is not a file")
-    partial = target + ".part"
-    if image_format(source) == "qcow2" and shutil.which("qemu-img"):
-        command = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
-                   "-b", os.path.abspath(source), partial]
-    else:
-        command = ["cp", "--sparse=always", source, partial]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"DISK {index}: could not copy {source}: {done.stderr.strip()}")
-    os.replace(partial, target)

@@ -5,6 +5,11 @@ template scripts it: ``SIMULATE_FAIL = "deploy"`` (or a comma separated list
 of actions, e.g. "clone, shutdown"). ``SIMULATE_DELAY`` (seconds) overrides
 the backend's delay for one VM. The host reports a fixed capacity.
 
+Transfer actions make no files: clone checks the disks and the context as a
+real node does and reports where they would be (``simulated:///cirrus-<id>/
+disk.<id>``, an ln disk at its image), and delete reports every save_as as
+saved.
+
 The domains live in memory, and also in ``state_file`` when one is given
 (``cirrus-node --sim-state PATH``), so that they outlive a worker restart as a
 real hypervisor's would. Saved VMs are kept as checkpoints; a checkpoint named
@@ -18,8 +23,9 @@ import threading
 import time
 
 from services.drivers import backend
-from services.drivers.backend import (MV_DIRECTIONS, Backend, domain_name, runtime_of,
-                                      template_of, vm_id_of, vm_report)
+from services.drivers.backend import (MV_DIRECTIONS, Backend, disk_specs, domain_name,
+                                      runtime_of, template_of, vm_id_of, vm_report)
+from services.drivers.context import CONTEXT_ISO, context_script, context_token
 
 URI = "simulated:///"
 
@@ -180,8 +186,19 @@ class SimulatedBackend(Backend):
     # ------------------------------------------------------------ transfer actions
 
     def clone(self, vm):
+        # the same checks as a real node, so a bad spec fails here too; no files
+        disks = disk_specs(vm)
+        context_token(vm)
+        if vm.get("context") is not None:
+            context_script(vm["context"])
         self._act("clone", vm)
-        return {"vm_dir": None, "disks": []}
+        base = f"{self.uri}{domain_name(vm['id'])}"
+        info = {"vm_dir": None,
+                "disks": [disk["source"] if disk.get("clone") == "ln"
+                          else f"{base}/disk.{disk['id']}" for disk in disks]}
+        if vm.get("context") is not None:
+            info["context"] = f"{base}/{CONTEXT_ISO}"
+        return info
 
     def mv(self, vm, direction, from_dir=None):
         self._act("mv", vm)
@@ -203,6 +220,7 @@ class SimulatedBackend(Backend):
         return {"vm_dir": None}
 
     def delete(self, vm):
+        disks = disk_specs(vm)
         self._act("delete", vm)
         name = domain_name(vm["id"])
         with self._lock:
@@ -210,6 +228,8 @@ class SimulatedBackend(Backend):
             self._checkpoints.pop(name, None)
             self._parked.discard(vm["id"])
             self._changed()
+        # simulated disks are saved as a real node would save them, without files
+        return {"saved": [disk["save_as"] for disk in disks if disk["save_as"]]}
 
     # ------------------------------------------------------------ monitoring
 

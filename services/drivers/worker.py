@@ -100,8 +100,7 @@ def _mv(backend, vm, args, timeout):
 
 
 def _delete(backend, vm, args, timeout):
-    backend.delete(vm)
-    return {}
+    return backend.delete(vm) or {}
 
 
 ACTIONS = {"deploy": _deploy, "shutdown": _shutdown, "cancel": _cancel, "poll": _poll,
