@@ -138,6 +138,7 @@ def run(cluster, tries):
         conn.domainEventDeregisterAny(callback)
         conn.close()
         client.terminate_vm(vm["id"], hard=True)
+        client.wait_vm(vm["id"], "DONE", timeout=120)     # its domain goes with it
     return detect, raw, resume, destroy
 
 
