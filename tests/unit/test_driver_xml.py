@@ -101,3 +101,85 @@ def test_values_are_escaped():
 def test_bad_memory_or_vcpu_is_named(field, value):
     with pytest.raises(ValueError, match=field):
         domain_xml({**vm(), field: value}, "/ds/42", "qemu")
+
+
+# ---------------------------------------------------------------- disks, NICs and context from lifecycle
+
+def a_disk(disk_id, **fields):
+    return {"id": disk_id, "type": "file", "source": f"/img/{disk_id}.qcow2", "format": "qcow2",
+            "clone": "overlay", "size_mb": None, "target": "vd" + "abcdef"[disk_id],
+            "readonly": False, "save_as": None, **fields}
+
+
+def test_disk_specs_give_files_formats_targets_and_readonly():
+    spec = {**vm(DISK={"SOURCE": "/ignored"}), "disks": [
+        a_disk(0),
+        a_disk(1, clone="copy", format="raw", source="/img/data.raw", target="vdc"),
+        a_disk(2, clone="ln", source="/img/persistent.qcow2", readonly=True, target="sdb"),
+        {"id": 3, "type": "swap", "size_mb": 64, "target": "vdd"},
+        {"id": 4, "type": "fs", "size_mb": 10, "target": "vde"}]}
+    # the spec's format wins over what a file seems to hold
+    disks = parse(spec, formats={0: "raw", 1: "qcow2"}).findall("devices/disk")
+    assert [d.find("source").get("file") for d in disks] == [
+        "/ds/42/disk.0", "/ds/42/disk.1", "/img/persistent.qcow2", "/ds/42/disk.3",
+        "/ds/42/disk.4"]
+    assert [d.find("driver").get("type") for d in disks] == ["qcow2", "raw", "qcow2", "raw",
+                                                              "raw"]
+    assert [d.find("target").get("dev") for d in disks] == ["vda", "vdc", "sdb", "vdd", "vde"]
+    assert [d.find("readonly") is not None for d in disks] == [False, False, True, False, False]
+    assert {d.get("device") for d in disks} == {"disk"}
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"type": "tape"}, "type"), ({"source": "relative/img"}, "source"),
+    ({"format": "vmdk"}, "format"), ({"clone": "link"}, "clone"), ({"size_mb": 0}, "size_mb"),
+    ({"target": "vda; rm"}, "target"), ({"readonly": "yes"}, "readonly"),
+    ({"save_as": "out.qcow2"}, "save_as"), ({"id": -1}, "id")])
+def test_a_bad_disk_spec_is_refused_naming_the_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        domain_xml({**vm(), "disks": [a_disk(0, **change)]}, "/ds/42", "qemu")
+
+
+def test_volatile_disks_need_a_size_and_ids_and_targets_are_unique():
+    with pytest.raises(ValueError, match="DISK 1: a swap disk needs size_mb"):
+        domain_xml({**vm(), "disks": [a_disk(0), {"id": 1, "type": "swap", "target": "vdb"}]},
+                   "/ds/42", "qemu")
+    with pytest.raises(ValueError, match="target vda appears more than once"):
+        domain_xml({**vm(), "disks": [a_disk(0), a_disk(1, target="vda")]}, "/ds/42", "qemu")
+
+
+def test_nic_specs_give_mac_and_model_on_user_mode_networking():
+    spec = {**vm(NIC={"MAC": "02:00:00:00:00:99"}), "nics": [
+        {"id": 0, "network": "priv", "network_id": 3, "ip": "10.0.0.5",
+         "mac": "02:00:0a:00:00:05", "model": "virtio"},
+        {"id": 1, "network": "pub", "network_id": 4, "ip": None, "mac": "02:00:0a:00:01:07",
+         "model": "e1000"}]}
+    nics = parse(spec).findall("devices/interface")
+    assert [n.get("type") for n in nics] == ["user", "user"]
+    assert [n.find("mac").get("address") for n in nics] == ["02:00:0a:00:00:05",
+                                                            "02:00:0a:00:01:07"]
+    assert [n.find("model").get("type") for n in nics] == ["virtio", "e1000"]
+    assert parse({**vm(), "nics": []}).find("devices/interface") is None
+
+
+@pytest.mark.parametrize("nic, field", [({"mac": "02:00:0a"}, "mac"),
+                                        ({"mac": "02:00:0a:00:00:05", "model": "e1000'/>"},
+                                         "model")])
+def test_a_bad_nic_is_refused_naming_the_field(nic, field):
+    with pytest.raises(ValueError, match=f"NIC 0: {field}"):
+        domain_xml({**vm(), "nics": [nic]}, "/ds/42", "qemu")
+
+
+def test_the_context_cd_is_a_readonly_cdrom_on_a_free_target():
+    spec = {**vm(), "context": {"VMID": "42"},
+            "disks": [a_disk(0, target="hda"), a_disk(1, target="vdb")]}
+    (cdrom,) = [d for d in parse(spec).findall("devices/disk") if d.get("device") == "cdrom"]
+    assert cdrom.find("source").get("file") == "/ds/42/context.iso"
+    assert cdrom.find("driver").get("type") == "raw"
+    assert cdrom.find("target").attrib == {"dev": "hdb", "bus": "ide"}
+    assert cdrom.find("readonly") is not None
+    # q35 has no IDE
+    q35 = parse({**vm(OS={"MACHINE": "q35"}), "context": {}})
+    assert q35.find("devices/disk/target").attrib == {"dev": "sda", "bus": "sata"}
+    # no context, no CD
+    assert parse(vm()).find("devices/disk") is None
