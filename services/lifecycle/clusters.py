@@ -253,7 +253,11 @@ def checked_roles(session, roles):
     return out
 
 
-def checked_rules(rules, role_names):
+def checked_rules(rules, roles):
+    """Rules between roles; an AFFINED rule (all on one host) may not name an
+    ANTI_AFFINED role (its VMs on different hosts)."""
+    role_names = [r["name"] for r in roles]
+    apart = {r["name"] for r in roles if r["policy"] == "ANTI_AFFINED"}
     if rules is None:
         return []
     if not isinstance(rules, list):
@@ -277,6 +281,10 @@ def checked_rules(rules, role_names):
         if len(set(names)) < 2 or len(set(names)) != len(names):
             raise InvalidArgument(f"rules: {policy} needs at least two different roles, got "
                                   f"{names}; use a role's policy for its own VMs")
+        if policy == "AFFINED" and apart & set(names):
+            name = min(apart & set(names))
+            raise InvalidArgument(f"rules: role {name} is ANTI_AFFINED (its VMs on different "
+                                  "hosts), so it cannot be in an AFFINED rule (all on one host)")
         for i, a in enumerate(names):
             for b in names[i + 1:]:
                 pair = frozenset((a, b))
@@ -316,7 +324,7 @@ def list_vmgroups(session, owner_id=None):
 def create_vmgroup(session, owner_id, name, roles, rules=None):
     name = checked_name("VM group", name)
     roles = checked_roles(session, roles)
-    rules = checked_rules(rules, [r["name"] for r in roles])
+    rules = checked_rules(rules, roles)
     if session.scalar(select(VmGroup.id).where(VmGroup.owner_id == owner_id,
                                                VmGroup.name == name)) is not None:
         raise AlreadyExists(f"VM group {name!r} already exists")

@@ -396,6 +396,7 @@ class Planner:
                 return
             try:
                 if len(members) > 1:
+                    self.check_affined_set(members)
                     host = self.choose_by_scan(vm, members)
                 else:
                     host = self.choose(vm)
@@ -406,6 +407,16 @@ class Planner:
                 self.reserve(member, host)
             dispatched += len(members)
             yield members, host, None
+
+    def check_affined_set(self, members):
+        """An affined set shares one host: none of its roles may keep its VMs
+        apart (lifecycle refuses such groups; this guards older rows)."""
+        group = self.groups[members[0].group]
+        for role in {m.role for m in members}:
+            apart = group.anti_roles(role)
+            if sum(m.role in apart for m in members) > (role in apart):
+                raise Unplaceable(f"VM group {group.name}: role {role} must share one host with "
+                                  f"its affined roles but keep apart from {', '.join(sorted(apart))}")
 
     def affined_set(self, vm, group_members):
         """``vm`` and the pending VMs that must go to its host with it."""

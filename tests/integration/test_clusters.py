@@ -186,6 +186,9 @@ def test_a_vm_group_is_stored_and_vms_join_it_by_name_and_role(factory, admin_id
     ([{"name": "a"}, {"name": "b"}], [{"policy": "AFFINED", "roles": ["a", "b"]},
                                       {"policy": "ANTI_AFFINED", "roles": ["b", "a"]}],
      "roles a and b cannot be both AFFINED and ANTI_AFFINED"),
+    ([{"name": "a", "policy": "ANTI_AFFINED"}, {"name": "b"}],
+     [{"policy": "AFFINED", "roles": ["a", "b"]}],
+     "role a is ANTI_AFFINED .* cannot be in an AFFINED rule"),
 ])
 def test_bad_vm_groups_are_refused_and_nothing_is_written(factory, admin_id, roles, rules,
                                                           message):

@@ -228,3 +228,12 @@ def test_an_affined_vm_follows_its_role_to_the_host_it_is_on():
     g = group({"web": {"policy": "AFFINED"}}, placed_on=[("web", 2)])
     assert placed(Planner([host(1, vms=9), host(2), host(3)], groups={1: g}),
                   [member(1, "web")]) == {1: 2}
+
+
+def test_an_affined_set_whose_role_must_stay_apart_waits_with_the_contradiction():
+    g = group({"a": {"policy": "ANTI_AFFINED"}, "b": {}},
+              [{"policy": "AFFINED", "roles": ["a", "b"]}])
+    out = placed(Planner([host(1), host(2)], groups={1: g}),
+                 [member(1, "a"), member(2, "a"), member(3, "b")])
+    assert out == {i: "VM group g: role a must share one host with its affined roles but keep "
+                      "apart from a" for i in (1, 2, 3)}

@@ -90,3 +90,53 @@ def test_the_planner_chooses_what_a_scan_of_every_host_chooses(host_specs, vm_sp
         assert h.cpu_usage <= h.max_cpu and h.mem_usage <= h.max_mem
         assert (h.cpu_usage, h.running_vms) == (reference[h.id].cpu_usage,
                                                 reference[h.id].running_vms)
+
+
+group_strategy = st.fixed_dictionaries({
+    "policies": st.lists(st.sampled_from(["NONE", "AFFINED", "ANTI_AFFINED"]), min_size=3,
+                         max_size=3),
+    "rule": st.sampled_from([None, "AFFINED", "ANTI_AFFINED"]),
+    "host_affined": st.lists(st.integers(1, 6), max_size=3),
+    "host_anti_affined": st.lists(st.integers(1, 6), max_size=2),
+})
+members_strategy = st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from([50, 100, 200])),
+                            min_size=1, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(hosts_strategy, group_strategy, members_strategy, st.sampled_from(sorted(POLICY_RANKS)))
+def test_vm_group_rules_always_hold(host_specs, spec, member_specs, policy):
+    from services.scheduler.placement import Group
+    roles = [{"name": name, "policy": policy_, "host_affined": [], "host_anti_affined": []}
+             for name, policy_ in zip("abc", spec["policies"])]
+    roles[0]["host_affined"] = sorted(set(spec["host_affined"]))
+    roles[1]["host_anti_affined"] = sorted(set(spec["host_anti_affined"]))
+    rules = [{"policy": spec["rule"], "roles": ["a", "b"]}] if spec["rule"] else []
+    group = Group.from_dict({"id": 1, "name": "g", "roles": roles, "rules": rules})
+    planner = Planner(make_hosts(host_specs), policy, groups={1: group})
+    vms = [VmRequest(i + 1, cpu, 256, {}, group=1, role=role)
+           for i, (role, cpu) in enumerate(member_specs)]
+    where = {}
+    for members, chosen, _ in planner.plan(vms):
+        for vm in members:
+            where[vm.id] = chosen.id if chosen else None
+    on = {vm.id: (vm.role, where[vm.id]) for vm in vms if where[vm.id] is not None}
+    hosts_of = {r: [h for role, h in on.values() if role == r] for r in "abc"}
+    if roles[0]["host_affined"]:
+        assert set(hosts_of["a"]) <= set(roles[0]["host_affined"])
+    assert not set(hosts_of["b"]) & set(roles[1]["host_anti_affined"])
+    for role in roles:
+        placed_hosts = hosts_of[role["name"]]
+        if role["policy"] == "ANTI_AFFINED":
+            assert len(placed_hosts) == len(set(placed_hosts))
+        if role["policy"] == "AFFINED":
+            assert len(set(placed_hosts)) <= 1
+    if spec["rule"] == "ANTI_AFFINED":
+        assert not set(hosts_of["a"]) & set(hosts_of["b"])
+    if spec["rule"] == "AFFINED":
+        assert len(set(hosts_of["a"]) | set(hosts_of["b"])) <= 1
+        # an affined set is placed whole or not at all
+        in_set = [vm.id for vm in vms if vm.role in "ab"]
+        assert len({where[i] is None for i in in_set}) <= 1
+    for h in planner.hosts.values():
+        assert h.cpu_usage <= h.max_cpu and h.mem_usage <= h.max_mem
