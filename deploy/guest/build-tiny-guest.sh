@@ -3,8 +3,11 @@
 #   OUTDIR/vmlinuz     the kernel of linux-image-cloud-amd64
 #   OUTDIR/initrd.img  busybox-static plus the virtio, CD-ROM and power button
 #                      modules; its init prints "CIRRUS GUEST UP" on the serial
-#                      console, powers off on an ACPI power button press, and
-#                      otherwise idles.
+#                      console, powers off on an ACPI power button press, reads
+#                      the context CD (label CONTEXT): sources its context.sh,
+#                      adds ETH0_IP (with ETH0_MASK) to eth0 and prints
+#                      "CONTEXT KEY=value" for each variable, then
+#                      "CONTEXT APPLIED eth0 <addresses>", and otherwise idles.
 # Boot it with KERNEL_CMDLINE "console=ttyS0". Idempotent: does nothing when
 # OUTDIR already holds both files of this version. Run as root (it may
 # apt-get install).
@@ -20,7 +23,7 @@ virtio_pci virtio_net virtio_blk scsi_common scsi_mod cdrom sr_mod isofs libata 
 virtio_scsi button evdev"
 
 # bump when the guest changes, so that caches of older builds are rebuilt
-VERSION=2
+VERSION=3
 if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] \
         && [ "$(cat "$OUT/version" 2>/dev/null)" = "$VERSION" ]; then
     exit 0
@@ -91,6 +94,37 @@ for input in /sys/class/input/input*; do
     fi
 done
 echo "$MARKER"
+# the context CD: by its label, else the first CD-ROM holding a context.sh
+ctx=/mnt/context
+mkdir -p \$ctx
+for try in 1 2 3 4 5 6 7 8 9 10; do
+    for dev in \$(findfs LABEL=CONTEXT 2>/dev/null) /dev/sr0 /dev/sr1 /dev/hdc /dev/hda; do
+        [ -b "\$dev" ] || continue
+        mount -t iso9660 -o ro "\$dev" \$ctx 2>/dev/null || continue
+        [ -f \$ctx/context.sh ] && break 2
+        umount \$ctx
+    done
+    sleep 1
+done
+if [ -f \$ctx/context.sh ]; then
+    # values are single-quoted by the driver: sourcing runs nothing of theirs
+    . \$ctx/context.sh
+    for key in \$(sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p' \$ctx/context.sh); do
+        eval "value=\\\$\$key"
+        echo "CONTEXT \$key=\$value"
+    done
+    [ -f \$ctx/token.txt ] && echo "CONTEXT token.txt present"
+    # ETH0_IP beside the user-mode address, which keeps the host (10.0.2.2) reachable
+    if [ -n "\${ETH0_IP:-}" ] && [ -e /sys/class/net/eth0 ]; then
+        prefix=\$(ipcalc -p "\$ETH0_IP" "\${ETH0_MASK:-255.255.255.0}" 2>/dev/null | sed 's/PREFIX=//')
+        ip addr add "\$ETH0_IP/\${prefix:-24}" dev eth0 \
+            || echo "cirrus-guest: could not add \$ETH0_IP to eth0"
+    fi
+    echo "CONTEXT APPLIED eth0" \$(ip -4 addr show dev eth0 2>/dev/null | sed -n 's/.*inet \([0-9./]*\).*/\1/p')
+else
+    echo "cirrus-guest: no context CD"
+fi
+echo "cirrus-guest: disks" \$(ls /sys/block)
 while :; do sleep 3600; done
 INIT
 chmod 755 "$root/init"

@@ -53,7 +53,8 @@ from services.drivers import backend
 from services.drivers.backend import (CHECKPOINT, MV_DIRECTIONS, Backend, disk_specs,
                                       domain_name, nic_specs, runtime_of, template_of, vm_id_of,
                                       vm_report)
-from services.drivers.context import CONTEXT_ISO, build_context_iso, context_token
+from services.drivers.context import (CONTEXT_ISO, build_context_iso, context_script,
+                                      context_token)
 from services.drivers.storage import (declared_format, disk_file, image_format, make_disk,
                                       save_disk)
 
@@ -547,6 +548,8 @@ class LibvirtBackend(Backend):
         directory. Specs are checked first, so a bad one makes nothing."""
         disks = disk_specs(vm)
         token = context_token(vm)
+        if vm.get("context") is not None:
+            context_script(vm["context"])       # a bad key: refused before any file
         vm_dir = self.vm_dir(vm)
         os.makedirs(vm_dir, exist_ok=True)
         info = {"vm_dir": vm_dir, "disks": [make_disk(vm_dir, disk) for disk in disks]}
@@ -583,7 +586,12 @@ class LibvirtBackend(Backend):
     def delete(self, vm):
         """Remove the domain, save the disks marked SAVE_AS, then remove the VM's
         directory; an ln image is outside it and stays. Returns {"saved": [paths]}."""
-        disks = disk_specs(vm)
+        try:
+            disks = disk_specs(vm)
+        except ValueError as exc:
+            # clone refused these specs, so it made no disk to save: clean up all the same
+            log.warning("delete of VM %s saves nothing: %s", vm["id"], exc)
+            disks = []
         dom = self._lookup(domain_name(vm["id"]))
         if dom is not None:
             self._destroy(dom)

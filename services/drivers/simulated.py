@@ -220,7 +220,10 @@ class SimulatedBackend(Backend):
         return {"vm_dir": None}
 
     def delete(self, vm):
-        disks = disk_specs(vm)
+        try:
+            disks = disk_specs(vm)
+        except ValueError:
+            disks = []      # as a real node: clone refused them, there is nothing to save
         self._act("delete", vm)
         name = domain_name(vm["id"])
         with self._lock:
