@@ -84,8 +84,9 @@ def disk_source(disk):
 
 
 # ---------------------------------------------------------------- disks and NICs
-# What lifecycle computes at deploy time (args.vm "disks" and "nics"); a VM
-# without "disks" uses its template's DISK sections that name a SOURCE or PATH.
+# What lifecycle computes at deploy time (args.vm "disks" and "nics",
+# services/lifecycle/devices.py); a template DISK that names a SOURCE or PATH
+# and no image is not among them and is read from the template as before.
 
 DISK_TYPES = ("file", "swap", "fs")
 DISK_FORMATS = ("qcow2", "raw")
@@ -154,18 +155,20 @@ def disk_problem(disk):
 
 
 def disk_specs(vm):
-    """The VM's disks, checked: "disks" when lifecycle sent them, else the
-    template's. A bad entry raises ValueError naming the disk and the field,
+    """The VM's disks, checked, in DISK order: lifecycle's "disks" (image and
+    volatile disks), and the template's SOURCE/PATH disks at the indexes those
+    leave free. A bad entry raises ValueError naming the disk and the field,
     before anything is made."""
-    if vm.get("disks") is None:
-        return template_disks(vm)
-    disks = vm["disks"]
+    disks = vm.get("disks") or []
     if not isinstance(disks, list):
         raise ValueError(f"VM {vm.get('id')}: disks must be a list, got {type(disks).__name__}")
     for disk in disks:
         problem = disk_problem(disk)
         if problem:
             raise ValueError(f"VM {vm.get('id')}: {problem}")
+    given = {disk["id"] for disk in disks}
+    disks = sorted(disks + [disk for disk in template_disks(vm) if disk["id"] not in given],
+                   key=lambda disk: disk["id"])
     for field in ("id", "target"):
         values = [disk[field] for disk in disks]
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
@@ -176,9 +179,10 @@ def disk_specs(vm):
 
 
 def nic_specs(vm):
-    """The VM's NICs as [{"mac", "model"}]: "nics" when lifecycle sent them,
-    else the template's NIC sections. A bad MAC or model raises ValueError."""
-    if vm.get("nics") is None:
+    """The VM's NICs as [{"mac", "model"}]: "nics" when lifecycle sent some
+    (one per template NIC), else the template's NIC sections. A bad MAC or
+    model raises ValueError."""
+    if not vm.get("nics"):
         nics = [{"id": index, "mac": nic.get("MAC"), "model": nic.get("MODEL")}
                 for index, nic in enumerate(sections(template_of(vm), "NIC"))]
     elif isinstance(vm["nics"], list) and all(isinstance(n, dict) for n in vm["nics"]):

@@ -130,6 +130,24 @@ def test_clone_makes_every_kind_of_disk_and_the_context_cd(lv, images):
     assert lv.poll(f"cirrus-{vm['id']}") == {"STATE": backend.GONE}
 
 
+def test_lifecycle_disks_and_template_source_disks_together(lv, images):
+    """As lifecycle sends them: image and volatile disks in "disks", a plain
+    SOURCE disk left in the template at its own index."""
+    qcow2, raw = images
+    vm = a_vm([file_disk(0, qcow2, "qcow2", "overlay", image_id=1),
+               {"id": 2, "type": "fs", "source": None, "format": "raw", "clone": None,
+                "size_mb": 8, "target": "vdc", "readonly": False, "save_as": None}])
+    vm["template"] = {"DISK": [{"IMAGE": "base"}, {"SOURCE": str(raw)},
+                               {"TYPE": "fs", "SIZE": 8}]}
+    vm_dir = Path(lv.vm_dir(vm))
+    assert lv.clone(vm)["disks"] == [str(vm_dir / f"disk.{i}") for i in range(3)]
+    assert info(vm_dir / "disk.0")["backing-filename"] == str(qcow2)
+    assert (vm_dir / "disk.1").read_bytes() == raw.read_bytes()
+    assert (vm_dir / "disk.2").stat().st_size == 8 * MB
+    lv.deploy(vm)
+    assert lv.delete(vm) == {"saved": []}
+
+
 def test_a_redelivered_clone_does_no_work_twice_and_replaces_a_half_made_disk(lv, images):
     vm = a_vm(all_disks(images), context={"A": "1"})
     vm_dir = Path(lv.vm_dir(vm))

@@ -183,3 +183,25 @@ def test_the_context_cd_is_a_readonly_cdrom_on_a_free_target():
     assert q35.find("devices/disk/target").attrib == {"dev": "sda", "bus": "sata"}
     # no context, no CD
     assert parse(vm()).find("devices/disk") is None
+
+
+def test_template_source_disks_fill_the_indexes_lifecycle_leaves_free():
+    # lifecycle sends image and volatile disks; DISK 1 names a plain SOURCE
+    spec = {**vm(DISK=[{"IMAGE": "base"}, {"SOURCE": "/img/plain.raw"},
+                       {"TYPE": "swap", "SIZE": 64}]),
+            "disks": [a_disk(0, image_id=3),
+                      {"id": 2, "type": "swap", "source": None, "format": "raw",
+                       "clone": None, "size_mb": 64, "target": "vdc", "readonly": False,
+                       "save_as": None}],
+            "nics": []}
+    disks = parse(spec, formats={1: "qcow2"}).findall("devices/disk")
+    assert [d.find("source").get("file") for d in disks] == ["/ds/42/disk.0", "/ds/42/disk.1",
+                                                             "/ds/42/disk.2"]
+    assert [d.find("target").get("dev") for d in disks] == ["vda", "vdb", "vdc"]
+    # the template disk's format is its file's; the others' their spec's
+    assert [d.find("driver").get("type") for d in disks] == ["qcow2", "qcow2", "raw"]
+
+
+def test_without_lifecycle_nics_the_template_nics_are_used():
+    root = parse({**vm(NIC={"MAC": "02:00:00:00:00:99"}), "nics": []})
+    assert root.find("devices/interface/mac").get("address") == "02:00:00:00:00:99"
