@@ -14,6 +14,12 @@ and a DISK whose SOURCE does not exist makes clone fail (PROLOG_FAILURE):
 
     DISK = [ SOURCE = "/nonexistent/disk.img" ]  ->  "DISK 0: source /nonexistent/disk.img does not exist"
 
+clone makes the disks (services/drivers/storage.py: overlay, copy, ln in
+place, swap, fs) and the context CD (services/drivers/context.py) in
+``<datastore>/<id>/``; the domain attaches the CD as a read-only CD-ROM.
+delete copies SAVE_AS disks out before removing that directory, which never
+holds an ln image.
+
 save writes the domain's memory to ``<datastore>/<id>/checkpoint`` (through a
 ``.part`` file renamed when complete) and undefines the domain; restore brings
 it back with ``conn.restore`` and defines it again, so that it stays defined
