@@ -326,10 +326,26 @@ class Planner:
             if best_key is None or key < best_key:
                 best, best_key = host, key
         if best is not None:
+            if vm.current_host is not None:
+                self.check_better(vm, -best_key[0], requirements[0])
             return best
         if not matching:
             raise Unplaceable(self.no_match_reason(vm))
         raise Unplaceable(self.capacity_reason(cpu, memory, matching, members))
+
+    def check_better(self, vm, best_rank, expressions):
+        """A VM asked to move (resched) leaves a host that still takes VMs and
+        still meets its requirements only for a host of higher rank than that
+        one, counted without the VM itself."""
+        current = self.hosts.get(vm.current_host)
+        requirement, _, rank_fn, _, clusters = expressions
+        if current is None or not self.matches(requirement, clusters, current):
+            return      # disabled (flush), failed, or no longer what the VM requires
+        without = dict(current.attributes, CPU_USAGE=current.cpu_usage - vm.cpu,
+                       MEM_USAGE=current.mem_usage - vm.memory,
+                       RUNNING_VMS=current.running_vms - 1)
+        if best_rank <= rank_fn(without):
+            raise Unplaceable(f"No host ranks higher than its current host {current.name}")
 
     def no_match_reason(self, vm):
         if vm.current_host is not None and set(self.hosts) <= {vm.current_host}:

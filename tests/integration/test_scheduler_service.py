@@ -74,7 +74,7 @@ def test_a_vm_flagged_resched_is_live_migrated_to_another_host(rpc, amqp_uri):
         s.execute(update(Host).values(state="DISABLED"))
     node_a, host_a = join_node(rpc, amqp_uri, "resched-a")
     held = rpc.allocate(1, "sched-held", 1.0, 1, 256, {}, True)     # on HOLD: never placed
-    vm = rpc.allocate(1, "sched-move", 1.0, 1, 512, {})
+    vm = rpc.allocate(1, "sched-move", 1.0, 1, 512, {"SCHED_RANK": "PRIORITY"})
     for action in ("clone", "deploy"):
         cmd = node_a.next_command(timeout=15)
         assert (cmd["action"], cmd["vm_id"]) == (action, vm["id"])
@@ -88,6 +88,12 @@ def test_a_vm_flagged_resched_is_live_migrated_to_another_host(rpc, amqp_uri):
     assert rpc.get_vm(vm["id"])["sched_message"] == "No other host is enabled and monitored"
 
     node_b, host_b = join_node(rpc, amqp_uri, "resched-b")
+    # no better than where it is: it stays
+    wait_until(lambda: rpc.get_vm(vm["id"])["sched_message"] ==
+               "No host ranks higher than its current host resched-a", timeout=15,
+               what="a scheduling message")
+    rpc.update_host(host_b["id"], {"PRIORITY": "5"})
+    # the change is news: the VM moves to the host it now prefers
     cmd = node_a.next_command(timeout=15)
     assert (cmd["action"], cmd["vm_id"]) == ("migrate", vm["id"])
     assert (cmd["args"]["dest_host"], cmd["args"]["dest_uri"]) == \

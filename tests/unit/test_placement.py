@@ -165,10 +165,21 @@ def test_a_host_lifecycle_refused_is_dropped_for_the_rest_of_the_pass():
     assert planner.choose(vm(2)).id == 2
 
 
-def test_a_vm_to_move_goes_to_the_best_other_host():
-    hosts = [host(1, vms=5), host(2, vms=1), host(3, vms=2)]
+def test_a_vm_to_move_goes_to_a_better_host_only():
     moving = VmRequest(1, 100, 512, current_host=1)
+    # packing: its host has 2 VMs besides it, host 3 has 3: better
+    hosts = [host(1, vms=3, cpu_usage=100, mem_usage=512), host(2, vms=1), host(3, vms=3)]
     assert placed(Planner(hosts), [moving]) == {1: 3}
+    # host 3 with 2 VMs only ties: the VM stays
+    hosts = [host(1, vms=3, cpu_usage=100, mem_usage=512), host(2, vms=1), host(3, vms=2)]
+    assert placed(Planner(hosts), [moving]) == \
+        {1: "No host ranks higher than its current host h1"}
+    # a host that no longer meets the VM's requirements is left for any that does
+    strict = VmRequest(1, 100, 512, {"SCHED_REQUIREMENTS": 'SSD = "yes"'}, current_host=1)
+    hosts = [host(1, vms=5, SSD="no"), host(2, vms=1, SSD="yes")]
+    assert placed(Planner(hosts), [strict]) == {1: 2}
+    # its host gone from the view (disabled by a flush, failed): the best other host
+    assert placed(Planner([host(2, vms=1), host(3, vms=2)]), [moving]) == {1: 3}
     assert placed(Planner([host(1)]), [moving]) == {1: "No other host is enabled and monitored"}
     assert placed(Planner([host(1), host(2, cpu=100)]), [VmRequest(1, 400, 512,
                                                                    current_host=1)]) == \
