@@ -11,10 +11,6 @@ answers() {
     virsh -c "$URI" list >/dev/null 2>&1
 }
 
-if answers; then
-    exit 0
-fi
-
 for tool in virsh virtlogd libvirtd; do
     command -v "$tool" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin"
     command -v "$tool" >/dev/null 2>&1 || {
@@ -23,7 +19,17 @@ for tool in virsh virtlogd libvirtd; do
     }
 done
 
+# libvirtd probes qemu with KVM when /dev/kvm exists; if only root can open it, the
+# probe result never matches later checks and libvirtd re-probes on every define
+# (seconds each, serialised). Debian's udev rule makes it root:kvm 0660; restore that.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null 2>&1; then
+    chgrp kvm /dev/kvm && chmod 660 /dev/kvm || true
+fi
+
 # qemu's serial and console logs go through virtlogd, so it must be up first
+if answers; then
+    exit 0
+fi
 pgrep -x virtlogd >/dev/null 2>&1 || virtlogd -d
 pgrep -x libvirtd >/dev/null 2>&1 || libvirtd -d
 

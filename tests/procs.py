@@ -47,7 +47,8 @@ class Proc:
         if self.popen and self.popen.poll() is None:
             os.killpg(self.popen.pid, signal.SIGTERM)
             try:
-                self.popen.wait(timeout=10)
+                # longer than the launcher's own stop (10 s), so it can reap its children
+                self.popen.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.kill()
         if self.popen:

@@ -43,12 +43,15 @@ class Cluster:
         (tmp_path / "home").mkdir(exist_ok=True)
         # outside root's private tmp dirs: qemu runs as its own user
         self.datastore = Path("/var/tmp/cirrus") / f"e2e-{self.id}"
+        # stop and undeploy park VM files; VM ids restart at 1 in every cluster
+        self.parking = Path("/var/tmp/cirrus") / f"e2e-{self.id}-parked"
         self.env = {**os.environ,
                     "HOME": str(tmp_path / "home"),
                     "CIRRUS_DATABASE_URL": self.db_url,
                     "CIRRUS_AMQP_URI": BASE_AMQP.rstrip("/") + "/" + self.vhost,
                     "CIRRUS_GATEWAY_PORT": str(self.port),
                     "CIRRUS_DRIVERS_DATASTORE": str(self.datastore),
+                    "CIRRUS_DRIVERS_PARKING": str(self.parking),
                     "CIRRUS_DRIVERS_MONITOR_INTERVAL": "1",
                     "CIRRUS_SCHEDULER_SWEEP_INTERVAL": "2"}
         for key in ("CIRRUS_TOKEN", "CIRRUS_USER", "CIRRUS_PASSWORD", "CIRRUS_CONFIG"):
@@ -71,6 +74,7 @@ class Cluster:
         if self.proc:
             self.proc.stop()
         shutil.rmtree(self.datastore, ignore_errors=True)
+        shutil.rmtree(self.parking, ignore_errors=True)
         rabbitmqctl("delete_vhost", self.vhost)
         from sqlalchemy import create_engine
         admin = create_engine(BASE_DB.rstrip("/") + "/postgres", isolation_level="AUTOCOMMIT")

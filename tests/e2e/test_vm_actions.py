@@ -1,8 +1,6 @@
 """Every VM action end to end, as an operator drives them with the ``cirrus`` CLI:
 a cluster of two nodes on libvirt's embedded test:///default driver, every
 service, the gateway and two driver workers as separate processes."""
-import shutil
-
 import pytest
 
 from tests.e2e.conftest import Cluster
@@ -14,13 +12,8 @@ TIMEOUT = "60"
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("cluster"), nodes=("node-1", "node-2"))
-    # stop and undeploy park VM files; by default beside the datastore, which
-    # every cluster's datastore shares, and VM ids start at 1 in each cluster
-    parking = c.datastore.parent / f"parked-{c.id}"
-    c.env["CIRRUS_DRIVERS_PARKING"] = str(parking)
     yield c.start()
     c.stop()
-    shutil.rmtree(parking, ignore_errors=True)
 
 
 def wait(cluster, vm_id, status):
