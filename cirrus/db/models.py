@@ -2,8 +2,8 @@
 from datetime import datetime, timezone
 
 from sqlalchemy import (
-    BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
-    func,
+    BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+    UniqueConstraint, func, text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -176,9 +176,9 @@ class Datastore(Base):
 
 
 class Image(Base):
-    """A registered disk image. READY; USED by ``running_vms`` VMs (a
-    persistent image by exactly one); LOCKED while a VM's disk is being saved
-    into it (SAVE_AS); ERROR when that failed."""
+    """A registered disk image. ``state`` is READY, LOCKED while a VM's disk
+    is being saved into it (SAVE_AS) or ERROR when that failed; a READY image
+    with rows in image_users is shown USED (a persistent one has at most one)."""
     __tablename__ = "images"
     __table_args__ = (UniqueConstraint("owner_id", "name"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -190,11 +190,22 @@ class Image(Base):
     size_mb: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[str] = mapped_column(String(16), default="READY")
     persistent: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
-    running_vms: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # SAVE_AS: the VM whose disk becomes this image when it terminates
     saved_from_vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"), nullable=True)
     error: Mapped[str] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ImageUser(Base):
+    """A VM using an image. Taking one is an INSERT (concurrent deploys of one
+    image never wait for each other); ``exclusive`` rows (persistent images)
+    are unique per image, so a second VM's INSERT finds the conflict."""
+    __tablename__ = "image_users"
+    __table_args__ = (Index("image_users_exclusive", "image_id", unique=True,
+                            postgresql_where=text("exclusive")),)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"), primary_key=True, index=True)
+    exclusive: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
 
 
 class VirtualNetwork(Base):

@@ -16,7 +16,7 @@ from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from cirrus.states import (FAILED_FROM, MIGRATING, ON_HOST, SHORT_NAMES, TRANSIENT,
                            TransitionError, allows, next_transition, result_action, split,
                            status)
-from services.lifecycle import accounting, clusters
+from services.lifecycle import accounting, clusters, devices
 
 
 
@@ -63,6 +63,7 @@ def allocate(session, owner_id, name, cpu, vcpu, memory, template, hold=False,
                         lcm_state="LCM_INIT", seq=0, cpu=float(cpu), vcpu=int(vcpu),
                         memory=int(memory), template=template or {}, request_id=request_id)
     clusters.check_scheduling(template)
+    devices.check_template(session, owner_id, template)
     clusters.join_vmgroup(session, vm, owner_id, template)
     session.add(vm)
     session.flush()
@@ -88,6 +89,8 @@ def apply(session, vm, action, message=None):
     vm.seq += 1
     vm.updated_at = utcnow()
     freed = move_capacity(session, vm, current, transition)
+    if transition.target == "DONE" or transition.fresh:
+        devices.release(session, vm)    # leases and images go back (issue 5)
     if transition.fresh:
         start_over(vm)
     if transition.target == "RUNNING":
@@ -195,7 +198,7 @@ def driver_command(session, vm, transition):
     if host is None:
         raise FailedPrecondition(
             f"VM {vm.id}: no host to send {transition.command} to ({transition.target})")
-    args = {"vm": driver_spec(vm), **dict(transition.args)}
+    args = {"vm": driver_spec(vm, devices.for_driver(session, vm)), **dict(transition.args)}
     if transition.command == "mv" and args["direction"] == "in" and vm.runtime.get("vm_dir"):
         args["from_dir"] = vm.runtime["vm_dir"]     # where save or mv out left the files
     if transition.command == "migrate":
@@ -204,12 +207,13 @@ def driver_command(session, vm, transition):
     return messages.command(transition.command, vm.id, host.name, **args)
 
 
-def driver_spec(vm):
+def driver_spec(vm, held=None):
     """What a driver needs to know of a VM; ``runtime`` is what earlier
-    commands reported (checkpoint, vm_dir...)."""
+    commands reported (checkpoint, vm_dir...); ``held`` (devices.for_driver)
+    the disks, NICs, context and token its deploy took."""
     return {"id": vm.id, "name": vm.name, "cpu": vm.cpu, "vcpu": vm.vcpu,
             "memory": vm.memory, "template": vm.template, "deploy_id": vm.deploy_id,
-            "runtime": vm.runtime or {}}
+            "runtime": vm.runtime or {}, **(held or devices.NOTHING)}
 
 
 def state_event(vm, host_name, freed=False):
@@ -226,9 +230,11 @@ DEPLOY_ACTIONS = {None: "deploy", "STOPPED": "deploy_stopped", "UNDEPLOYED": "de
 
 def deploy(session, vm_id, host_id):
     """Place a PENDING (or HOLD) VM on a host, reserving its capacity atomically.
-    Returns {"outcome": "deployed" | "vm_not_pending" | "host_unfit", "reason"}:
-    a host that no longer fits is a normal answer, not an error, so the
-    scheduler can try its next choice."""
+    Returns {"outcome": "deployed" | "vm_not_pending" | "host_unfit" |
+    "vm_waits", "reason"}: a host that no longer fits is a normal answer, not
+    an error, so the scheduler can try its next choice; ``vm_waits``: what
+    the VM needs besides a host (a lease, a persistent image) cannot be had
+    now, it stays PENDING with the reason in sched_message."""
     vm = get_vm_locked(session, vm_id)
     refusal = deploy_refusal(vm)
     if refusal:
@@ -247,7 +253,13 @@ def deploy_refusal(vm):
 
 
 def deployed(session, vm, host_id):
-    """Send ``vm`` to ``host_id``, whose capacity is already reserved for it."""
+    """Send ``vm`` to ``host_id``, whose capacity is already reserved for it,
+    once it has its leases and images (else the reservation is given back)."""
+    shortage = devices.take(session, vm)
+    if shortage:
+        add_usage(session, vm, host_id, -1)
+        vm.sched_message = shortage
+        return {"outcome": "vm_waits", "reason": shortage}
     vm.host_id = host_id
     vm.sched_message = None
     vm.error = None

@@ -2,7 +2,7 @@
 
 Revision ID: 0004
 Revises: 0003
-Create Date: 2026-11-24 18:33:24.940592
+Create Date: 2026-11-24 18:34:22.556691
 """
 from alembic import op
 import sqlalchemy as sa
@@ -69,7 +69,6 @@ def upgrade():
     sa.Column('size_mb', sa.Integer(), nullable=False),
     sa.Column('state', sa.String(length=16), nullable=False),
     sa.Column('persistent', sa.Boolean(), server_default='false', nullable=False),
-    sa.Column('running_vms', sa.Integer(), server_default='0', nullable=False),
     sa.Column('saved_from_vm_id', sa.Integer(), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
@@ -104,9 +103,22 @@ def upgrade():
     sa.ForeignKeyConstraint(['vm_id'], ['vms.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('vm_id')
     )
+    op.create_table('image_users',
+    sa.Column('image_id', sa.Integer(), nullable=False),
+    sa.Column('vm_id', sa.Integer(), nullable=False),
+    sa.Column('exclusive', sa.Boolean(), server_default='false', nullable=False),
+    sa.ForeignKeyConstraint(['image_id'], ['images.id'], ),
+    sa.ForeignKeyConstraint(['vm_id'], ['vms.id'], ),
+    sa.PrimaryKeyConstraint('image_id', 'vm_id')
+    )
+    op.create_index('image_users_exclusive', 'image_users', ['image_id'], unique=True, postgresql_where=sa.text('exclusive'))
+    op.create_index(op.f('ix_image_users_vm_id'), 'image_users', ['vm_id'], unique=False)
 
 
 def downgrade():
+    op.drop_index(op.f('ix_image_users_vm_id'), table_name='image_users')
+    op.drop_index('image_users_exclusive', table_name='image_users', postgresql_where=sa.text('exclusive'))
+    op.drop_table('image_users')
     op.drop_table('vm_devices')
     op.drop_index(op.f('ix_leases_vm_id'), table_name='leases')
     op.drop_table('leases')

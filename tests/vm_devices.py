@@ -1,0 +1,65 @@
+"""Fixtures and helpers for the image and network tests: a roomy host, and
+driving a VM through lifecycle's logic by answering its driver commands."""
+import uuid
+
+import pytest
+from sqlalchemy import select
+
+from cirrus import db
+from cirrus.db.models import Outbox, User
+from cirrus.messages import COMMANDS
+from services.lifecycle import logic, monitoring
+
+
+@pytest.fixture
+def factory(cirrus_env):
+    return db.session_factory()
+
+
+@pytest.fixture
+def admin_id(factory):
+    with factory() as s:
+        return s.scalar(select(User.id).where(User.name == "admin"))
+
+
+@pytest.fixture
+def host(factory):
+    """A monitored host with room for a hundred small VMs."""
+    with factory() as s, s.begin():
+        h = logic.create_host(s, f"h-{uuid.uuid4().hex[:10]}")
+        monitoring.handle_monitor(s, {"host": h.name, "monitoring": {
+            "TOTALCPU": 100 * 100, "TOTALMEMORY": 100 * 1024 * 1024}})
+        return h.id
+
+
+def unique(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def commands(s, vm_id):
+    """The VM's driver commands in the outbox, oldest first."""
+    return [r.payload for r in s.scalars(select(Outbox).where(Outbox.exchange == COMMANDS.name)
+                                         .order_by(Outbox.id))
+            if r.payload.get("vm_id") == vm_id]
+
+
+def answer(s, vm_id, success=True, info=None):
+    """Answer the VM's command in flight as its driver would."""
+    vm = logic.get_vm_locked(s, vm_id)
+    command = next(c for c in commands(s, vm_id) if c["id"] == vm.command_id)
+    return logic.handle_result(s, {**command, "command_id": command["id"], "success": success,
+                                   "info": info or {}, "error": None if success else "failed"})
+
+
+def deploy_to_running(s, vm_id, host_id):
+    assert logic.deploy(s, vm_id, host_id)["outcome"] == "deployed"
+    answer(s, vm_id)                    # clone
+    answer(s, vm_id, info={"deploy_id": f"cirrus-{vm_id}"})     # deploy
+    assert logic.vm_status(logic.get_vm_locked(s, vm_id)) == "RUNNING"
+
+
+def terminate_to_done(s, vm_id, saved=None):
+    logic.terminate(s, vm_id, hard=True)
+    answer(s, vm_id)                    # cancel
+    answer(s, vm_id, info={"saved": saved} if saved else None)    # delete
+    assert logic.vm_status(logic.get_vm_locked(s, vm_id)) == "DONE"
