@@ -63,3 +63,16 @@ def terminate_to_done(s, vm_id, saved=None):
     answer(s, vm_id)                    # cancel
     answer(s, vm_id, info={"saved": saved} if saved else None)    # delete
     assert logic.vm_status(logic.get_vm_locked(s, vm_id)) == "DONE"
+
+
+@pytest.fixture(scope="module")
+def lifecycle_rpc(cirrus_env, amqp_uri, tmp_path_factory):
+    """The lifecycle service as a process, and an RPC proxy to it."""
+    from tests.broker import rpc_proxy
+    from tests.procs import start_services
+    [proc] = start_services(["lifecycle"], cirrus_env, tmp_path_factory.mktemp("lc"))
+    try:
+        with rpc_proxy(amqp_uri, "lifecycle") as proxy:
+            yield proxy
+    finally:
+        proc.stop()

@@ -12,7 +12,7 @@ from nameko.timer import timer
 from cirrus import config, messages
 from cirrus.dependencies import OutboxRelay
 from cirrus.errors import CirrusError
-from services.lifecycle import accounting, clusters, logic, monitoring
+from services.lifecycle import accounting, clusters, images, logic, monitoring, vnets
 
 OUTBOX_INTERVAL = config.get()["lifecycle"].get("outbox_interval", 1)
 HOST_TIMEOUT = config.get()["lifecycle"].get("host_timeout", 15)
@@ -246,3 +246,97 @@ class LifecycleService:
     def delete_vmgroup(self, group_id):
         with self.relay.transaction() as session:
             return clusters.delete_vmgroup(session, group_id)
+
+    # -------------------------------------------------------------- storage and networks
+    # (issue 5) datastores, images and virtual networks: see services/lifecycle/images.py
+    # and vnets.py; what a VM takes of them at deploy is services/lifecycle/devices.py
+
+    @api
+    def create_datastore(self, name, type, path, host_id=None):
+        with self.relay.transaction() as session:
+            ds = images.create_datastore(session, name, type, path, host_id)
+            return images.datastore_to_dict(session, ds)
+
+    @api
+    def get_datastore(self, datastore):
+        with self.relay.session_factory() as session:
+            return images.datastore_to_dict(session, images.get_datastore(session, datastore))
+
+    @api
+    def list_datastores(self):
+        with self.relay.session_factory() as session:
+            return images.list_datastores(session)
+
+    @api
+    def delete_datastore(self, datastore_id):
+        with self.relay.transaction() as session:
+            return images.delete_datastore(session, datastore_id)
+
+    @api
+    def create_image(self, owner_id, name, path, datastore=None, persistent=False):
+        with self.relay.transaction() as session:
+            image = images.register_image(session, owner_id, name, path, datastore, persistent)
+            return images.image_to_dict(session, image)
+
+    @api
+    def get_image(self, image_id):
+        with self.relay.session_factory() as session:
+            return images.image_to_dict(session, images.get_image(session, image_id))
+
+    @api
+    def list_images(self, owner_id=None):
+        with self.relay.session_factory() as session:
+            return images.list_images(session, owner_id)
+
+    @api
+    def delete_image(self, image_id):
+        with self.relay.transaction() as session:
+            return images.delete_image(session, image_id)
+
+    @api
+    def set_image_persistent(self, image_id, persistent):
+        """image persistent / nonpersistent"""
+        with self.relay.transaction() as session:
+            return images.image_to_dict(session, images.set_persistent(session, image_id,
+                                                                       persistent))
+
+    @api
+    def create_vnet(self, owner_id, name, template):
+        with self.relay.transaction() as session:
+            return vnets.vnet_to_dict(session, vnets.create_vnet(session, owner_id, name,
+                                                                 template))
+
+    @api
+    def get_vnet(self, vnet_id):
+        with self.relay.session_factory() as session:
+            return vnets.vnet_to_dict(session, vnets.get_vnet(session, vnet_id))
+
+    @api
+    def list_vnets(self, owner_id=None):
+        with self.relay.session_factory() as session:
+            return vnets.list_vnets(session, owner_id)
+
+    @api
+    def delete_vnet(self, vnet_id):
+        with self.relay.transaction() as session:
+            return vnets.delete_vnet(session, vnet_id)
+
+    @api
+    def vnet_hold(self, vnet_id, address):
+        with self.relay.transaction() as session:
+            return vnets.vnet_to_dict(session, vnets.hold(session, vnet_id, address))
+
+    @api
+    def vnet_release(self, vnet_id, address):
+        with self.relay.transaction() as session:
+            return vnets.vnet_to_dict(session, vnets.release(session, vnet_id, address))
+
+    @api
+    def vnet_addar(self, vnet_id, ar):
+        with self.relay.transaction() as session:
+            return vnets.vnet_to_dict(session, vnets.add_range(session, vnet_id, ar))
+
+    @api
+    def vnet_rmar(self, vnet_id, ar_id):
+        with self.relay.transaction() as session:
+            return vnets.vnet_to_dict(session, vnets.remove_range(session, vnet_id, ar_id))

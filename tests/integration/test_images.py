@@ -3,13 +3,14 @@ through lifecycle's logic."""
 import subprocess
 
 import pytest
+from nameko.exceptions import RemoteError
 from sqlalchemy import func, select
 
 from cirrus.db.models import Image
 from cirrus.errors import FailedPrecondition, InvalidArgument
 from services.lifecycle import images, logic
 from tests.vm_devices import (admin_id, commands, deploy_to_running, factory,  # noqa: F401
-                              host, terminate_to_done, unique)
+                              host, lifecycle_rpc, terminate_to_done, unique)
 
 
 @pytest.fixture
@@ -191,3 +192,20 @@ def test_datastores(factory, tmp_path, host):
         with pytest.raises(InvalidArgument, match="is a SYSTEM datastore"):
             images.register_image(s, 1, unique("i"), disk_file(tmp_path), system.name)
         images.delete_datastore(s, system.id)
+
+
+def test_the_image_rpcs_of_the_lifecycle_service(lifecycle_rpc, admin_id, tmp_path):
+    rpc = lifecycle_rpc
+    ds = rpc.create_datastore(unique("rpc-ds"), "IMAGE", str(tmp_path / "ds"))
+    assert rpc.get_datastore(ds["name"])["id"] == ds["id"]
+    image = rpc.create_image(admin_id, unique("rpc-img"), disk_file(tmp_path), ds["id"])
+    assert (image["format"], image["state"], image["datastore"]) == ("qcow2", "READY", ds["name"])
+    assert rpc.set_image_persistent(image["id"], True)["persistent"] is True
+    assert rpc.get_image(image["id"])["persistent"] is True
+    assert image["id"] in [i["id"] for i in rpc.list_images(admin_id)]
+    with pytest.raises(RemoteError) as refused:
+        rpc.create_image(admin_id, unique("rpc-img"), str(tmp_path), ds["id"])
+    assert refused.value.exc_type == "InvalidArgument" and "is not a file" in refused.value.value
+    rpc.delete_image(image["id"])
+    assert ds["id"] in [d["id"] for d in rpc.list_datastores()]
+    rpc.delete_datastore(ds["id"])

@@ -2,13 +2,14 @@
 import threading
 
 import pytest
+from nameko.exceptions import RemoteError
 from sqlalchemy import func, select
 
 from cirrus.db.models import AddressRange, Host, Lease, VirtualNetwork
 from cirrus.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.lifecycle import logic, monitoring, vnets
 from tests.vm_devices import (admin_id, answer, commands, deploy_to_running,  # noqa: F401
-                              factory, host, terminate_to_done, unique)
+                              factory, host, lifecycle_rpc, terminate_to_done, unique)
 
 
 def make_vnet(factory, admin_id, size=4, ip="10.0.0.1", **template):
@@ -230,3 +231,24 @@ def test_the_driver_spec_carries_nics_and_context_with_the_token(factory, admin_
     # every command of the stay carries the same values
     assert (clone["nics"], clone["context"], clone["token"]) == \
         (spec["nics"], spec["context"], spec["token"])
+
+
+def test_the_network_rpcs_of_the_lifecycle_service(lifecycle_rpc, admin_id):
+    rpc = lifecycle_rpc
+    name = unique("rpc-net")
+    vnet = rpc.create_vnet(admin_id, name, {"AR": {"TYPE": "IP4", "IP": "10.9.0.1", "SIZE": "4"}})
+    assert (vnet["name"], vnet["size"], vnet["used"]) == (name, 4, 0)
+    vnet = rpc.vnet_addar(vnet["id"], {"TYPE": "IP6", "SIZE": "2", "GLOBAL_PREFIX": "fd00::"})
+    assert [ar["type"] for ar in vnet["ranges"]] == ["IP4", "IP6"]
+    assert rpc.vnet_hold(vnet["id"], "10.9.0.2")["used"] == 1
+    with pytest.raises(RemoteError) as refused:
+        rpc.vnet_hold(vnet["id"], "10.9.0.2")
+    assert refused.value.exc_type == "FailedPrecondition"
+    assert rpc.vnet_release(vnet["id"], "10.9.0.2")["used"] == 0
+    assert len(rpc.vnet_rmar(vnet["id"], vnet["ranges"][1]["id"])["ranges"]) == 1
+    assert name in [v["name"] for v in rpc.list_vnets()]
+    assert rpc.get_vnet(vnet["id"])["ranges"][0]["ip"] == "10.9.0.1"
+    rpc.delete_vnet(vnet["id"])
+    with pytest.raises(RemoteError) as gone:
+        rpc.get_vnet(vnet["id"])
+    assert gone.value.exc_type == "NotFound"
