@@ -215,8 +215,8 @@ def take(session, vm):
     """Take what ``vm`` needs for its placement; None when done (or already
     held: a stopped or undeployed VM keeps its devices), else the reason it
     must wait, with nothing kept."""
-    if session.get(VmDevices, vm.id) is not None:
-        return None
+    if vm.resume_from and session.get(VmDevices, vm.id) is not None:
+        return None     # only a resumed VM may still hold them: no query for the others
     try:
         held = build(session, vm)
     except (vnets.NoLease, images.ImageBusy, CirrusError) as why:
@@ -224,7 +224,21 @@ def take(session, vm):
         images.forget_vm(session, vm.id)
         return str(why)
     session.add(held)
+    # deploy_many flushes its rows at the end: until then a query would not find this one
+    taken_now(session)[vm.id] = held
     return None
+
+
+def taken_now(session):
+    """{vm_id: VmDevices} taken in this session and maybe not flushed yet."""
+    return session.info.setdefault("vm_devices", {})
+
+
+def held_by(session, vm):
+    held = taken_now(session).get(vm.id)
+    if held is not None and held in session:    # not dropped by a rollback
+        return held
+    return session.get(VmDevices, vm.id)
 
 
 def build(session, vm):
@@ -264,15 +278,17 @@ def release(session, vm):
     """The VM is done (or starts over): free its leases and images."""
     vnets.release_leases(session, vm.id)
     images.release_images(session, vm.id, set((vm.runtime or {}).get("saved") or ()))
-    session.execute(text("DELETE FROM vm_devices WHERE vm_id = :vm"), {"vm": vm.id})
-    held = session.get(VmDevices, vm.id)
-    if held is not None:
+    held = held_by(session, vm)
+    taken_now(session).pop(vm.id, None)
+    if held in session.new:
         session.expunge(held)
+    elif held is not None:
+        session.delete(held)
 
 
 def for_driver(session, vm):
     """The driver spec's "disks", "nics", "context" and "token" of a VM."""
-    held = session.get(VmDevices, vm.id)
+    held = held_by(session, vm)
     if held is None:
         return dict(NOTHING)
     return {"disks": held.disks, "nics": held.nics, "context": held.context,

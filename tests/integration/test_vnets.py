@@ -252,3 +252,20 @@ def test_the_network_rpcs_of_the_lifecycle_service(lifecycle_rpc, admin_id):
     with pytest.raises(RemoteError) as gone:
         rpc.get_vnet(vnet["id"])
     assert gone.value.exc_type == "NotFound"
+
+
+def test_a_batch_deploy_takes_leases_and_leaves_the_rest_waiting(factory, admin_id, host):
+    vnet_id, name = make_vnet(factory, admin_id, size=8)
+    with factory() as s, s.begin():
+        ids = [nic_vm(s, admin_id, name, name=f"batch{i}") for i in range(10)]
+        usage = s.get(Host, host, populate_existing=True).running_vms
+    with factory() as s, s.begin():
+        answers = logic.deploy_many(s, [[vm_id, host] for vm_id in ids])
+    assert [a["outcome"] for a in answers] == ["deployed"] * 8 + ["vm_waits"] * 2
+    with factory() as s:
+        sent = [commands(s, vm_id)[-1]["args"]["vm"]["nics"][0]["ip"] for vm_id in ids[:8]]
+        assert sorted(sent) == sorted(lease_of(s, vm_id)[0]["ip"] for vm_id in ids[:8])
+        assert len(set(sent)) == 8
+        assert s.get(Host, host).running_vms == usage + 8
+        assert {s.get(logic.VirtualMachine, vm_id).sched_message for vm_id in ids[8:]} == \
+            {f"No free lease in network {name!r}"}
