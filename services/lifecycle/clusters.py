@@ -129,11 +129,16 @@ def cluster_to_dict(session, cluster):
             "hosts": [{"id": i, "name": n} for i, n in hosts]}
 
 
+def get_row(session, model, row_id, what, lock=False):
+    """The row of ``model`` with id ``row_id``, or NotFound naming ``what``."""
+    row = session.get(model, row_id, with_for_update=lock)
+    if row is None:
+        raise NotFound(f"{what} {row_id} does not exist")
+    return row
+
+
 def get_cluster(session, cluster_id, lock=False):
-    cluster = session.get(Cluster, cluster_id, with_for_update=lock)
-    if cluster is None:
-        raise NotFound(f"cluster {cluster_id} does not exist")
-    return cluster
+    return get_row(session, Cluster, cluster_id, "cluster", lock)
 
 
 def list_clusters(session):
@@ -308,10 +313,7 @@ def vmgroup_to_dict(session, group, owner_name=None):
 
 
 def get_vmgroup(session, group_id, lock=False):
-    group = session.get(VmGroup, group_id, with_for_update=lock)
-    if group is None:
-        raise NotFound(f"VM group {group_id} does not exist")
-    return group
+    return get_row(session, VmGroup, group_id, "VM group", lock)
 
 
 def list_vmgroups(session, owner_id=None):

@@ -6,23 +6,17 @@ that makes it fit, placed at once: the sweep is off, so only events place.
 The test plays the 30 nodes; it does not answer the clone commands, so every
 placed VM stays in PROLOG holding its capacity."""
 import pytest
-from sqlalchemy import update
 
-from cirrus import db, messages
-from cirrus.db.models import Host, VirtualMachine
+from cirrus import messages
 from tests.broker import FakeNodeTransport, rpc_proxy
 from tests.procs import start_services, wait_until
+from tests.scheduling import quiet_database, scheduler_env
 
 
 @pytest.fixture(scope="module")
 def services(cirrus_env, tmp_path_factory):
-    with db.session_factory()() as s, s.begin():
-        s.execute(update(Host).values(state="DISABLED"))
-        s.execute(update(VirtualMachine).where(VirtualMachine.state.in_(["PENDING", "HOLD"]))
-                  .values(state="DONE"))
-        s.execute(update(VirtualMachine).values(resched=False))
-    env = {**cirrus_env, "CIRRUS_LIFECYCLE_HOST_TIMEOUT": "600",
-           "CIRRUS_SCHEDULER_SWEEP_INTERVAL": "600"}
+    quiet_database()
+    env = scheduler_env(cirrus_env)
     procs = start_services(["lifecycle", "scheduler"], env, tmp_path_factory.mktemp("clusters"))
     yield procs
     for proc in procs:

@@ -6,27 +6,24 @@ host's queue receives."""
 import time
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from cirrus import db, messages
-from cirrus.db.models import Host, VirtualMachine
+from cirrus.db.models import VirtualMachine
 from tests.broker import FakeNodeTransport, rpc_proxy
 from tests.procs import Proc, wait_until
+from tests.scheduling import quiet_database, scheduler_env
 
 SCHEDULERS = 3
 
 
 @pytest.fixture(scope="module")
 def services(cirrus_env, tmp_path_factory):
-    with db.session_factory()() as s, s.begin():
-        s.execute(update(Host).values(state="DISABLED"))
-        s.execute(update(VirtualMachine).where(VirtualMachine.state.in_(["PENDING", "HOLD"]))
-                  .values(state="DONE"))
-        # and VMs they flagged for rescheduling would move to this module's hosts
-        s.execute(update(VirtualMachine).values(resched=False))
-    env = {**cirrus_env, "CIRRUS_LIFECYCLE_HOST_TIMEOUT": "600",
-           # small batches: the schedulers interleave their calls to lifecycle
-           "CIRRUS_SCHEDULER_BATCH": "2"}
+    quiet_database()
+    # small batches: the schedulers interleave their calls to lifecycle; and
+    # sweeps every 2 s, so that the three also race over the VMs left waiting
+    env = scheduler_env(cirrus_env, CIRRUS_SCHEDULER_BATCH="2",
+                        CIRRUS_SCHEDULER_SWEEP_INTERVAL="2")
     logs = tmp_path_factory.mktemp("race")
     procs = [Proc(["cirrus-service", "lifecycle"], env, logs / "lifecycle.log").start()]
     procs += [Proc(["cirrus-service", "scheduler"], env, logs / f"scheduler-{i}.log").start()
@@ -65,7 +62,7 @@ def test_three_schedulers_fill_hosts_exactly_and_never_beyond(services, amqp_uri
             waiting = [v for v in shown if v["status"] == "PENDING"]
             return len(waiting) == 20 - 11 and all(v["sched_message"] for v in waiting)
         wait_until(settled, timeout=30, what="11 VMs placed and 9 waiting with a reason")
-        # more sweeps of all three schedulers (every 2 s here) change nothing
+        # more sweeps of all three schedulers change nothing
         time.sleep(5)
 
         shown = {v: rpc.get_vm(v) for v in vms}

@@ -3,28 +3,17 @@
 The test plays the node: it reports monitoring and reads the commands that a
 placement sends to the host's queue."""
 import pytest
-from sqlalchemy import update
 
-from cirrus import db, messages
-from cirrus.db.models import Host, VirtualMachine
+from cirrus import messages
 from tests.broker import FakeNodeTransport, join_node, rpc_proxy
 from tests.procs import start_services, wait_until
+from tests.scheduling import quiet_database, scheduler_env
 
 
 @pytest.fixture(scope="module")
 def services(cirrus_env, tmp_path_factory):
-    # hosts other tests left MONITORED have no node behind them, and VMs
-    # they left PENDING would be placed before this module's
-    with db.session_factory()() as s, s.begin():
-        s.execute(update(Host).values(state="DISABLED"))
-        s.execute(update(VirtualMachine).where(VirtualMachine.state.in_(["PENDING", "HOLD"]))
-                  .values(state="DONE"))
-        # and VMs they flagged for rescheduling would move to this module's hosts
-        s.execute(update(VirtualMachine).values(resched=False))
-    # the fake nodes report once: keep host failure detection out of the way;
-    # and no sweep: every placement here must come from an event
-    env = {**cirrus_env, "CIRRUS_LIFECYCLE_HOST_TIMEOUT": "600",
-           "CIRRUS_SCHEDULER_SWEEP_INTERVAL": "600"}
+    quiet_database()
+    env = scheduler_env(cirrus_env)
     procs = start_services(["lifecycle", "scheduler"], env, tmp_path_factory.mktemp("sched"))
     yield procs
     for proc in procs:
@@ -69,9 +58,7 @@ def test_placement_waits_for_a_host_happens_on_the_event_and_explains_a_misfit(r
 
 
 def test_a_vm_flagged_resched_is_live_migrated_to_another_host(rpc, amqp_uri):
-    # only this test's hosts take VMs
-    with db.session_factory()() as s, s.begin():
-        s.execute(update(Host).values(state="DISABLED"))
+    quiet_database()    # only this test's hosts take VMs
     node_a, host_a = join_node(rpc, amqp_uri, "resched-a")
     held = rpc.allocate(1, "sched-held", 1.0, 1, 256, {}, True)     # on HOLD: never placed
     vm = rpc.allocate(1, "sched-move", 1.0, 1, 512, {"SCHED_RANK": "PRIORITY"})
@@ -120,8 +107,7 @@ def run_on(node, vm_id):
 
 
 def test_capacity_freed_by_a_vm_leaving_places_a_waiting_vm_at_once(rpc, amqp_uri):
-    with db.session_factory()() as s, s.begin():
-        s.execute(update(Host).values(state="DISABLED"))
+    quiet_database()
     node, host = join_node(rpc, amqp_uri, "freed-a", cpu=200)
     first = rpc.allocate(1, "freed-first", 2.0, 1, 512, {})
     run_on(node, first["id"])

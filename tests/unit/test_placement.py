@@ -1,8 +1,8 @@
 """Placement as pure functions: policies, requirements, capacity, limits and VM groups."""
 import pytest
 
-from services.scheduler.placement import (Group, HostView, Planner, Unplaceable, VmRequest,
-                                          host_view, policy_name)
+from services.scheduler.placement import (Group, HostView, Planner, VmRequest, host_view,
+                                          policy_name)
 
 
 def host(id, cpu=400, mem=4096, vms=0, cpu_usage=0, mem_usage=0, **attributes):

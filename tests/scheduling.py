@@ -1,0 +1,25 @@
+"""What the scheduler's process tests share: a database where only the
+module's own hosts and VMs can be scheduled, and an environment where only
+events place VMs."""
+from sqlalchemy import update
+
+from cirrus import db
+from cirrus.db.models import Host, VirtualMachine
+
+
+def quiet_database():
+    """Hosts other tests left MONITORED have no node behind them, VMs they
+    left PENDING would be placed before this module's, and VMs they flagged
+    resched would move to its hosts."""
+    with db.session_factory()() as s, s.begin():
+        s.execute(update(Host).values(state="DISABLED"))
+        s.execute(update(VirtualMachine).where(VirtualMachine.state.in_(["PENDING", "HOLD"]))
+                  .values(state="DONE"))
+        s.execute(update(VirtualMachine).values(resched=False))
+
+
+def scheduler_env(cirrus_env, **more):
+    """The fake nodes report once: host failure detection is kept out of the
+    way; and no sweep, so that every placement comes from an event."""
+    return {**cirrus_env, "CIRRUS_LIFECYCLE_HOST_TIMEOUT": "600",
+            "CIRRUS_SCHEDULER_SWEEP_INTERVAL": "600", **more}
