@@ -5,9 +5,9 @@ import pytest
 from nameko.exceptions import RemoteError
 from sqlalchemy import func, select
 
-from cirrus.db.models import AddressRange, Host, Lease, VirtualNetwork
+from cirrus.db.models import AddressRange, Host, Lease, Setting, VirtualNetwork, VmDevices
 from cirrus.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.lifecycle import logic, monitoring, vnets
+from services.lifecycle import devices, logic, monitoring, vnets
 from tests.vm_devices import (admin_id, answer, commands, deploy_to_running,  # noqa: F401
                               factory, host, lifecycle_rpc, terminate_to_done, unique)
 
@@ -227,7 +227,11 @@ def test_the_driver_spec_carries_nics_and_context_with_the_token(factory, admin_
     assert (context["VMID"], context["NAME"], context["TOKEN"]) == (str(vm_id), "ctx", "YES")
     assert (context["ETH0_IP"], context["ETH0_GATEWAY"]) == ("10.0.0.7", "10.0.0.254")
     assert context["GREETING"] == "it's `x`" and context["ONEGATE_ENDPOINT"]
-    assert len(spec["token"]) == 64
+    with factory() as s:
+        held = s.get(VmDevices, vm_id)
+        secret = s.scalar(select(Setting.value).where(Setting.key == "gate.secret"))
+        assert spec["token"] == devices.vm_token(secret, vm_id, held.started_at)
+        assert devices.platform_secret(s) == secret         # made once, then kept
     # every command of the stay carries the same values
     assert (clone["nics"], clone["context"], clone["token"]) == \
         (spec["nics"], spec["context"], spec["token"])
