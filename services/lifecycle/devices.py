@@ -194,9 +194,18 @@ def check_template(session, owner_id, template):
     for index, nic in enumerate(sections(template, "NIC")):
         where = f"NIC[{index}]"
         vnet = nic_network(session, nic, where)
-        if nic.get("IP"):
-            vnets.check_requested_address(session, vnet, nic["IP"], f"{where} IP")
+        field, address = requested_address(nic)
+        if address:
+            vnets.check_requested_address(session, vnet, address, f"{where} {field}")
     check_context(template)
+
+
+def requested_address(nic):
+    """(field, address) a NIC asks for: IP, else IP6, else MAC; (None, None) if none."""
+    for field in ("IP", "IP6", "MAC"):
+        if nic.get(field):
+            return field, str(nic[field])
+    return None, None
 
 
 def nic_network(session, nic, where):
@@ -256,7 +265,7 @@ def build(session, vm):
     nics = []
     for index, nic in enumerate(sections(template, "NIC")):
         vnet = nic_network(session, nic, f"NIC[{index}]")
-        ar, idx = vnets.take_lease(session, vnet, vm.id, index, nic.get("IP"))
+        ar, idx = vnets.take_lease(session, vnet, vm.id, index, requested_address(nic)[1])
         nics.append(nic_spec(index, nic, vnet, vnets.address_at(ar, idx), ar.attributes))
     # SAVE_AS images last: everything that may make the VM wait is taken by now
     for position, entry in enumerate(disks):

@@ -422,9 +422,18 @@ def release(session, vnet_id, address):
 
 
 def taken_reason(lease, address, vnet):
+    kind = "IP" if is_ip(address) else "MAC"
     if lease.hold:
-        return f"IP {address} of network {vnet.name!r} is on hold"
-    return f"IP {address} of network {vnet.name!r} is taken by VM {lease.vm_id}"
+        return f"{kind} {address} of network {vnet.name!r} is on hold"
+    return f"{kind} {address} of network {vnet.name!r} is taken by VM {lease.vm_id}"
+
+
+def is_ip(address):
+    try:
+        ipaddress.ip_address(str(address))
+        return True
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------- leases of VMs

@@ -273,3 +273,26 @@ def test_a_batch_deploy_takes_leases_and_leaves_the_rest_waiting(factory, admin_
         assert s.get(Host, host).running_vms == usage + 8
         assert {s.get(logic.VirtualMachine, vm_id).sched_message for vm_id in ids[8:]} == \
             {f"No free lease in network {name!r}"}
+
+
+def test_a_nic_may_ask_for_its_ipv6_or_its_mac(factory, admin_id, host):
+    name = unique("net6")
+    with factory() as s, s.begin():
+        vnets.create_vnet(s, admin_id, name, {"AR": [
+            {"TYPE": "IP6_STATIC", "IP6": "fd00::10", "SIZE": "4"},
+            {"TYPE": "ETHER", "MAC": "02:00:00:00:10:00", "SIZE": "4"}]})
+        by_ip6 = logic.allocate(s, admin_id, "v6", 0.1, 1, 64,
+                                {"NIC": {"NETWORK": name, "IP6": "fd00::12"}}).id
+        by_mac = logic.allocate(s, admin_id, "mac", 0.1, 1, 64,
+                                {"NIC": {"NETWORK": name, "MAC": "02:00:00:00:10:03"}}).id
+        for vm_id in (by_ip6, by_mac):
+            assert logic.deploy(s, vm_id, host)["outcome"] == "deployed"
+        assert lease_of(s, by_ip6)[0]["ip6"] == "fd00::12"
+        assert lease_of(s, by_mac)[0] == {"mac": "02:00:00:00:10:03", "ip": None, "ip6": None}
+        with pytest.raises(FailedPrecondition, match=rf"^NIC\[0\] MAC: MAC 02:00:00:00:10:03 .* "
+                                                     rf"taken by VM {by_mac}"):
+            logic.allocate(s, admin_id, "again", 0.1, 1, 64,
+                           {"NIC": {"NETWORK": name, "MAC": "02:00:00:00:10:03"}})
+        with pytest.raises(InvalidArgument, match=r"^NIC\[0\] IP6: fd00::99 is not in any"):
+            logic.allocate(s, admin_id, "out", 0.1, 1, 64,
+                           {"NIC": {"NETWORK": name, "IP6": "fd00::99"}})
