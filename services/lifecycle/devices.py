@@ -28,7 +28,7 @@ from sqlalchemy import text
 from cirrus import config
 from cirrus.db.models import VmDevices, utcnow
 from cirrus.errors import CirrusError, FailedPrecondition, InvalidArgument
-from services.drivers.backend import sections
+from services.drivers.backend import disk_target, sections
 from services.lifecycle import images, vnets
 
 NOTHING = {"disks": [], "nics": [], "context": None, "token": None}
@@ -45,10 +45,6 @@ def gate_setting(key, default=None):
 
 
 # ---------------------------------------------------------------- pure parts
-
-def disk_target(index, disk):
-    return disk.get("TARGET") or "vd" + chr(ord("a") + index)
-
 
 def is_yes(value):
     return str(value or "").strip().upper() in YES
@@ -69,7 +65,7 @@ def volatile_disk(index, disk, where):
     """DISK=[TYPE=swap|fs, SIZE=MB]: made empty on the node."""
     kind = str(disk["TYPE"]).lower()
     return {"id": index, "type": kind, "source": None, "format": "raw", "clone": None,
-            "size_mb": size_mb(disk, where, True), "target": disk_target(index, disk),
+            "size_mb": size_mb(disk, where, True), "target": disk_target(disk, index),
             "readonly": False, "save_as": None}
 
 
@@ -79,7 +75,7 @@ def image_disk(index, disk, image, where, save_as=None):
     clone = "ln" if image.persistent else ("overlay" if image.format == "qcow2" else "copy")
     return {"id": index, "type": "file", "source": image.path, "format": image.format,
             "clone": clone, "size_mb": size_mb(disk, where, False),
-            "target": disk_target(index, disk), "readonly": is_yes(disk.get("READONLY")),
+            "target": disk_target(disk, index), "readonly": is_yes(disk.get("READONLY")),
             "save_as": save_as, "image_id": image.id}
 
 
