@@ -73,15 +73,21 @@ def create_datastore(session, name, type, path, host_id=None):
     return ds
 
 
+def find_named(session, model, ref, what, where):
+    """A row of ``model`` by id (an int or digits) or by name; NotFound
+    naming ``where`` (the field that gave ``ref``) and ``what`` it is."""
+    if isinstance(ref, int) or str(ref).isdigit():
+        row = session.get(model, int(ref))
+    else:
+        row = session.scalar(select(model).where(model.name == str(ref)))
+    if row is None:
+        raise NotFound(f"{where}: {what} {ref!r} does not exist")
+    return row
+
+
 def get_datastore(session, ref, where="datastore"):
     """A datastore by id or name."""
-    if isinstance(ref, int) or str(ref).isdigit():
-        ds = session.get(Datastore, int(ref))
-    else:
-        ds = session.scalar(select(Datastore).where(Datastore.name == str(ref)))
-    if ds is None:
-        raise NotFound(f"{where}: datastore {ref!r} does not exist")
-    return ds
+    return find_named(session, Datastore, ref, "datastore", where)
 
 
 def list_datastores(session):

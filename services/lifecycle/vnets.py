@@ -19,6 +19,7 @@ from sqlalchemy import func, select, text
 
 from cirrus.db.models import AddressRange, Lease, VirtualNetwork
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.lifecycle.images import find_named
 
 AR_TYPES = ("IP4", "IP6", "IP6_STATIC", "IP4_6", "ETHER")
 WITH_IP4 = ("IP4", "IP4_6")
@@ -84,24 +85,16 @@ def _size_of(ar, where):
     return size
 
 
-def _ip4_of(ar, where):
-    raw = ar.get("IP")
-    if not raw:
-        raise InvalidArgument(f"{_field(where, 'IP')}: is required for {ar.get('TYPE')} ranges")
-    try:
-        return ipaddress.IPv4Address(str(raw))
-    except ValueError:
-        raise InvalidArgument(f"{_field(where, 'IP')}: not an IPv4 address: {raw!r}") from None
-
-
-def _ip6_of(ar, key, where):
+def _address_of(ar, key, where, kind=ipaddress.IPv6Address):
+    """The IPv4Address or IPv6Address (``kind``) an AR gives under ``key``."""
     raw = ar.get(key)
     if not raw:
         raise InvalidArgument(f"{_field(where, key)}: is required for {ar.get('TYPE')} ranges")
     try:
-        return ipaddress.IPv6Address(str(raw))
+        return kind(str(raw))
     except ValueError:
-        raise InvalidArgument(f"{_field(where, key)}: not an IPv6 address: {raw!r}") from None
+        family = "IPv4" if kind is ipaddress.IPv4Address else "IPv6"
+        raise InvalidArgument(f"{_field(where, key)}: not an {family} address: {raw!r}") from None
 
 
 def _mac_of(raw, name, where):
@@ -116,7 +109,8 @@ def parse_range(ar, where="", mac_prefix=DEFAULT_MAC_PREFIX):
     GLOBAL_PREFIX, PREFIX_LENGTH) and return its normalised form: a dict of
     the AddressRange columns. Errors name the field (``where`` says which AR)."""
     if not isinstance(ar, dict):
-        raise InvalidArgument(f"{where or 'AR'}: must be a vector like [TYPE=IP4, IP=..., SIZE=...]")
+        raise InvalidArgument(f"{where or 'AR'}: must be a vector like "
+                              "[TYPE=IP4, IP=..., SIZE=...]")
     kind = str(ar.get("TYPE") or "").upper()
     if kind not in AR_TYPES:
         raise InvalidArgument(f"{_field(where, 'TYPE')}: must be one of {', '.join(AR_TYPES)}, "
@@ -127,19 +121,19 @@ def parse_range(ar, where="", mac_prefix=DEFAULT_MAC_PREFIX):
     known = {"TYPE", "SIZE", "IP", "MAC", "IP6", "GLOBAL_PREFIX", "PREFIX_LENGTH"}
     out["attributes"] = {k: v for k, v in ar.items() if k not in known}
     if kind in WITH_IP4:
-        start = _ip4_of(ar, where)
+        start = _address_of(ar, "IP", where, ipaddress.IPv4Address)
         if int(start) + size > 1 << 32:
             raise InvalidArgument(f"{_field(where, 'SIZE')}: {size} addresses from {start} "
                                   "go past 255.255.255.255")
         out["ip"] = str(start)
     if kind in WITH_SLAAC:
-        prefix = _ip6_of(ar, "GLOBAL_PREFIX", where)
+        prefix = _address_of(ar, "GLOBAL_PREFIX", where)
         if int(prefix) & ((1 << 64) - 1):
             raise InvalidArgument(f"{_field(where, 'GLOBAL_PREFIX')}: must be a /64 prefix "
                                   f"(its last 64 bits zero), got {prefix}")
         out["ip6_prefix"] = str(prefix)
     if kind == "IP6_STATIC":
-        start = _ip6_of(ar, "IP6", where)
+        start = _address_of(ar, "IP6", where)
         if int(start) + size > 1 << 128:
             raise InvalidArgument(f"{_field(where, 'SIZE')}: {size} addresses from {start} "
                                   "go past the end of the IPv6 space")
@@ -295,13 +289,7 @@ def get_vnet(session, vnet_id, lock=False):
 
 def find_vnet(session, ref, where="NETWORK"):
     """A network by id (int or digits) or name; NotFound naming ``where``."""
-    if isinstance(ref, int) or str(ref).isdigit():
-        vnet = session.get(VirtualNetwork, int(ref))
-    else:
-        vnet = session.scalar(select(VirtualNetwork).where(VirtualNetwork.name == str(ref)))
-    if vnet is None:
-        raise NotFound(f"{where}: virtual network {ref!r} does not exist")
-    return vnet
+    return find_named(session, VirtualNetwork, ref, "virtual network", where)
 
 
 def create_vnet(session, owner_id, name, template):

@@ -52,7 +52,8 @@ def test_a_network_shows_its_ranges_and_the_leases_in_use(factory, admin_id, hos
 
 @pytest.mark.parametrize("ranges,message", [
     ([{"TYPE": "IP4", "IP": "10.0.0.1", "SIZE": "0"}], r"^AR\[0\] SIZE: must be at least 1"),
-    ([{"TYPE": "IP4", "IP": "10.0.0.1", "SIZE": "8"}, {"TYPE": "IP4", "IP": "10.0.0.5", "SIZE": "8"}],
+    ([{"TYPE": "IP4", "IP": "10.0.0.1", "SIZE": "8"},
+      {"TYPE": "IP4", "IP": "10.0.0.5", "SIZE": "8"}],
      r"^AR\[1\] IP: the range overlaps"),
 ])
 def test_overlapping_or_empty_ranges_are_refused_leaving_nothing_written(factory, admin_id,
