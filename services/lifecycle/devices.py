@@ -155,13 +155,16 @@ def platform_secret(session):
     configured = gate_setting("secret")
     if configured:
         return str(configured)
-    url = str(session.get_bind().url)
+    engine = session.get_bind()
+    url = str(engine.url)
     if url not in _secrets:
-        session.execute(text("INSERT INTO settings (key, value) VALUES ('gate.secret', :value) "
-                             "ON CONFLICT (key) DO NOTHING"),
-                        {"value": secrets.token_hex(32)})
-        _secrets[url] = session.execute(
-            text("SELECT value FROM settings WHERE key = 'gate.secret'")).scalar_one()
+        # in a transaction of its own: a deploy that rolls back must not take
+        # away the secret this process then keeps using
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO settings (key, value) VALUES ('gate.secret', :value) "
+                              "ON CONFLICT (key) DO NOTHING"), {"value": secrets.token_hex(32)})
+            _secrets[url] = conn.execute(
+                text("SELECT value FROM settings WHERE key = 'gate.secret'")).scalar_one()
     return _secrets[url]
 
 
@@ -280,14 +283,18 @@ def build(session, vm):
 
 
 def release(session, vm):
-    """The VM is done (or starts over): free its leases and images."""
+    """The VM is done (or starts over): free its leases and images. A VM
+    holds some only while it has its vm_devices row (a VM that never left
+    PENDING costs one lookup)."""
+    held = held_by(session, vm)
+    if held is None:
+        return
     vnets.release_leases(session, vm.id)
     images.release_images(session, vm.id, set((vm.runtime or {}).get("saved") or ()))
-    held = held_by(session, vm)
     taken_now(session).pop(vm.id, None)
     if held in session.new:
         session.expunge(held)
-    elif held is not None:
+    else:
         session.delete(held)
 
 
