@@ -1,6 +1,7 @@
 """Datastores and images on the real PostgreSQL and real files made by qemu-img,
 through lifecycle's logic."""
 import subprocess
+import threading
 
 import pytest
 from nameko.exceptions import RemoteError
@@ -8,7 +9,7 @@ from sqlalchemy import func, select
 
 from cirrus.db.models import Image
 from cirrus.errors import FailedPrecondition, InvalidArgument
-from services.lifecycle import images, logic
+from services.lifecycle import images, logic, monitoring
 from tests.vm_devices import (admin_id, commands, deploy_to_running, factory,  # noqa: F401
                               host, lifecycle_rpc, terminate_to_done, unique)
 
@@ -209,3 +210,29 @@ def test_the_image_rpcs_of_the_lifecycle_service(lifecycle_rpc, admin_id, tmp_pa
     rpc.delete_image(image["id"])
     assert ds["id"] in [d["id"] for d in rpc.list_datastores()]
     rpc.delete_datastore(ds["id"])
+
+
+def test_of_concurrent_deploys_of_one_persistent_image_exactly_one_wins(factory, admin_id,
+                                                                        store, tmp_path):
+    image_id = register(factory, admin_id, store, disk_file(tmp_path), persistent=True)
+    with factory() as s, s.begin():
+        ids = [image_vm(s, admin_id, image_id) for _ in range(6)]
+        hosts = []
+        for _ in ids:       # one host each: the deploys race for the image, not a host row
+            h = logic.create_host(s, unique("img-race"))
+            monitoring.handle_monitor(s, {"host": h.name, "monitoring": {
+                "TOTALCPU": 100, "TOTALMEMORY": 1024 * 1024}})
+            hosts.append(h.id)
+    outcomes = []
+    barrier = threading.Barrier(len(ids))
+
+    def race(vm_id, host_id):
+        with factory() as s, s.begin():
+            barrier.wait()
+            outcomes.append(logic.deploy(s, vm_id, host_id)["outcome"])
+
+    threads = [threading.Thread(target=race, args=pair) for pair in zip(ids, hosts)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(outcomes) == ["deployed"] + ["vm_waits"] * 5
+    assert len(shown(factory, image_id)["vms"]) == 1
