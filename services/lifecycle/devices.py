@@ -188,6 +188,8 @@ def check_template(session, owner_id, template):
             if image.persistent and users:
                 raise FailedPrecondition(f"{where}: persistent image {image.name!r} is used by "
                                          f"VM {users[0]}")
+            if disk.get("SAVE_AS"):
+                images.check_new_name(session, owner_id, disk["SAVE_AS"], f"{where} SAVE_AS")
         elif disk.get("SAVE_AS"):
             raise InvalidArgument(f"{where} SAVE_AS: only a disk of an image can be saved")
     for index, nic in enumerate(sections(template, "NIC")):

@@ -208,17 +208,12 @@ def register_image(session, owner_id, name, path, datastore=None, persistent=Fal
                    inspect=inspect_image):
     """Register the disk image at ``path`` (checked with qemu-img) in an
     IMAGE datastore (by id or name; the only one when not given)."""
-    name = (name or "").strip()
-    if not name:
-        raise InvalidArgument("name: must not be empty")
+    name = check_new_name(session, owner_id, name)
     ds = get_datastore(session, datastore) if datastore not in (None, "") else \
         default_image_datastore(session)
     if ds.type != "IMAGE":
         raise InvalidArgument(f"datastore: {ds.name!r} is a {ds.type} datastore; images go in "
                               "an IMAGE datastore")
-    if session.scalar(select(Image.id).where(Image.owner_id == owner_id,
-                                             Image.name == name)) is not None:
-        raise AlreadyExists(f"image {name!r} already exists")
     fmt, size = inspect(str(path) if path else path)
     image = Image(name=name, owner_id=owner_id, datastore_id=ds.id,
                   path=os.path.realpath(path), format=fmt,
@@ -226,6 +221,17 @@ def register_image(session, owner_id, name, path, datastore=None, persistent=Fal
     session.add(image)
     session.flush()
     return image
+
+
+def check_new_name(session, owner_id, name, where="name"):
+    """An image name the owner does not use yet, stripped."""
+    name = str(name or "").strip()
+    if not name:
+        raise InvalidArgument(f"{where}: must not be empty")
+    if session.scalar(select(Image.id).where(Image.owner_id == owner_id,
+                                             Image.name == name)) is not None:
+        raise AlreadyExists(f"{where}: image {name!r} already exists")
+    return name
 
 
 def get_image(session, image_id, lock=False):
@@ -305,10 +311,7 @@ def use_image(session, image, vm_id):
 
 def save_as_image(session, source, vm, name, where):
     """The LOCKED image a disk is saved into when its VM terminates (SAVE_AS)."""
-    name = str(name).strip()
-    if session.scalar(select(Image.id).where(Image.owner_id == vm.owner_id,
-                                             Image.name == name)) is not None:
-        raise AlreadyExists(f"{where} SAVE_AS: image {name!r} already exists")
+    name = check_new_name(session, vm.owner_id, name, f"{where} SAVE_AS")
     ds = session.get(Datastore, source.datastore_id)
     image = Image(name=name, owner_id=vm.owner_id, datastore_id=ds.id,
                   path=os.path.join(ds.path, f"{uuid.uuid4().hex}.{source.format}"),

@@ -8,7 +8,7 @@ from nameko.exceptions import RemoteError
 from sqlalchemy import func, select
 
 from cirrus.db.models import Image
-from cirrus.errors import FailedPrecondition, InvalidArgument
+from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from services.lifecycle import images, logic, monitoring
 from tests.vm_devices import (admin_id, commands, deploy_to_running, factory,  # noqa: F401
                               host, lifecycle_rpc, terminate_to_done, unique)
@@ -236,3 +236,13 @@ def test_of_concurrent_deploys_of_one_persistent_image_exactly_one_wins(factory,
     [t.join() for t in threads]
     assert sorted(outcomes) == ["deployed"] + ["vm_waits"] * 5
     assert len(shown(factory, image_id)["vms"]) == 1
+
+
+def test_a_save_as_name_already_taken_is_refused_at_create(factory, admin_id, store, tmp_path):
+    image_id = register(factory, admin_id, store, disk_file(tmp_path))
+    with factory() as s, s.begin():
+        name = s.get(Image, image_id).name
+        with pytest.raises(AlreadyExists, match=rf"^DISK\[0\] SAVE_AS: image {name!r} already"):
+            image_vm(s, admin_id, image_id, SAVE_AS=name)
+        with pytest.raises(AlreadyExists, match=rf"^name: image {name!r} already exists"):
+            images.register_image(s, admin_id, name, disk_file(tmp_path), store)
