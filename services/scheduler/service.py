@@ -170,13 +170,12 @@ class SchedulerService:
             vm, host = hosts[answer["vm_id"]]
             if answer["outcome"] == "deployed":
                 reasons.pop(vm.id, None)
+                log.info("VM %s placed on %s", vm.id, host.name)
             elif answer["outcome"] == "host_unfit":
                 planner.forget(host)
                 reasons[vm.id] = answer["reason"]
                 retry.append(vm)
             # vm_not_pending: another scheduler placed it, or its owner acted
-        log.info("placed %d of %d VMs", sum(a["outcome"] == "deployed" for a in answers),
-                 len(answers))
         return retry
 
     def move(self, planner, vm, reasons):
