@@ -1,5 +1,6 @@
 """Fixtures and helpers for the image and network tests: a roomy host, and
 driving a VM through lifecycle's logic by answering its driver commands."""
+import threading
 import uuid
 
 import pytest
@@ -63,6 +64,31 @@ def terminate_to_done(s, vm_id, saved=None):
     answer(s, vm_id)                    # cancel
     answer(s, vm_id, info={"saved": saved} if saved else None)    # delete
     assert logic.vm_status(logic.get_vm_locked(s, vm_id)) == "DONE"
+
+
+def deploy_each_on_its_own_host(factory, vm_ids):
+    """Deploy every VM at once from its own thread and session, each to a
+    host of its own, so that the deploys do not queue on a host row and
+    really race for what else they take; returns the outcomes."""
+    with factory() as s, s.begin():
+        hosts = []
+        for _ in vm_ids:
+            h = logic.create_host(s, unique("race"))
+            monitoring.handle_monitor(s, {"host": h.name, "monitoring": {
+                "TOTALCPU": 100, "TOTALMEMORY": 1024 * 1024}})
+            hosts.append(h.id)
+    outcomes = []
+    barrier = threading.Barrier(len(vm_ids))
+
+    def race(vm_id, host_id):
+        with factory() as s, s.begin():
+            barrier.wait()
+            outcomes.append(logic.deploy(s, vm_id, host_id)["outcome"])
+
+    threads = [threading.Thread(target=race, args=pair) for pair in zip(vm_ids, hosts)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return outcomes
 
 
 @pytest.fixture(scope="module")

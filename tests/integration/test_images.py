@@ -1,7 +1,6 @@
 """Datastores and images on the real PostgreSQL and real files made by qemu-img,
 through lifecycle's logic."""
 import subprocess
-import threading
 
 import pytest
 from nameko.exceptions import RemoteError
@@ -9,9 +8,10 @@ from sqlalchemy import func, select
 
 from cirrus.db.models import Image
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from services.lifecycle import images, logic, monitoring
-from tests.vm_devices import (admin_id, commands, deploy_to_running, factory,  # noqa: F401
-                              host, lifecycle_rpc, terminate_to_done, unique)
+from services.lifecycle import images, logic
+from tests.vm_devices import (admin_id, commands, deploy_each_on_its_own_host,  # noqa: F401
+                              deploy_to_running, factory, host, lifecycle_rpc,
+                              terminate_to_done, unique)
 
 
 @pytest.fixture
@@ -217,23 +217,7 @@ def test_of_concurrent_deploys_of_one_persistent_image_exactly_one_wins(factory,
     image_id = register(factory, admin_id, store, disk_file(tmp_path), persistent=True)
     with factory() as s, s.begin():
         ids = [image_vm(s, admin_id, image_id) for _ in range(6)]
-        hosts = []
-        for _ in ids:       # one host each: the deploys race for the image, not a host row
-            h = logic.create_host(s, unique("img-race"))
-            monitoring.handle_monitor(s, {"host": h.name, "monitoring": {
-                "TOTALCPU": 100, "TOTALMEMORY": 1024 * 1024}})
-            hosts.append(h.id)
-    outcomes = []
-    barrier = threading.Barrier(len(ids))
-
-    def race(vm_id, host_id):
-        with factory() as s, s.begin():
-            barrier.wait()
-            outcomes.append(logic.deploy(s, vm_id, host_id)["outcome"])
-
-    threads = [threading.Thread(target=race, args=pair) for pair in zip(ids, hosts)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    outcomes = deploy_each_on_its_own_host(factory, ids)
     assert sorted(outcomes) == ["deployed"] + ["vm_waits"] * 5
     assert len(shown(factory, image_id)["vms"]) == 1
 

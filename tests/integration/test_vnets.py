@@ -1,15 +1,14 @@
 """Virtual networks and leases on the real PostgreSQL, through lifecycle's logic."""
-import threading
-
 import pytest
 from nameko.exceptions import RemoteError
 from sqlalchemy import func, select
 
 from cirrus.db.models import AddressRange, Host, Lease, Setting, VirtualNetwork, VmDevices
 from cirrus.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.lifecycle import devices, logic, monitoring, vnets
-from tests.vm_devices import (admin_id, answer, commands, deploy_to_running,  # noqa: F401
-                              factory, host, lifecycle_rpc, terminate_to_done, unique)
+from services.lifecycle import devices, logic, vnets
+from tests.vm_devices import (admin_id, answer, commands, deploy_each_on_its_own_host,  # noqa: F401
+                              deploy_to_running, factory, host, lifecycle_rpc,
+                              terminate_to_done, unique)
 
 
 def make_vnet(factory, admin_id, size=4, ip="10.0.0.1", **template):
@@ -91,28 +90,10 @@ def test_addar_refuses_an_overlap_and_rmar_a_range_in_use(factory, admin_id, hos
 
 
 def test_fifty_concurrent_deploys_never_share_an_address(factory, admin_id):
-    """Each VM goes to its own host, so that the deploys do not queue on a
-    host row and really race for the leases."""
     vnet_id, name = make_vnet(factory, admin_id, size=60)
     with factory() as s, s.begin():
         ids = [nic_vm(s, admin_id, name, name=f"race{i}") for i in range(50)]
-        hosts = []
-        for i in range(50):
-            h = logic.create_host(s, unique("race"))
-            monitoring.handle_monitor(s, {"host": h.name, "monitoring": {
-                "TOTALCPU": 100, "TOTALMEMORY": 1024 * 1024}})
-            hosts.append(h.id)
-    outcomes = []
-    barrier = threading.Barrier(len(ids))
-
-    def race(vm_id, host_id):
-        with factory() as s, s.begin():
-            barrier.wait()
-            outcomes.append(logic.deploy(s, vm_id, host_id)["outcome"])
-
-    threads = [threading.Thread(target=race, args=pair) for pair in zip(ids, hosts)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    outcomes = deploy_each_on_its_own_host(factory, ids)
     assert outcomes == ["deployed"] * 50
     with factory() as s:
         ips = [lease_of(s, vm_id)[0]["ip"] for vm_id in ids]
