@@ -28,6 +28,7 @@ from sqlalchemy import and_, or_, select
 from cirrus import config, messages
 from cirrus.db.models import Cluster, Host, VirtualMachine, VmGroup
 from cirrus.dependencies import Database
+from cirrus.expressions import compile_rank
 from services.scheduler.placement import Group, Planner, VmRequest, host_view, policy_name
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,16 @@ class Settings:
     def __init__(self):
         self.policy = policy_name(setting("policy", "packing"))
         self.rank = setting("rank", "")
+        compile_rank(self.rank)     # an ExpressionError names what is wrong
         self.max_vm = int(setting("max_vm", 0))
         self.max_dispatch = int(setting("max_dispatch", 0))
         self.max_host = int(setting("max_host", 0))
         self.batch = max(1, int(setting("batch", 500)))
         self.in_flight = max(1, int(setting("in_flight", 4)))
+
+
+# read at start: a bad setting (an unknown policy) stops the service at once
+SETTINGS = Settings()
 
 
 class PassQueue(DependencyProvider):
@@ -114,7 +120,7 @@ class SchedulerService:
         self.queue.run(vm_ids, self.one_pass)
 
     def one_pass(self, vm_ids):
-        settings = Settings()
+        settings = SETTINGS
         with self.db() as session:
             vms, old_messages = waiting_vms(session, vm_ids, settings.max_vm)
             if not vms:

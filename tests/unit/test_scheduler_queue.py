@@ -1,5 +1,9 @@
-"""The scheduler merges placement requests that arrive while a pass runs."""
-from services.scheduler.service import PassQueue
+"""The scheduler's pieces that need no broker: merged passes and its settings."""
+import pytest
+
+from cirrus import config
+from cirrus.expressions import ExpressionError
+from services.scheduler.service import PassQueue, Settings
 
 
 def make_queue():
@@ -47,3 +51,29 @@ def test_a_failed_pass_releases_the_queue():
     passes = []
     queue.run([2], lambda ids: passes.append(sorted(ids)))
     assert passes == [[2]]
+
+
+@pytest.fixture
+def scheduler_config(monkeypatch):
+    def load(**values):
+        for key, value in values.items():
+            monkeypatch.setenv(f"CIRRUS_SCHEDULER_{key.upper()}", value)
+        monkeypatch.setattr(config, "_cached", None)
+        return Settings()
+    yield load
+    config._cached = None
+
+
+def test_settings_come_from_the_configuration_with_no_limits_by_default(scheduler_config):
+    settings = scheduler_config()
+    assert (settings.policy, settings.max_vm, settings.max_dispatch, settings.max_host) == \
+        ("packing", 0, 0, 0)
+    settings = scheduler_config(policy="1", rank="FREE_CPU", max_host="3")
+    assert (settings.policy, settings.rank, settings.max_host) == ("striping", "FREE_CPU", 3)
+
+
+def test_a_bad_policy_or_rank_stops_the_scheduler_with_the_reason(scheduler_config):
+    with pytest.raises(ValueError, match="unknown policy 'best'"):
+        scheduler_config(policy="best")
+    with pytest.raises(ExpressionError, match="SCHED_RANK"):
+        scheduler_config(policy="custom", rank="FREE_CPU +")
