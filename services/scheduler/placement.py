@@ -230,7 +230,6 @@ class Planner:
         self.changes = []           # ids of the hosts changed by reservations, in order
         self.classes = {}
         self.requirement_cache = {}
-        self.rank_cache = {}
         self.compiled = {}
 
     # ------------------------------------------------------------ expressions
@@ -247,7 +246,8 @@ class Planner:
         return self.compiled[key]
 
     def expressions(self, vm):
-        """(requirement, rank function, rank is dynamic, cluster ids) for a VM."""
+        """(requirement, rank, rank function, whether the rank may rise as VMs
+        are reserved, cluster ids) for a VM; Unplaceable if they do not compile."""
         template = vm.template
         try:
             requirement = self.compile("requirements", template.get("SCHED_REQUIREMENTS"),
@@ -287,10 +287,8 @@ class Planner:
         """The best host for ``vm``; Unplaceable with the reason if none."""
         if not self.hosts:
             raise Unplaceable("No host is enabled and monitored")
-        if vm.group is not None and vm.group in self.groups:
-            return self.choose_by_scan(vm, [vm])
-        if vm.current_host is not None:
-            return self.choose_by_scan(vm, [vm])
+        if vm.group in self.groups or vm.current_host is not None:
+            return self.choose_by_scan(vm, [vm])     # rules of its own: look at every host
         return self.vm_class(vm).choose()
 
     def vm_class(self, vm):
