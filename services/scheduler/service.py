@@ -46,7 +46,8 @@ class Settings:
     """The scheduler's knobs, read once: policy and default rank, MAX_VM
     (waiting VMs read per pass), MAX_DISPATCH (placements per pass), MAX_HOST
     (placements per host per pass), 0 meaning no limit, the size of the
-    batches sent to lifecycle and how many may be in flight at once."""
+    batches sent to lifecycle and how many may be in flight at once, and
+    whether a VM flagged resched moves by live migration (else cold)."""
 
     def __init__(self):
         self.policy = policy_name(setting("policy", "packing"))
@@ -57,6 +58,7 @@ class Settings:
         self.max_host = int(setting("max_host", 0))
         self.batch = max(1, int(setting("batch", 500)))
         self.in_flight = max(1, int(setting("in_flight", 4)))
+        self.live_migration = bool(setting("live_migration", True))
 
 
 # read at start: a bad setting (an unknown policy) stops the service at once
@@ -191,7 +193,8 @@ class SchedulerService:
             reasons[vm.id] = reason
             return
         try:
-            self.lifecycle.vm_action(vm.id, "migrate", {"host_id": host.id, "live": True})
+            self.lifecycle.vm_action(vm.id, "migrate", {"host_id": host.id,
+                                                         "live": SETTINGS.live_migration})
         except RemoteError as err:
             if err.exc_type != "FailedPrecondition":
                 raise

@@ -68,8 +68,11 @@ def test_settings_come_from_the_configuration_with_no_limits_by_default(schedule
     settings = scheduler_config()
     assert (settings.policy, settings.max_vm, settings.max_dispatch, settings.max_host) == \
         ("packing", 0, 0, 0)
-    settings = scheduler_config(policy="1", rank="FREE_CPU", max_host="3")
-    assert (settings.policy, settings.rank, settings.max_host) == ("striping", "FREE_CPU", 3)
+    assert settings.live_migration is True
+    settings = scheduler_config(policy="1", rank="FREE_CPU", max_host="3",
+                                live_migration="false")
+    assert (settings.policy, settings.rank, settings.max_host, settings.live_migration) == \
+        ("striping", "FREE_CPU", 3, False)
 
 
 def test_a_bad_policy_or_rank_stops_the_scheduler_with_the_reason(scheduler_config):
