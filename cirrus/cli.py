@@ -32,13 +32,18 @@ def resource_id(text):
     return value
 
 
-def host_ref(text):
-    """A host by id (digits) or by name; the client looks names up."""
-    if text.isdigit():
-        return resource_id(text)
-    if not text.strip():
-        raise argparse.ArgumentTypeError("invalid host: give its name or id")
-    return text
+def named_ref(kind):
+    """An argparse type: a resource by id (digits) or by name; the client looks names up."""
+    def parse(text):
+        if text.isdigit():
+            return resource_id(text)
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"invalid {kind}: give its name or id")
+        return text
+    return parse
+
+
+host_ref = named_ref("host")
 
 
 def moment(text):
@@ -317,6 +322,80 @@ class VmTop:
         return f"{stamp} UTC  {len(shown)} VMs\n{top_table(shown)}"
 
 
+# (issue 5) datastores, images and virtual networks
+
+def datastore_table(datastores):
+    return format_table(["ID", "NAME", "TYPE", "PATH", "HOST", "IMAGES"],
+                        [[d["id"], d["name"], d["type"], d["path"], d.get("host"), d["images"]]
+                         for d in datastores])
+
+
+def datastore_view(ds):
+    return "\n".join([f"DATASTORE {ds['id']}", format_fields([
+        ("NAME", ds["name"]), ("TYPE", ds["type"]), ("PATH", ds["path"]),
+        ("HOST", ds.get("host")), ("IMAGES", ds["images"]),
+        ("CREATED", when(ds.get("created_at")))], indent="  ")])
+
+
+def yes_no(flag):
+    return "yes" if flag else "no"
+
+
+def image_table(images):
+    return format_table(
+        ["ID", "NAME", "OWNER", "DATASTORE", "SIZE", "FORMAT", "PERSISTENT", "STATE", "VMS"],
+        [[i["id"], i["name"], i["owner"], i["datastore"], megabytes(i["size_mb"]), i["format"],
+          yes_no(i["persistent"]), i["state"], i["running_vms"]] for i in images])
+
+
+def image_view(image):
+    return "\n".join([f"IMAGE {image['id']}", format_fields([
+        ("NAME", image["name"]), ("OWNER", image["owner"]),
+        ("DATASTORE", f"{image['datastore']} (id {image['datastore_id']})"),
+        ("PATH", image["path"]), ("FORMAT", image["format"]),
+        ("SIZE", megabytes(image["size_mb"])), ("STATE", image["state"]),
+        ("PERSISTENT", yes_no(image["persistent"])),
+        ("VMS", ", ".join(map(str, image.get("vms") or ())) or None),
+        ("ERROR", image.get("error")), ("CREATED", when(image.get("created_at")))],
+        indent="  ")])
+
+
+def vnet_table(vnets):
+    return format_table(["ID", "NAME", "OWNER", "RANGES", "LEASES"],
+                        [[v["id"], v["name"], v.get("owner"), len(v.get("ranges") or ()),
+                          f"{v['used']} / {v['size']}"] for v in vnets])
+
+
+def range_first(ar):
+    """A range's first address(es), as onevnet shows them."""
+    first = [ar.get("ip"), ar.get("ip6")]
+    if ar.get("global_prefix"):
+        first.append(f"{ar['global_prefix']}/64")
+    return " ".join(a for a in first if a) or None
+
+
+def vnet_view(vnet):
+    parts = [f"VIRTUAL NETWORK {vnet['id']}", format_fields([
+        ("NAME", vnet["name"]), ("OWNER", vnet.get("owner")),
+        ("LEASES", f"{vnet['used']} / {vnet['size']}"),
+        ("CREATED", when(vnet.get("created_at")))], indent="  ")]
+    if vnet.get("template"):
+        parts += ["", "TEMPLATE", template_text(vnet["template"], indent="  ")]
+    ranges = vnet.get("ranges") or []
+    parts += ["", "ADDRESS RANGES", format_table(
+        ["AR", "TYPE", "SIZE", "USED", "FIRST_MAC", "FIRST_IP"],
+        [[ar["id"], ar["type"], ar["size"], ar["used"], ar["mac"], range_first(ar)]
+         for ar in ranges])]
+    leases = [(ar["id"], lease) for ar in ranges for lease in ar.get("leases") or ()]
+    if leases:
+        parts += ["", "LEASES", format_table(
+            ["AR", "IP", "IP6", "MAC", "VM", "NIC"],
+            [[ar_id, lease.get("ip"), lease.get("ip6"), lease["mac"],
+              "hold" if lease.get("hold") else lease.get("vm_id"), lease.get("nic_id")]
+             for ar_id, lease in leases])]
+    return "\n".join(parts)
+
+
 def emit(args, data, human):
     """Print ``data`` as JSON with --json, else ``human(data)``."""
     if getattr(args, "json", False):
@@ -553,6 +632,108 @@ def cmd_template_instantiate(args):
     emit(args, vm, lambda v: v["id"])
 
 
+# (issue 5) datastores, images and virtual networks
+
+def front_end_path(path):
+    """A path on the front end, made absolute here so a relative one means
+    where the command runs (the front end, in the embedded setup)."""
+    return None if path is None else os.path.abspath(path)
+
+
+def cmd_datastore_create(args):
+    api = client(args)
+    ds = api.create_datastore(args.name, args.type, front_end_path(args.path),
+                              host_id=None if args.host is None else api.host_id(args.host))
+    emit(args, ds, lambda d: d["id"])
+
+
+def cmd_datastore_list(args):
+    emit(args, client(args).list_datastores(), datastore_table)
+
+
+def cmd_datastore_show(args):
+    api = client(args)
+    emit(args, api.get_datastore(api.datastore_id(args.id)), datastore_view)
+
+
+def cmd_datastore_delete(args):
+    api = client(args)
+    ds = api.delete_datastore(api.datastore_id(args.id))
+    emit(args, ds, lambda d: f"datastore {d['id']} ({d['name']}) deleted")
+
+
+def cmd_image_create(args):
+    image = client(args).create_image(args.name, front_end_path(args.path),
+                                      datastore=args.datastore, persistent=args.persistent)
+    emit(args, image, lambda i: i["id"])
+
+
+def cmd_image_list(args):
+    emit(args, client(args).list_images(), image_table)
+
+
+def cmd_image_show(args):
+    api = client(args)
+    emit(args, api.get_image(api.image_id(args.id)), image_view)
+
+
+def cmd_image_delete(args):
+    api = client(args)
+    image = api.delete_image(api.image_id(args.id))
+    emit(args, image, lambda i: f"image {i['id']} ({i['name']}) deleted")
+
+
+def image_persistency(persistent):
+    def run(args):
+        api = client(args)
+        image = api.set_image_persistent(api.image_id(args.id), persistent)
+        emit(args, image, lambda i: f"image {i['id']} ({i['name']}) is "
+                                    f"{'' if i['persistent'] else 'non-'}persistent")
+    return run
+
+
+def cmd_vnet_create(args):
+    vnet = client(args).create_vnet(read_file(args.file), name=args.name or "")
+    emit(args, vnet, lambda v: v["id"])
+
+
+def cmd_vnet_list(args):
+    emit(args, client(args).list_vnets(), vnet_table)
+
+
+def cmd_vnet_show(args):
+    api = client(args)
+    emit(args, api.get_vnet(api.vnet_id(args.id)), vnet_view)
+
+
+def cmd_vnet_delete(args):
+    api = client(args)
+    vnet = api.delete_vnet(api.vnet_id(args.id))
+    emit(args, vnet, lambda v: f"virtual network {v['id']} ({v['name']}) deleted")
+
+
+def vnet_address_action(method, verb):
+    def run(args):
+        api = client(args)
+        vnet = getattr(api, method)(api.vnet_id(args.id), args.address)
+        emit(args, vnet, lambda v: f"{args.address} of virtual network {v['name']} {verb}")
+    return run
+
+
+def cmd_vnet_addar(args):
+    api = client(args)
+    vnet = api.vnet_addar(api.vnet_id(args.id), read_file(args.file))
+    emit(args, vnet, lambda v: f"virtual network {v['name']}: address range "
+                               f"{v['ranges'][-1]['id']} added")
+
+
+def cmd_vnet_rmar(args):
+    api = client(args)
+    vnet = api.vnet_rmar(api.vnet_id(args.id), args.ar_id)
+    emit(args, vnet, lambda v: f"virtual network {v['name']}: address range {args.ar_id} "
+                               "removed")
+
+
 # ----------------------------------------------------------------- parser
 
 HA_POLICIES = ("none", "reschedule")
@@ -719,7 +900,85 @@ def build_parser():
     instantiate.add_argument("id", type=resource_id)
     instantiate.add_argument("--name", help="default: the template's name")
     instantiate.add_argument("--hold", action="store_true", help="create the VM on hold")
+    add_storage_and_network_commands(groups, command)
     return parser
+
+
+DATASTORE_TYPES = ("IMAGE", "SYSTEM")
+
+
+def add_storage_and_network_commands(groups, command):
+    """(issue 5) ``datastore``, ``image`` and ``vnet``; every ID takes a name too."""
+    datastore_ref, image_ref, vnet_ref = (named_ref(kind) for kind in
+                                          ("datastore", "image", "virtual network"))
+    datastore = groups.add_parser("datastore", help="datastores (administrators change them)") \
+        .add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = command(datastore, "create", cmd_datastore_create,
+                     "register a datastore; prints its id")
+    create.add_argument("name")
+    create.add_argument("--type", type=str.upper, choices=DATASTORE_TYPES, default="IMAGE",
+                        help="IMAGE (a directory of images on the front end, the default) or "
+                             "SYSTEM (a node's directory of running VMs)")
+    create.add_argument("--path", required=True, help="its directory")
+    create.add_argument("--host", type=host_ref, help="SYSTEM: the host it is on (name or id)")
+    command(datastore, "list", cmd_datastore_list, "list the datastores")
+    for name, func, help in [("show", cmd_datastore_show, "show a datastore"),
+                             ("delete", cmd_datastore_delete, "forget a datastore with no "
+                                                               "images")]:
+        command(datastore, name, func, help).add_argument(
+            "id", type=datastore_ref, metavar="DATASTORE", help="datastore name or id")
+
+    image = groups.add_parser("image", help="disk images").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    create = command(image, "create", cmd_image_create,
+                     "register a qcow2 or raw file as an image; prints its id")
+    create.add_argument("name")
+    create.add_argument("--path", required=True,
+                        help="the file on the front end (checked with qemu-img)")
+    create.add_argument("--datastore", type=datastore_ref,
+                        help="IMAGE datastore name or id (default: the only one)")
+    create.add_argument("--persistent", action="store_true",
+                        help="one VM at a time uses the file itself, not a copy")
+    command(image, "list", cmd_image_list, "list images")
+    for name, func, help in [
+            ("show", cmd_image_show, "show an image"),
+            ("delete", cmd_image_delete, "forget an image no VM uses; the file stays"),
+            ("persistent", image_persistency(True),
+             "make an image persistent: its VM writes to the file itself"),
+            ("nonpersistent", image_persistency(False),
+             "make an image non-persistent: each VM gets a copy")]:
+        command(image, name, func, help).add_argument("id", type=image_ref, metavar="IMAGE",
+                                                      help="image name or id")
+
+    vnet = groups.add_parser("vnet", help="virtual networks (administrators change them)") \
+        .add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = command(vnet, "create", cmd_vnet_create, "create a virtual network; prints its id")
+    create.add_argument("--file", metavar="F", required=True,
+                        help="template: NAME, NETWORK_MASK, GATEWAY, DNS and "
+                             "AR = [TYPE=IP4, IP=..., SIZE=...] ('-' for stdin)")
+    create.add_argument("--name", help="default: the template's NAME")
+    command(vnet, "list", cmd_vnet_list, "list virtual networks")
+    for name, func, help in [("show", cmd_vnet_show, "show a network, its ranges and leases"),
+                             ("delete", cmd_vnet_delete, "delete a network no VM uses")]:
+        command(vnet, name, func, help).add_argument("id", type=vnet_ref, metavar="VNET",
+                                                     help="network name or id")
+    for name, func, help in [
+            ("hold", vnet_address_action("vnet_hold", "is on hold"),
+             "keep a free address from being leased"),
+            ("release", vnet_address_action("vnet_release", "is released"),
+             "give back an address on hold")]:
+        cmd = command(vnet, name, func, help)
+        cmd.add_argument("id", type=vnet_ref, metavar="VNET", help="network name or id")
+        cmd.add_argument("address", metavar="ADDR", help="IPv4, IPv6 or MAC address")
+    addar = command(vnet, "addar", cmd_vnet_addar, "add an address range")
+    addar.add_argument("id", type=vnet_ref, metavar="VNET", help="network name or id")
+    addar.add_argument("--file", metavar="F", required=True,
+                       help="AR = [TYPE=IP4, IP=..., SIZE=...] ('-' for stdin)")
+    rmar = command(vnet, "rmar", cmd_vnet_rmar, "remove an address range none of whose "
+                                                "addresses is in use")
+    rmar.add_argument("id", type=vnet_ref, metavar="VNET", help="network name or id")
+    rmar.add_argument("ar_id", type=resource_id, metavar="AR_ID",
+                      help="the range's id (vnet show)")
 
 
 def main(argv=None):

@@ -25,6 +25,9 @@ from cirrus.v1 import (
     host_pb2, host_pb2_grpc, session_pb2, session_pb2_grpc, template_pb2,
     template_pb2_grpc, vm_pb2, vm_pb2_grpc,
 )
+from cirrus.v1 import (
+    datastore_pb2, datastore_pb2_grpc, image_pb2, image_pb2_grpc, vnet_pb2, vnet_pb2_grpc,
+)
 
 # statuses a VM does not leave on its own: waiting for anything else is over
 FINAL_STATUSES = frozenset({"DONE"} | {s for s, short in states.SHORT_NAMES.items()
@@ -121,6 +124,20 @@ def _add_nones(message, data):
                 _add_nones(value, data[field.name])
 
 
+def resolve_id(ref, listing, kind):
+    """The id of a resource given by id (an int or a string of digits) or by
+    name, looked up among ``listing()``; a name that several share is refused."""
+    if isinstance(ref, int) or str(ref).isdigit():
+        return int(ref)
+    ids = [found["id"] for found in listing() if found["name"] == ref]
+    if not ids:
+        raise ClientError("NOT_FOUND", f"{kind} {ref!r} does not exist")
+    if len(ids) > 1:
+        raise ClientError("INVALID_ARGUMENT", f"{len(ids)} {kind}s are called {ref!r} "
+                          f"(ids {', '.join(map(str, ids))}): give the id")
+    return ids[0]
+
+
 class Client:
     def __init__(self, address=None, token=None, username=None, password=None, timeout=30):
         self.address = address or default_address()
@@ -136,6 +153,9 @@ class Client:
         self.hosts = host_pb2_grpc.HostServiceStub(self.channel)
         self.templates = template_pb2_grpc.TemplateServiceStub(self.channel)
         self.sessions = session_pb2_grpc.SessionServiceStub(self.channel)
+        self.datastores = datastore_pb2_grpc.DatastoreServiceStub(self.channel)
+        self.images = image_pb2_grpc.ImageServiceStub(self.channel)
+        self.vnets = vnet_pb2_grpc.VirtualNetworkServiceStub(self.channel)
 
     def close(self):
         self.channel.close()
@@ -177,12 +197,7 @@ class Client:
 
     def host_id(self, host):
         """The id of a host given by id (an int or a string of digits) or by name."""
-        if isinstance(host, int) or str(host).isdigit():
-            return int(host)
-        for found in self.list_hosts():
-            if found["name"] == host:
-                return found["id"]
-        raise ClientError("NOT_FOUND", f"host {host!r} does not exist")
+        return resolve_id(host, self.list_hosts, "host")
 
     def get_host(self, host_id):
         return to_dict(self._call(self.hosts.Get, host_pb2.GetHostRequest(id=host_id)))
@@ -347,3 +362,93 @@ class Client:
     def instantiate_template(self, template_id, name=None, hold=False):
         request = template_pb2.InstantiateTemplateRequest(id=template_id, name=name, hold=hold)
         return to_dict(self._call(self.templates.Instantiate, request))
+
+    # -------------------------------------------------------------- datastores (issue 5)
+
+    def create_datastore(self, name, type, path, host_id=None):
+        """Register a datastore: ``type`` IMAGE (a directory on the front end)
+        or SYSTEM (a node's directory of running VMs, on host ``host_id``)."""
+        request = datastore_pb2.CreateDatastoreRequest(name=name, type=type, path=path,
+                                                       host_id=host_id)
+        return to_dict(self._call(self.datastores.Create, request))
+
+    def datastore_id(self, datastore):
+        return resolve_id(datastore, self.list_datastores, "datastore")
+
+    def get_datastore(self, datastore_id):
+        return to_dict(self._call(self.datastores.Get,
+                                  datastore_pb2.GetDatastoreRequest(id=datastore_id)))
+
+    def list_datastores(self):
+        reply = self._call(self.datastores.List, datastore_pb2.ListDatastoresRequest())
+        return [to_dict(d) for d in reply.datastores]
+
+    def delete_datastore(self, datastore_id):
+        return to_dict(self._call(self.datastores.Delete,
+                                  datastore_pb2.DeleteDatastoreRequest(id=datastore_id)))
+
+    # -------------------------------------------------------------- images (issue 5)
+
+    def create_image(self, name, path, datastore=None, persistent=False):
+        """Register the qcow2 or raw file at ``path`` (on the front end) as an
+        image, in ``datastore`` (name or id; default: the only IMAGE datastore)."""
+        request = image_pb2.CreateImageRequest(
+            name=name, path=path, persistent=persistent,
+            datastore=None if datastore is None else str(datastore))
+        return to_dict(self._call(self.images.Create, request))
+
+    def image_id(self, image):
+        return resolve_id(image, self.list_images, "image")
+
+    def get_image(self, image_id):
+        return to_dict(self._call(self.images.Get, image_pb2.GetImageRequest(id=image_id)))
+
+    def list_images(self):
+        reply = self._call(self.images.List, image_pb2.ListImagesRequest())
+        return [to_dict(i) for i in reply.images]
+
+    def delete_image(self, image_id):
+        return to_dict(self._call(self.images.Delete, image_pb2.DeleteImageRequest(id=image_id)))
+
+    def set_image_persistent(self, image_id, persistent):
+        request = image_pb2.SetImagePersistentRequest(id=image_id, persistent=persistent)
+        return to_dict(self._call(self.images.SetPersistent, request))
+
+    # -------------------------------------------------------------- virtual networks (issue 5)
+
+    def create_vnet(self, template, name=""):
+        """A network from an OpenNebula template (NAME, NETWORK_MASK, GATEWAY,
+        DNS and AR = [TYPE=IP4, IP=..., SIZE=...] vectors); see vnet.proto."""
+        request = vnet_pb2.CreateVnetRequest(name=name or "", template=template)
+        return to_dict(self._call(self.vnets.Create, request))
+
+    def vnet_id(self, vnet):
+        return resolve_id(vnet, self.list_vnets, "virtual network")
+
+    def get_vnet(self, vnet_id):
+        return to_dict(self._call(self.vnets.Get, vnet_pb2.GetVnetRequest(id=vnet_id)))
+
+    def list_vnets(self):
+        reply = self._call(self.vnets.List, vnet_pb2.ListVnetsRequest())
+        return [to_dict(v) for v in reply.vnets]
+
+    def delete_vnet(self, vnet_id):
+        return to_dict(self._call(self.vnets.Delete, vnet_pb2.DeleteVnetRequest(id=vnet_id)))
+
+    def vnet_hold(self, vnet_id, address):
+        """Keep an address (IPv4, IPv6 or MAC) from being leased."""
+        request = vnet_pb2.VnetAddressRequest(id=vnet_id, address=address)
+        return to_dict(self._call(self.vnets.Hold, request))
+
+    def vnet_release(self, vnet_id, address):
+        request = vnet_pb2.VnetAddressRequest(id=vnet_id, address=address)
+        return to_dict(self._call(self.vnets.Release, request))
+
+    def vnet_addar(self, vnet_id, template):
+        """Add the address range of ``template`` (``AR = [...]`` or its keys alone)."""
+        request = vnet_pb2.AddAddressRangeRequest(id=vnet_id, template=template)
+        return to_dict(self._call(self.vnets.AddAddressRange, request))
+
+    def vnet_rmar(self, vnet_id, ar_id):
+        request = vnet_pb2.RemoveAddressRangeRequest(id=vnet_id, ar_id=ar_id)
+        return to_dict(self._call(self.vnets.RemoveAddressRange, request))

@@ -47,6 +47,9 @@ from cirrus.v1 import (  # noqa: E402
     host_pb2, host_pb2_grpc, session_pb2, session_pb2_grpc, template_pb2,
     template_pb2_grpc, vm_pb2, vm_pb2_grpc,
 )
+from cirrus.v1 import (  # noqa: E402
+    datastore_pb2, datastore_pb2_grpc, image_pb2, image_pb2_grpc, vnet_pb2, vnet_pb2_grpc,
+)
 
 log = logging.getLogger("cirrus.gateway")
 
@@ -55,6 +58,9 @@ API_SERVICES = [
     host_pb2.DESCRIPTOR.services_by_name["HostService"],
     template_pb2.DESCRIPTOR.services_by_name["TemplateService"],
     session_pb2.DESCRIPTOR.services_by_name["SessionService"],
+    datastore_pb2.DESCRIPTOR.services_by_name["DatastoreService"],
+    image_pb2.DESCRIPTOR.services_by_name["ImageService"],
+    vnet_pb2.DESCRIPTOR.services_by_name["VirtualNetworkService"],
 ]
 LOGIN_METHOD = "/cirrus.v1.SessionService/Login"
 # callable without credentials, so grpcurl and load balancers can probe
@@ -617,6 +623,81 @@ class SessionServicer(Servicer, session_pb2_grpc.SessionServiceServicer):
         return fill(session_pb2.LoginResponse(), call.invoke("login", credentials))
 
 
+# (issue 5) datastores, images and virtual networks
+
+class DatastoreServicer(Servicer, datastore_pb2_grpc.DatastoreServiceServicer):
+    def Create(self, request, context):
+        datastore = self.call(context, "Create")(
+            "create_datastore", request.name, request.type, request.path,
+            host_id=optional(request, "host_id"))
+        return fill(datastore_pb2.Datastore(), datastore)
+
+    def Get(self, request, context):
+        return fill(datastore_pb2.Datastore(),
+                    self.call(context, "Get")("get_datastore", request.id))
+
+    def List(self, request, context):
+        datastores = self.call(context, "List")("list_datastores")
+        return fill(datastore_pb2.ListDatastoresResponse(), {"datastores": datastores})
+
+    def Delete(self, request, context):
+        return fill(datastore_pb2.Datastore(),
+                    self.call(context, "Delete")("delete_datastore", request.id))
+
+
+class ImageServicer(Servicer, image_pb2_grpc.ImageServiceServicer):
+    def Create(self, request, context):
+        image = self.call(context, "Create")(
+            "create_image", request.name, request.path,
+            datastore=optional(request, "datastore"), persistent=request.persistent)
+        return fill(image_pb2.Image(), image)
+
+    def Get(self, request, context):
+        return fill(image_pb2.Image(), self.call(context, "Get")("get_image", request.id))
+
+    def List(self, request, context):
+        images = self.call(context, "List")("list_images")
+        return fill(image_pb2.ListImagesResponse(), {"images": images})
+
+    def Delete(self, request, context):
+        return fill(image_pb2.Image(), self.call(context, "Delete")("delete_image", request.id))
+
+    def SetPersistent(self, request, context):
+        image = self.call(context, "SetPersistent")("set_image_persistent", request.id,
+                                                    request.persistent)
+        return fill(image_pb2.Image(), image)
+
+
+class VirtualNetworkServicer(Servicer, vnet_pb2_grpc.VirtualNetworkServiceServicer):
+    def vnet(self, context, name, method, *args):
+        return fill(vnet_pb2.VirtualNetwork(), self.call(context, name)(method, *args))
+
+    def Create(self, request, context):
+        return self.vnet(context, "Create", "create_vnet", request.name, request.template)
+
+    def Get(self, request, context):
+        return self.vnet(context, "Get", "get_vnet", request.id)
+
+    def List(self, request, context):
+        vnets = self.call(context, "List")("list_vnets")
+        return fill(vnet_pb2.ListVnetsResponse(), {"vnets": vnets})
+
+    def Delete(self, request, context):
+        return self.vnet(context, "Delete", "delete_vnet", request.id)
+
+    def Hold(self, request, context):
+        return self.vnet(context, "Hold", "vnet_hold", request.id, request.address)
+
+    def Release(self, request, context):
+        return self.vnet(context, "Release", "vnet_release", request.id, request.address)
+
+    def AddAddressRange(self, request, context):
+        return self.vnet(context, "AddAddressRange", "vnet_addar", request.id, request.template)
+
+    def RemoveAddressRange(self, request, context):
+        return self.vnet(context, "RemoveAddressRange", "vnet_rmar", request.id, request.ar_id)
+
+
 # ----------------------------------------------------------------- server
 
 class Gateway:
@@ -637,6 +718,12 @@ class Gateway:
             TemplateServicer(self.requests), self.server)
         session_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionServicer(self.requests), self.server)
+        datastore_pb2_grpc.add_DatastoreServiceServicer_to_server(
+            DatastoreServicer(self.requests), self.server)
+        image_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.requests),
+                                                          self.server)
+        vnet_pb2_grpc.add_VirtualNetworkServiceServicer_to_server(
+            VirtualNetworkServicer(self.requests), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [s.full_name for s in API_SERVICES]
         reflection.enable_server_reflection(

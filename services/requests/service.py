@@ -26,6 +26,20 @@ def parse_template(text):
     return parse(text or "", config.get()["limits"]["template_bytes"])
 
 
+def one_range(template):
+    """The address range of an addar template: its one ``AR`` vector, or the
+    template itself when it holds the AR's keys (TYPE, IP, SIZE...) alone."""
+    if "AR" not in template:
+        return template
+    ranges = template["AR"]
+    if isinstance(ranges, list):
+        if len(ranges) != 1:
+            raise InvalidArgument(f"AR: addar takes one address range, the template has "
+                                  f"{len(ranges)}")
+        ranges = ranges[0]
+    return ranges
+
+
 def allocate_arguments(template, spec):
     """Merge a request's explicit fields over a parsed template's
     NAME/CPU/VCPU/MEMORY; returns the arguments of lifecycle.allocate."""
@@ -60,10 +74,10 @@ class RequestsService:
             raise NotFound(f"{kind} {rid} does not exist")
         return resource
 
-    def admin(self, credentials):
+    def admin(self, credentials, what="host management"):
         user = self.user(credentials)
         if not user["admin"]:
-            raise PermissionDenied("host management is for administrators")
+            raise PermissionDenied(f"{what} is for administrators")
         return user
 
     def owner_id(self, caller, name, what):
@@ -233,3 +247,111 @@ class RequestsService:
         spec = {"name": name or template["name"], "hold": hold}
         return self.lifecycle.allocate(owner_id=user["id"],
                                        **allocate_arguments(template["body"], spec))
+
+    # -------------------------------------------------------------- storage and networks
+    # (issue 5) as OpenNebula authorizes them: datastores and virtual networks are made
+    # and changed by administrators; every user reads them (a NIC names a network, an
+    # image a datastore). Images belong to their owner, like templates.
+
+    @api
+    def create_datastore(self, credentials, name, type, path, host_id=None):
+        self.admin(credentials, "datastore management")
+        return self.lifecycle.create_datastore(name, type, path, host_id)
+
+    @api
+    def get_datastore(self, credentials, datastore_id):
+        self.user(credentials)
+        return self.lifecycle.get_datastore(datastore_id)
+
+    @api
+    def list_datastores(self, credentials):
+        self.user(credentials)
+        return self.lifecycle.list_datastores()
+
+    @api
+    def delete_datastore(self, credentials, datastore_id):
+        self.admin(credentials, "datastore management")
+        return self.lifecycle.delete_datastore(datastore_id)
+
+    @api
+    def create_image(self, credentials, name, path, datastore=None, persistent=False):
+        user = self.user(credentials)
+        return self.lifecycle.create_image(user["id"], name, path, datastore, persistent)
+
+    @api
+    def get_image(self, credentials, image_id):
+        user = self.user(credentials)
+        return self.owned(user, self.lifecycle.get_image(image_id), "image", image_id)
+
+    @api
+    def list_images(self, credentials):
+        user = self.user(credentials)
+        return self.lifecycle.list_images(None if user["admin"] else user["id"])
+
+    @api
+    def delete_image(self, credentials, image_id):
+        self.get_image(credentials, image_id)
+        return self.lifecycle.delete_image(image_id)
+
+    @api
+    def set_image_persistent(self, credentials, image_id, persistent):
+        self.get_image(credentials, image_id)
+        return self.lifecycle.set_image_persistent(image_id, bool(persistent))
+
+    def with_owner_names(self, vnets):
+        """Networks as lifecycle gives them, each with its owner's user name."""
+        with self.db() as session:
+            names = dict(session.execute(select(User.id, User.name).where(
+                User.id.in_({vnet["owner_id"] for vnet in vnets}))).all())
+        return [{**vnet, "owner": names.get(vnet["owner_id"])} for vnet in vnets]
+
+    def with_owner_name(self, vnet):
+        return self.with_owner_names([vnet])[0]
+
+    def vnet_admin(self, credentials):
+        return self.admin(credentials, "virtual network management")
+
+    @api
+    def create_vnet(self, credentials, name, text):
+        """A network from its template text (NAME, NETWORK_MASK, GATEWAY, DNS, AR vectors)."""
+        user = self.vnet_admin(credentials)
+        vnet = self.lifecycle.create_vnet(user["id"], name, parse_template(text))
+        return self.with_owner_name(vnet)
+
+    @api
+    def get_vnet(self, credentials, vnet_id):
+        self.user(credentials)
+        return self.with_owner_name(self.lifecycle.get_vnet(vnet_id))
+
+    @api
+    def list_vnets(self, credentials):
+        self.user(credentials)
+        return self.with_owner_names(self.lifecycle.list_vnets())
+
+    @api
+    def delete_vnet(self, credentials, vnet_id):
+        self.vnet_admin(credentials)
+        return self.with_owner_name(self.lifecycle.delete_vnet(vnet_id))
+
+    @api
+    def vnet_hold(self, credentials, vnet_id, address):
+        self.vnet_admin(credentials)
+        return self.with_owner_name(self.lifecycle.vnet_hold(vnet_id, address))
+
+    @api
+    def vnet_release(self, credentials, vnet_id, address):
+        self.vnet_admin(credentials)
+        return self.with_owner_name(self.lifecycle.vnet_release(vnet_id, address))
+
+    @api
+    def vnet_addar(self, credentials, vnet_id, text):
+        """addar from a template holding one ``AR = [...]``, or the AR's keys alone."""
+        self.vnet_admin(credentials)
+        ar = one_range(parse_template(text))
+        return self.with_owner_name(self.lifecycle.vnet_addar(vnet_id, ar))
+
+    @api
+    def vnet_rmar(self, credentials, vnet_id, ar_id):
+        self.vnet_admin(credentials)
+        return self.with_owner_name(self.lifecycle.vnet_rmar(vnet_id, ar_id))
+
