@@ -715,8 +715,8 @@ def cmd_vnet_delete(args):
 def vnet_address_action(method, verb):
     def run(args):
         api = client(args)
-        vnet = getattr(api, method)(api.vnet_id(args.id), args.address)
-        emit(args, vnet, lambda v: f"{args.address} of virtual network {v['name']} {verb}")
+        vnet = getattr(api, method)(api.vnet_id(args.id), args.lease)
+        emit(args, vnet, lambda v: f"{args.lease} of virtual network {v['name']} {verb}")
     return run
 
 
@@ -969,7 +969,8 @@ def add_storage_and_network_commands(groups, command):
              "give back an address on hold")]:
         cmd = command(vnet, name, func, help)
         cmd.add_argument("id", type=vnet_ref, metavar="VNET", help="network name or id")
-        cmd.add_argument("address", metavar="ADDR", help="IPv4, IPv6 or MAC address")
+        # not "address": that is the gateway's (--address)
+        cmd.add_argument("lease", metavar="ADDR", help="IPv4, IPv6 or MAC address")
     addar = command(vnet, "addar", cmd_vnet_addar, "add an address range")
     addar.add_argument("id", type=vnet_ref, metavar="VNET", help="network name or id")
     addar.add_argument("--file", metavar="F", required=True,

@@ -58,8 +58,8 @@ def test_vnet_commands_parse_their_arguments(capsys):
     assert (args.file, args.name) == ("net.one", "priv")
     assert "--file" in usage_error(capsys, "vnet", "create")
     for action in ("hold", "release"):
-        args = parse("vnet", action, "priv", "10.0.0.7")
-        assert (args.id, args.address) == ("priv", "10.0.0.7")
+        args = parse("--address", "gw:5000", "vnet", action, "priv", "10.0.0.7")
+        assert (args.id, args.lease, args.address) == ("priv", "10.0.0.7", "gw:5000")
         assert "ADDR" in usage_error(capsys, "vnet", action, "priv")
     args = parse("vnet", "addar", "3", "--file", "-")
     assert (args.id, args.file) == (3, "-")
