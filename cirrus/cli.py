@@ -640,6 +640,23 @@ def front_end_path(path):
     return None if path is None else os.path.abspath(path)
 
 
+def listing_commands(kind, label, table, view):
+    """The list, show and delete commands of a resource the SDK calls ``kind``
+    (list_<kind>s, get_<kind>, delete_<kind>, and <kind>_id for a name or id)."""
+    def list_(args):
+        emit(args, getattr(client(args), f"list_{kind}s")(), table)
+
+    def show(args):
+        api = client(args)
+        emit(args, getattr(api, f"get_{kind}")(getattr(api, f"{kind}_id")(args.id)), view)
+
+    def delete(args):
+        api = client(args)
+        gone = getattr(api, f"delete_{kind}")(getattr(api, f"{kind}_id")(args.id))
+        emit(args, gone, lambda r: f"{label} {r['id']} ({r['name']}) deleted")
+    return list_, show, delete
+
+
 def cmd_datastore_create(args):
     api = client(args)
     ds = api.create_datastore(args.name, args.type, front_end_path(args.path),
@@ -647,40 +664,10 @@ def cmd_datastore_create(args):
     emit(args, ds, lambda d: d["id"])
 
 
-def cmd_datastore_list(args):
-    emit(args, client(args).list_datastores(), datastore_table)
-
-
-def cmd_datastore_show(args):
-    api = client(args)
-    emit(args, api.get_datastore(api.datastore_id(args.id)), datastore_view)
-
-
-def cmd_datastore_delete(args):
-    api = client(args)
-    ds = api.delete_datastore(api.datastore_id(args.id))
-    emit(args, ds, lambda d: f"datastore {d['id']} ({d['name']}) deleted")
-
-
 def cmd_image_create(args):
     image = client(args).create_image(args.name, front_end_path(args.path),
                                       datastore=args.datastore, persistent=args.persistent)
     emit(args, image, lambda i: i["id"])
-
-
-def cmd_image_list(args):
-    emit(args, client(args).list_images(), image_table)
-
-
-def cmd_image_show(args):
-    api = client(args)
-    emit(args, api.get_image(api.image_id(args.id)), image_view)
-
-
-def cmd_image_delete(args):
-    api = client(args)
-    image = api.delete_image(api.image_id(args.id))
-    emit(args, image, lambda i: f"image {i['id']} ({i['name']}) deleted")
 
 
 def image_persistency(persistent):
@@ -695,21 +682,6 @@ def image_persistency(persistent):
 def cmd_vnet_create(args):
     vnet = client(args).create_vnet(read_file(args.file), name=args.name or "")
     emit(args, vnet, lambda v: v["id"])
-
-
-def cmd_vnet_list(args):
-    emit(args, client(args).list_vnets(), vnet_table)
-
-
-def cmd_vnet_show(args):
-    api = client(args)
-    emit(args, api.get_vnet(api.vnet_id(args.id)), vnet_view)
-
-
-def cmd_vnet_delete(args):
-    api = client(args)
-    vnet = api.delete_vnet(api.vnet_id(args.id))
-    emit(args, vnet, lambda v: f"virtual network {v['id']} ({v['name']}) deleted")
 
 
 def vnet_address_action(method, verb):
@@ -921,10 +893,11 @@ def add_storage_and_network_commands(groups, command):
                              "SYSTEM (a node's directory of running VMs)")
     create.add_argument("--path", required=True, help="its directory")
     create.add_argument("--host", type=host_ref, help="SYSTEM: the host it is on (name or id)")
-    command(datastore, "list", cmd_datastore_list, "list the datastores")
-    for name, func, help in [("show", cmd_datastore_show, "show a datastore"),
-                             ("delete", cmd_datastore_delete, "forget a datastore with no "
-                                                               "images")]:
+    listing, show, delete = listing_commands("datastore", "datastore", datastore_table,
+                                             datastore_view)
+    command(datastore, "list", listing, "list the datastores")
+    for name, func, help in [("show", show, "show a datastore"),
+                             ("delete", delete, "forget a datastore with no images")]:
         command(datastore, name, func, help).add_argument(
             "id", type=datastore_ref, metavar="DATASTORE", help="datastore name or id")
 
@@ -939,10 +912,11 @@ def add_storage_and_network_commands(groups, command):
                         help="IMAGE datastore name or id (default: the only one)")
     create.add_argument("--persistent", action="store_true",
                         help="one VM at a time uses the file itself, not a copy")
-    command(image, "list", cmd_image_list, "list images")
+    listing, show, delete = listing_commands("image", "image", image_table, image_view)
+    command(image, "list", listing, "list images")
     for name, func, help in [
-            ("show", cmd_image_show, "show an image"),
-            ("delete", cmd_image_delete, "forget an image no VM uses; the file stays"),
+            ("show", show, "show an image"),
+            ("delete", delete, "forget an image no VM uses; the file stays"),
             ("persistent", image_persistency(True),
              "make an image persistent: its VM writes to the file itself"),
             ("nonpersistent", image_persistency(False),
@@ -957,9 +931,10 @@ def add_storage_and_network_commands(groups, command):
                         help="template: NAME, NETWORK_MASK, GATEWAY, DNS and "
                              "AR = [TYPE=IP4, IP=..., SIZE=...] ('-' for stdin)")
     create.add_argument("--name", help="default: the template's NAME")
-    command(vnet, "list", cmd_vnet_list, "list virtual networks")
-    for name, func, help in [("show", cmd_vnet_show, "show a network, its ranges and leases"),
-                             ("delete", cmd_vnet_delete, "delete a network no VM uses")]:
+    listing, show, delete = listing_commands("vnet", "virtual network", vnet_table, vnet_view)
+    command(vnet, "list", listing, "list virtual networks")
+    for name, func, help in [("show", show, "show a network, its ranges and leases"),
+                             ("delete", delete, "delete a network no VM uses")]:
         command(vnet, name, func, help).add_argument("id", type=vnet_ref, metavar="VNET",
                                                      help="network name or id")
     for name, func, help in [

@@ -147,7 +147,8 @@ def test_vnets_are_made_by_admins_and_read_by_everyone(api, ann, user):
     assert (ether["type"], ether["ip"], ether["mac"]) == ("ETHER", None, "02:aa:00:00:00:00")
     assert name in {v["name"] for v in ann.list_vnets()}
     assert ann.get_vnet(vnet["id"])["ranges"][0]["ip"] == "10.70.0.10"
-    denied = refused(ann.create_vnet, network(unique("gw-ann-net"), "TYPE=IP4, IP=10.9.0.1, SIZE=2"))
+    denied = refused(ann.create_vnet, network(unique("gw-ann-net"),
+                                              "TYPE = IP4, IP = 10.9.0.1, SIZE = 2"))
     assert (denied.code, denied.details) == ("PERMISSION_DENIED",
                                              "virtual network management is for administrators")
     for call in (lambda: ann.vnet_hold(vnet["id"], "10.70.0.11"),
