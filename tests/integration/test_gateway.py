@@ -531,16 +531,17 @@ def test_hosts_are_created_with_ha_updated_flushed_and_taken_offline(api, amqp_u
 TEMPLATE = """NAME = "gw-small"   # a comment
 CPU = 0.5
 MEMORY = 96
-DISK = [ IMAGE = "debian", SIZE = 1024 ]
-DISK = [ IMAGE = "data" ]
+DISK = [ SOURCE = "/var/lib/images/debian.qcow2", SIZE = 1024 ]
+DISK = [ SOURCE = "/var/lib/images/data.img" ]
 """
 
 
 def test_templates_are_saved_instantiated_and_deleted(api):
     template = api.create_template(TEMPLATE)
     assert template["name"] == "gw-small"
-    assert [d["IMAGE"] for d in template["body"]["DISK"]] == ["debian", "data"]
-    assert 'IMAGE="data"' in template["text"].replace(" = ", "=")
+    assert [d["SOURCE"] for d in template["body"]["DISK"]] == [
+        "/var/lib/images/debian.qcow2", "/var/lib/images/data.img"]
+    assert 'SOURCE="/var/lib/images/data.img"' in template["text"].replace(" = ", "=")
     assert template["id"] in [t["id"] for t in api.list_templates()]
     assert api.get_template(template["id"])["body"] == template["body"]
     vm = api.instantiate_template(template["id"], name="gw-from-template", hold=True)
@@ -550,6 +551,18 @@ def test_templates_are_saved_instantiated_and_deleted(api):
     with pytest.raises(ClientError) as exc_info:
         api.get_template(template["id"])
     assert exc_info.value.code == "NOT_FOUND"
+
+
+def test_instantiating_a_template_that_names_an_unknown_image_is_refused(api):
+    template = api.create_template('NAME = "gw-no-image"\nCPU = 0.5\nMEMORY = 96\n'
+                                   'DISK = [ IMAGE = "no-such-image" ]\n')
+    before = len(api.list_vms())
+    with pytest.raises(ClientError) as exc_info:
+        api.instantiate_template(template["id"], hold=True)
+    assert exc_info.value.code == "NOT_FOUND"
+    assert "no-such-image" in exc_info.value.details
+    assert len(api.list_vms()) == before
+    api.delete_template(template["id"])
 
 
 def test_a_template_syntax_error_names_the_line_and_column(api):
