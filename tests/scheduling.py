@@ -5,6 +5,7 @@ from sqlalchemy import update
 
 from cirrus import db
 from cirrus.db.models import Host, VirtualMachine
+from tests.procs import start_services
 
 
 def quiet_database():
@@ -23,3 +24,15 @@ def scheduler_env(cirrus_env, **more):
     way; and no sweep, so that every placement comes from an event."""
     return {**cirrus_env, "CIRRUS_LIFECYCLE_HOST_TIMEOUT": "600",
             "CIRRUS_SCHEDULER_SWEEP_INTERVAL": "600", **more}
+
+
+def running(cirrus_env, log_dir, names=("lifecycle", "scheduler"), **more):
+    """For a module fixture (``yield from``): a quiet database, then ``names``
+    started with ``scheduler_env``; stopped when the module is done."""
+    quiet_database()
+    procs = start_services(list(names), scheduler_env(cirrus_env, **more), log_dir)
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()

@@ -5,21 +5,10 @@ import uuid
 import pytest
 from sqlalchemy import select
 
-from cirrus import db
-from cirrus.db.models import Cluster, Host, Outbox, User, VmGroup
+from cirrus.db.models import Cluster, Host, Outbox, VmGroup
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.lifecycle import clusters, logic, monitoring
-
-
-@pytest.fixture
-def factory(cirrus_env):
-    return db.session_factory()
-
-
-@pytest.fixture
-def admin_id(factory):
-    with factory() as s:
-        return s.scalar(select(User.id).where(User.name == "admin"))
+from tests.integration.test_lifecycle_logic import admin_id, factory  # noqa: F401 (fixtures)
 
 
 def unique(prefix):

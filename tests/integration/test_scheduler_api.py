@@ -7,24 +7,25 @@ from cirrus import config
 from cirrus.client import Client, ClientError
 from tests.broker import join_node, rpc_proxy
 from tests.integration.test_gateway import start_gateway
-from tests.procs import start_services, wait_until
-from tests.scheduling import quiet_database, scheduler_env
+from tests.procs import wait_until
+from tests.scheduling import running
 
 
 @pytest.fixture(scope="module")
-def api(cirrus_env, tmp_path_factory):
-    quiet_database()
+def services(cirrus_env, tmp_path_factory):
     logs = tmp_path_factory.mktemp("sched-api")
-    procs = start_services(["requests", "lifecycle", "scheduler"], scheduler_env(cirrus_env),
-                           logs)
-    gateway, address = start_gateway(cirrus_env, logs)
+    for _ in running(cirrus_env, logs, ("requests", "lifecycle", "scheduler")):
+        gateway, address = start_gateway(cirrus_env, logs)
+        yield address
+        gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def api(services):
     auth = config.get()["auth"]
-    with Client(address, username=str(auth["admin_user"]),
+    with Client(services, username=str(auth["admin_user"]),
                 password=str(auth["admin_password"])) as client:
         yield client
-    gateway.stop()
-    for proc in procs:
-        proc.stop()
 
 
 @pytest.mark.parametrize("template, message", [

@@ -9,18 +9,13 @@ import pytest
 
 from cirrus import messages
 from tests.broker import FakeNodeTransport, rpc_proxy
-from tests.procs import start_services, wait_until
-from tests.scheduling import quiet_database, scheduler_env
+from tests.procs import wait_until
+from tests.scheduling import running
 
 
 @pytest.fixture(scope="module")
 def services(cirrus_env, tmp_path_factory):
-    quiet_database()
-    env = scheduler_env(cirrus_env)
-    procs = start_services(["lifecycle", "scheduler"], env, tmp_path_factory.mktemp("clusters"))
-    yield procs
-    for proc in procs:
-        proc.stop()
+    yield from running(cirrus_env, tmp_path_factory.mktemp("clusters"))
 
 
 def monitor(node, name, cpu=400):
