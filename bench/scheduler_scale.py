@@ -179,6 +179,16 @@ def check(url):
     return over, wrong
 
 
+def commands_queued(vhost, settle=7):
+    """Driver commands waiting in the hosts' queues once the outbox has had
+    time to sweep (5 s grace): one per placed VM, unless some were sent twice."""
+    time.sleep(settle)
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages"],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(line.split()[-1]) for line in out.splitlines()
+               if line.startswith("cirrus.node."))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=2500)
@@ -224,6 +234,7 @@ def main():
                 time.sleep(0.1)
         placement, placed = wake_and_wait(url, amqp_uri, args.vms)
         over, wrong = check(url)
+        commands = commands_queued(vhost)
     finally:
         for proc in procs:
             proc.terminate()
@@ -246,7 +257,8 @@ def main():
     print(f"  floor: one confirmed persistent publish {ms(publish_floor)} ms; the outbox sends "
           f"2 per placed VM, so {2 * placed * publish_floor:.1f} s for {placed} VMs one by one")
     print(f"  checks: over-committed hosts {0 if over is None else 'host ' + str(over)}, "
-          f"placed VMs breaking their requirements {wrong}")
+          f"placed VMs breaking their requirements {wrong}, driver commands sent "
+          f"{commands} for {placed} VMs")
     print(json.dumps({
         "bench": "scheduler_scale", "hosts": args.hosts, "vms": args.vms, "placed": placed,
         "lifecycles": args.lifecycles,
@@ -255,7 +267,8 @@ def main():
         "floor_sql_reservations_per_s": round(args.vms / sql_floor, 1),
         "floor_sql_reservation_s": round(sql_floor, 3), "floor_nameko_rpc_ms": ms(rpc_floor),
         "floor_confirmed_publish_ms": round(publish_floor * 1000, 3),
-        "over_committed_hosts": 0 if over is None else 1, "requirement_violations": wrong}))
+        "over_committed_hosts": 0 if over is None else 1, "requirement_violations": wrong,
+        "driver_commands_sent": commands}))
 
 
 def wake_and_wait(url, amqp_uri, n):
