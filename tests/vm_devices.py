@@ -60,7 +60,7 @@ def deploy_to_running(s, vm_id, host_id):
 
 
 def terminate_to_done(s, vm_id, saved=None):
-    logic.terminate(s, vm_id, hard=True)
+    logic.vm_action(s, vm_id, "terminate", {"hard": True})
     answer(s, vm_id)                    # cancel
     answer(s, vm_id, info={"saved": saved} if saved else None)    # delete
     assert logic.vm_status(logic.get_vm_locked(s, vm_id)) == "DONE"

@@ -398,10 +398,6 @@ def vm_action(session, vm_id, action, options=None):
     return apply(session, vm, f"{action}_hard" if hard else action)
 
 
-def terminate(session, vm_id, hard=False):
-    return vm_action(session, vm_id, "terminate", {"hard": hard})
-
-
 FENCED_HOST_STATES = ("ERROR", "OFFLINE")
 
 

@@ -51,11 +51,6 @@ class LifecycleService:
             return logic.describe(session, logic.vm_action(session, vm_id, action, options))
 
     @api
-    def terminate(self, vm_id, hard=False):
-        with self.relay.transaction() as session:
-            return logic.describe(session, logic.terminate(session, vm_id, hard))
-
-    @api
     def get_vm(self, vm_id):
         with self.relay.session_factory() as session:
             return logic.get_vm(session, vm_id)

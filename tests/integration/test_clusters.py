@@ -41,7 +41,7 @@ def test_host_update_merges_keys_and_reserved_capacity_limits_reservation(factor
         assert "it has 200% and 4096 MB free" in answer["reason"]
         small = logic.allocate(s, admin_id, "small", 2, 1, 512, {})
         assert logic.deploy(s, small.id, host_id)["outcome"] == "deployed"
-        logic.terminate(s, big.id)
+        logic.vm_action(s, big.id, "terminate")
     with factory() as s, s.begin():
         # an empty value removes a key; a negative reservation is overcommit
         host = clusters.update_host(s, host_id, {"SSD": "", "RESERVED_CPU": "-400"})
@@ -153,7 +153,7 @@ def test_a_vm_group_is_stored_and_vms_join_it_by_name_and_role(factory, admin_id
         with pytest.raises(FailedPrecondition, match=f"VM group {name} still has VMs"):
             clusters.delete_vmgroup(s, group_id)
     with factory() as s, s.begin():
-        logic.terminate(s, vm_id)
+        logic.vm_action(s, vm_id, "terminate")
         assert clusters.delete_vmgroup(s, group_id)["name"] == name
 
 

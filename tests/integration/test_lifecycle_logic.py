@@ -82,7 +82,7 @@ def test_a_driver_failure_sets_the_failure_state_and_message(factory, admin_id, 
                                 "info": {}, "error": "no such file /x.qcow2"})
         assert vm.lcm_state == "PROLOG_FAILURE"
         assert "no such file /x.qcow2" in vm.error
-        logic.terminate(s, vm.id)
+        logic.vm_action(s, vm.id, "terminate")
         assert vm.lcm_state == "EPILOG"
 
 
@@ -104,10 +104,10 @@ def test_bad_input_names_the_field_and_persists_nothing(factory, admin_id, field
 def test_terminating_a_done_vm_is_refused_with_the_states_it_needs(factory, admin_id):
     with factory() as s, s.begin():
         vm = logic.allocate(s, admin_id, "gone", 1, 1, 128, {})
-        logic.terminate(s, vm.id)
+        logic.vm_action(s, vm.id, "terminate")
         assert vm.state == "DONE"
         with pytest.raises(FailedPrecondition, match="DONE.*RUNNING"):
-            logic.terminate(s, vm.id)
+            logic.vm_action(s, vm.id, "terminate")
 
 
 def test_concurrent_deploys_never_overcommit_a_host(factory, admin_id, host):
@@ -139,7 +139,7 @@ def test_leaving_the_host_releases_capacity(factory, admin_id, host):
         clone = [m for m in outbox_rows(s, vm.id) if m.get("action") == "clone"][-1]
         logic.handle_result(s, {**clone, "command_id": clone["id"], "success": False,
                                 "info": {}, "error": "boom"})
-        logic.terminate(s, vm.id)
+        logic.vm_action(s, vm.id, "terminate")
         delete = [m for m in outbox_rows(s, vm.id) if m.get("action") == "delete"][-1]
         logic.handle_result(s, {**delete, "command_id": delete["id"], "success": True,
                                 "info": {}, "error": None})

@@ -382,7 +382,7 @@ def test_accounting_sums_the_stays_per_vm_and_per_user(rpc, node):
         s.flush()
         user_id = user.id
     vm = node.running_vm("acct", owner_id=user_id)
-    rpc.terminate(vm["id"], True)
+    rpc.vm_action(vm["id"], "terminate", {"hard": True})
     node.answer("cancel")
     node.answer("delete")
     wait_status(rpc, vm, "DONE")

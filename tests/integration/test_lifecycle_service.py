@@ -44,7 +44,7 @@ def test_a_vm_runs_through_driver_results_and_back_to_done(rpc, amqp_uri):
         node.publish(messages.COMMAND_RESULT, messages.result(cmd, True, info))
     wait_until(lambda: rpc.get_vm(vm["id"])["status"] == "RUNNING", what="RUNNING")
 
-    rpc.terminate(vm["id"], True)
+    rpc.vm_action(vm["id"], "terminate", {"hard": True})
     for action in ("cancel", "delete"):
         cmd = node.next_command()
         assert cmd["action"] == action

@@ -86,4 +86,4 @@ def test_three_schedulers_fill_hosts_exactly_and_never_beyond(services, amqp_uri
             {hosts[n]: 100 * len(placed[n]) for n in names}
     with rpc_proxy(amqp_uri, "lifecycle") as rpc:
         for vm in waiting:
-            rpc.terminate(vm["id"])
+            rpc.vm_action(vm["id"], "terminate")

@@ -49,7 +49,7 @@ def test_placement_waits_for_a_host_happens_on_the_event_and_explains_a_misfit(r
     vm = rpc.get_vm(big["id"])
     assert vm["status"] == "PENDING"
     assert vm["sched_message"] == "Not enough CPU capacity: 1600/500"
-    rpc.terminate(big["id"])
+    rpc.vm_action(big["id"], "terminate")
 
 
 def test_a_vm_flagged_resched_is_live_migrated_to_another_host(rpc, amqp_uri):
@@ -112,7 +112,7 @@ def test_capacity_freed_by_a_vm_leaving_places_a_waiting_vm_at_once(rpc, amqp_ur
                what="a scheduling message")
     assert rpc.get_vm(waiting["id"])["sched_message"] == "Not enough CPU capacity: 100/0"
 
-    rpc.terminate(first["id"])
+    rpc.vm_action(first["id"], "terminate")
     for action in ("shutdown", "delete"):
         cmd = node.next_command(timeout=15)
         assert (cmd["action"], cmd["vm_id"]) == (action, first["id"])
