@@ -46,6 +46,43 @@ def named_ref(kind):
 host_ref = named_ref("host")
 
 
+def key_value(text):
+    """KEY=VALUE for a host's or a cluster's template; an empty VALUE removes KEY."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(
+            f"invalid {text!r}: give KEY=VALUE (an empty VALUE removes KEY)")
+    return key.strip().upper(), value
+
+
+def role_spec(text):
+    """A VM group role: NAME or NAME:POLICY."""
+    name, _, policy = text.partition(":")
+    if not name.strip():
+        raise argparse.ArgumentTypeError(f"invalid role {text!r}: give NAME or NAME:POLICY")
+    return {"name": name.strip(), "policy": policy.strip().upper() or None}
+
+
+def role_hosts(text):
+    """ROLE:HOST_ID,HOST_ID for --host-affined and --host-anti-affined."""
+    role, _, ids = text.partition(":")
+    try:
+        hosts = [int(i) for i in ids.split(",") if i.strip()]
+    except ValueError:
+        hosts = []
+    if not role.strip() or not hosts:
+        raise argparse.ArgumentTypeError(f"invalid {text!r}: give ROLE:HOST_ID[,HOST_ID...]")
+    return role.strip(), hosts
+
+
+def role_list(text):
+    """ROLE,ROLE[,...] for --affined and --anti-affined."""
+    roles = [r.strip() for r in text.split(",") if r.strip()]
+    if len(roles) < 2:
+        raise argparse.ArgumentTypeError(f"invalid {text!r}: give two roles or more, ROLE,ROLE")
+    return roles
+
+
 def moment(text):
     """An ISO-8601 date or date-time; without a zone it is UTC, a date is its 00:00."""
     try:
@@ -214,8 +251,14 @@ def host_view(host):
             ("ALLOC_CPU", f"{host['cpu_usage']} / {host['max_cpu']}"),
             ("ALLOC_MEM", f"{megabytes(host['mem_usage'])} / {megabytes(host['max_mem'])}"),
             ("MONITORED", when(host.get("last_monitored_at")) or "never"),
+            ("CLUSTER", host.get("cluster_id")),
+            ("RESERVED", f"{host.get('reserved_cpu') or 0} CPU, "
+                         f"{megabytes(host.get('reserved_mem') or 0)}"
+             if host.get("reserved_cpu") or host.get("reserved_mem") else None),
         ], indent="  "),
     ]
+    if host.get("template"):
+        parts += ["", "TEMPLATE", template_text(host["template"], indent="  ")]
     monitoring = dict(host.get("monitoring") or {})
     domains = monitoring.pop("VMS", None)
     if monitoring:
@@ -224,6 +267,44 @@ def host_view(host):
         parts += ["", "DOMAINS", format_table(
             ["VM_ID", "DEPLOY_ID", "STATE"],
             [[d.get("VM_ID"), d.get("DEPLOY_ID"), d.get("STATE")] for d in domains])]
+    return "\n".join(parts)
+
+
+def cluster_table(clusters):
+    return format_table(["ID", "NAME", "HOSTS"],
+                        [[c["id"], c["name"], len(c.get("hosts") or [])] for c in clusters])
+
+
+def cluster_view(cluster):
+    hosts = ", ".join(f"{h['name']} ({h['id']})" for h in cluster.get("hosts") or []) or "none"
+    parts = [f"CLUSTER {cluster['id']}",
+             format_fields([("NAME", cluster["name"]), ("HOSTS", hosts)], indent="  ")]
+    if cluster.get("template"):
+        parts += ["", "TEMPLATE", template_text(cluster["template"], indent="  ")]
+    return "\n".join(parts)
+
+
+def vmgroup_table(groups):
+    return format_table(["ID", "NAME", "ROLES", "VMS"],
+                        [[g["id"], g["name"], ",".join(r["name"] for r in g.get("roles") or []),
+                          sum(len(r.get("vms") or []) for r in g.get("roles") or [])]
+                         for g in groups])
+
+
+def ids(values):
+    return ",".join(str(v) for v in values or []) or None
+
+
+def vmgroup_view(group):
+    parts = [f"VM GROUP {group['id']}", format_fields([("NAME", group["name"])], indent="  "),
+             "", "ROLES", format_table(
+                 ["NAME", "POLICY", "HOST_AFFINED", "HOST_ANTI_AFFINED", "VMS"],
+                 [[r["name"], r.get("policy") or "NONE", ids(r.get("host_affined")),
+                   ids(r.get("host_anti_affined")), ids(r.get("vms"))]
+                  for r in group.get("roles") or []])]
+    if group.get("rules"):
+        parts += ["", "RULES", format_fields(
+            [(r["policy"], ",".join(r["roles"])) for r in group["rules"]], indent="  ")]
     return "\n".join(parts)
 
 
@@ -482,15 +563,77 @@ def host_action(method, verb):
 
 
 def cmd_host_update(args):
+    if args.ha is None and not args.pairs:
+        raise UsageError("host update: give --ha or KEY=VALUE pairs")
     api = client(args)
-    host = api.update_host(api.host_id(args.id), ha=args.ha)
+    host = api.update_host(api.host_id(args.id), ha=args.ha, template=dict(args.pairs))
     emit(args, host, lambda h: f"host {h['id']} ({h['name']}) updated; ha {h['ha']}")
+
+
+def cmd_cluster_create(args):
+    cluster = client(args).create_cluster(args.name, dict(args.pairs))
+    emit(args, cluster, lambda c: c["id"])
+
+
+def cmd_cluster_list(args):
+    emit(args, client(args).list_clusters(), cluster_table)
+
+
+def cmd_cluster_show(args):
+    api = client(args)
+    emit(args, api.get_cluster(api.cluster_id(args.id)), cluster_view)
+
+
+def cmd_cluster_delete(args):
+    api = client(args)
+    cluster = api.delete_cluster(api.cluster_id(args.id))
+    emit(args, cluster, lambda c: f"cluster {c['id']} ({c['name']}) deleted")
+
+
+def cluster_host_action(method, verb):
+    def run(args):
+        api = client(args)
+        cluster = getattr(api, method)(api.cluster_id(args.id), api.host_id(args.host))
+        emit(args, cluster, lambda c: f"host {args.host} {verb} cluster {c['name']}")
+    return run
+
+
+def cmd_vmgroup_create(args):
+    roles = {r["name"]: {**r, "host_affined": [], "host_anti_affined": []} for r in args.role}
+    for key, given in (("host_affined", args.host_affined),
+                       ("host_anti_affined", args.host_anti_affined)):
+        for role, hosts in given or []:
+            if role not in roles:
+                raise UsageError(f"--{key.replace('_', '-')}: no role {role!r}; "
+                                 f"the roles are {', '.join(roles)}")
+            roles[role][key] = hosts
+    rules = ([{"policy": "AFFINED", "roles": r} for r in args.affined or []]
+             + [{"policy": "ANTI_AFFINED", "roles": r} for r in args.anti_affined or []])
+    group = client(args).create_vmgroup(args.name, list(roles.values()), rules)
+    emit(args, group, lambda g: g["id"])
+
+
+def cmd_vmgroup_list(args):
+    emit(args, client(args).list_vmgroups(), vmgroup_table)
+
+
+def cmd_vmgroup_show(args):
+    api = client(args)
+    emit(args, api.get_vmgroup(api.vmgroup_id(args.id)), vmgroup_view)
+
+
+def cmd_vmgroup_delete(args):
+    api = client(args)
+    group = api.delete_vmgroup(api.vmgroup_id(args.id))
+    emit(args, group, lambda g: f"VM group {g['id']} ({g['name']}) deleted")
 
 
 def cmd_vm_create(args):
     template = read_file(args.file) if args.file else None
     vm = client(args).create_vm(name=args.name, cpu=args.cpu, vcpu=args.vcpu,
-                                memory=args.memory, template=template, hold=args.hold)
+                                memory=args.memory, template=template, hold=args.hold,
+                                requirements=args.requirements, rank=args.rank,
+                                vmgroup=args.vmgroup)
     emit(args, vm, lambda v: v["id"])
 
 
@@ -779,9 +922,53 @@ def build_parser():
             ("delete", host_action("delete_host", "deleted"), "forget a host with no VMs")]:
         command(host, name, func, help).add_argument("id", type=host_ref, metavar="HOST",
                                                      help="host name or id")
-    update = command(host, "update", cmd_host_update, "change a host's settings")
+    update = command(host, "update", cmd_host_update,
+                     "change a host's HA policy or its template (KEY=VALUE)")
     update.add_argument("id", type=host_ref, metavar="HOST", help="host name or id")
-    update.add_argument("--ha", choices=HA_POLICIES, required=True, help=ha_help)
+    update.add_argument("pairs", type=key_value, nargs="*", metavar="KEY=VALUE",
+                        help="set in the host's template for the scheduler (PRIORITY, "
+                             "RESERVED_CPU, RESERVED_MEM, any attribute); KEY= removes KEY")
+    update.add_argument("--ha", choices=HA_POLICIES, help=ha_help)
+
+    cluster = groups.add_parser("cluster", help="clusters of hosts").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    create = command(cluster, "create", cmd_cluster_create, "create a cluster; prints its id")
+    create.add_argument("name")
+    create.add_argument("pairs", type=key_value, nargs="*", metavar="KEY=VALUE",
+                        help="the cluster's template: attributes of its hosts, RESERVED_CPU...")
+    command(cluster, "list", cmd_cluster_list, "list the clusters")
+    for name, func, help in [("show", cmd_cluster_show, "show a cluster and its hosts"),
+                             ("delete", cmd_cluster_delete, "delete a cluster with no hosts")]:
+        command(cluster, name, func, help).add_argument("id", metavar="CLUSTER",
+                                                        help="cluster name or id")
+    for name, method, verb, help in [
+            ("addhost", "cluster_add_host", "added to", "put a host in a cluster"),
+            ("delhost", "cluster_del_host", "removed from", "take a host out of a cluster")]:
+        action = command(cluster, name, cluster_host_action(method, verb), help)
+        action.add_argument("id", metavar="CLUSTER", help="cluster name or id")
+        action.add_argument("host", type=host_ref, metavar="HOST", help="host name or id")
+
+    vmgroup = groups.add_parser("vmgroup", help="VM groups: placement rules between roles"
+                                ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = command(vmgroup, "create", cmd_vmgroup_create, "create a VM group; prints its id")
+    create.add_argument("name")
+    create.add_argument("--role", type=role_spec, action="append", required=True,
+                        metavar="NAME[:POLICY]",
+                        help="a role; POLICY is NONE, AFFINED (its VMs on one host) or "
+                             "ANTI_AFFINED (on different hosts); repeat for each role")
+    create.add_argument("--affined", type=role_list, action="append", metavar="ROLE,ROLE",
+                        help="these roles' VMs share one host")
+    create.add_argument("--anti-affined", type=role_list, action="append", metavar="ROLE,ROLE",
+                        help="no host runs VMs of two of these roles")
+    create.add_argument("--host-affined", type=role_hosts, action="append",
+                        metavar="ROLE:HOST_ID,...", help="the role's VMs only on these hosts")
+    create.add_argument("--host-anti-affined", type=role_hosts, action="append",
+                        metavar="ROLE:HOST_ID,...", help="the role's VMs never on these hosts")
+    command(vmgroup, "list", cmd_vmgroup_list, "list VM groups")
+    for name, func, help in [("show", cmd_vmgroup_show, "show a VM group, its roles and VMs"),
+                             ("delete", cmd_vmgroup_delete, "delete a VM group with no VMs")]:
+        command(vmgroup, name, func, help).add_argument("id", metavar="VMGROUP",
+                                                        help="VM group name or id")
 
     vm = groups.add_parser("vm", help="virtual machines").add_subparsers(
         dest="action", metavar="ACTION", required=True)
@@ -796,6 +983,12 @@ def build_parser():
     create.add_argument("--file", metavar="F",
                         help="template file: OpenNebula syntax, YAML or JSON ('-' for stdin)")
     create.add_argument("--hold", action="store_true", help="create on hold: not scheduled")
+    create.add_argument("--requirements", metavar="EXPR",
+                        help='SCHED_REQUIREMENTS, e.g. \'SSD = "yes" & FREE_CPU > 100\'')
+    create.add_argument("--rank", metavar="EXPR",
+                        help="SCHED_RANK, e.g. FREE_CPU (write --rank=-RUNNING_VMS for one "
+                             "that starts with -)")
+    create.add_argument("--vmgroup", metavar="NAME:ROLE", help="join a VM group in a role")
     command(vm, "list", cmd_vm_list, "list VMs").add_argument(
         "--all", action="store_true", help="include terminated (DONE) VMs")
     command(vm, "show", cmd_vm_show, "show a VM with its history").add_argument(

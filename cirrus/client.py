@@ -28,6 +28,7 @@ from cirrus.v1 import (
 from cirrus.v1 import (
     datastore_pb2, datastore_pb2_grpc, image_pb2, image_pb2_grpc, vnet_pb2, vnet_pb2_grpc,
 )
+from cirrus.v1 import cluster_pb2, cluster_pb2_grpc, vmgroup_pb2, vmgroup_pb2_grpc
 
 # statuses a VM does not leave on its own: waiting for anything else is over
 FINAL_STATUSES = frozenset({"DONE"} | {s for s, short in states.SHORT_NAMES.items()
@@ -156,6 +157,8 @@ class Client:
         self.datastores = datastore_pb2_grpc.DatastoreServiceStub(self.channel)
         self.images = image_pb2_grpc.ImageServiceStub(self.channel)
         self.vnets = vnet_pb2_grpc.VirtualNetworkServiceStub(self.channel)
+        self.clusters = cluster_pb2_grpc.ClusterServiceStub(self.channel)
+        self.vmgroups = vmgroup_pb2_grpc.VmGroupServiceStub(self.channel)
 
     def close(self):
         self.channel.close()
@@ -221,17 +224,94 @@ class Client:
     def flush_host(self, host_id):
         return to_dict(self._call(self.hosts.Flush, host_pb2.FlushHostRequest(id=host_id)))
 
-    def update_host(self, host_id, ha=None):
-        return to_dict(self._call(self.hosts.Update, host_pb2.UpdateHostRequest(id=host_id, ha=ha)))
+    def update_host(self, host_id, ha=None, template=None):
+        """Change a host's HA policy and/or merge KEY=VALUE into its template
+        (an empty value removes the key)."""
+        request = host_pb2.UpdateHostRequest(id=host_id, ha=ha)
+        if template:
+            request.template.update({str(k): str(v) for k, v in template.items()})
+        return to_dict(self._call(self.hosts.Update, request))
+
+    # -------------------------------------------------------------- clusters
+
+    def create_cluster(self, name, template=None):
+        request = cluster_pb2.CreateClusterRequest(name=name)
+        if template:
+            request.template.update({str(k): str(v) for k, v in template.items()})
+        return to_dict(self._call(self.clusters.Create, request))
+
+    def cluster_id(self, cluster):
+        """The id of a cluster given by id or by name."""
+        if isinstance(cluster, int) or str(cluster).isdigit():
+            return int(cluster)
+        for found in self.list_clusters():
+            if found["name"] == cluster:
+                return found["id"]
+        raise ClientError("NOT_FOUND", f"cluster {cluster!r} does not exist")
+
+    def get_cluster(self, cluster_id):
+        return to_dict(self._call(self.clusters.Get, cluster_pb2.GetClusterRequest(id=cluster_id)))
+
+    def list_clusters(self):
+        reply = self._call(self.clusters.List, cluster_pb2.ListClustersRequest())
+        return [to_dict(c) for c in reply.clusters]
+
+    def delete_cluster(self, cluster_id):
+        return to_dict(self._call(self.clusters.Delete,
+                                  cluster_pb2.DeleteClusterRequest(id=cluster_id)))
+
+    def cluster_add_host(self, cluster_id, host_id):
+        return to_dict(self._call(self.clusters.AddHost, cluster_pb2.ClusterHostRequest(
+            id=cluster_id, host_id=host_id)))
+
+    def cluster_del_host(self, cluster_id, host_id):
+        return to_dict(self._call(self.clusters.DelHost, cluster_pb2.ClusterHostRequest(
+            id=cluster_id, host_id=host_id)))
+
+    # -------------------------------------------------------------- VM groups
+
+    def create_vmgroup(self, name, roles, rules=()):
+        """``roles``: [{"name", "policy", "host_affined", "host_anti_affined"}];
+        ``rules``: [{"policy": "AFFINED" | "ANTI_AFFINED", "roles": [...]}]."""
+        request = vmgroup_pb2.CreateVmGroupRequest(
+            name=name,
+            roles=[vmgroup_pb2.VmGroupRole(
+                name=r["name"], policy=r.get("policy") or "",
+                host_affined=r.get("host_affined") or [],
+                host_anti_affined=r.get("host_anti_affined") or []) for r in roles],
+            rules=[vmgroup_pb2.VmGroupRule(policy=r["policy"], roles=r["roles"])
+                   for r in rules or ()])
+        return to_dict(self._call(self.vmgroups.Create, request))
+
+    def vmgroup_id(self, group):
+        """The id of one of the caller's VM groups given by id or by name."""
+        if isinstance(group, int) or str(group).isdigit():
+            return int(group)
+        for found in self.list_vmgroups():
+            if found["name"] == group:
+                return found["id"]
+        raise ClientError("NOT_FOUND", f"VM group {group!r} does not exist")
+
+    def get_vmgroup(self, group_id):
+        return to_dict(self._call(self.vmgroups.Get, vmgroup_pb2.GetVmGroupRequest(id=group_id)))
+
+    def list_vmgroups(self):
+        reply = self._call(self.vmgroups.List, vmgroup_pb2.ListVmGroupsRequest())
+        return [to_dict(g) for g in reply.vmgroups]
+
+    def delete_vmgroup(self, group_id):
+        return to_dict(self._call(self.vmgroups.Delete,
+                                  vmgroup_pb2.DeleteVmGroupRequest(id=group_id)))
 
     # -------------------------------------------------------------- VMs
 
     def create_vm(self, name=None, cpu=None, vcpu=None, memory=None, template=None,
-                  hold=False, request_id=None):
+                  hold=False, request_id=None, requirements=None, rank=None, vmgroup=None):
         """Create a VM; None leaves a value to the template (or the server).
         A retry after UNAVAILABLE reuses the request id, so it makes one VM."""
         request = vm_pb2.CreateVmRequest(name=name, cpu=cpu, vcpu=vcpu, memory=memory,
-                                         template=template or "", hold=hold)
+                                         template=template or "", hold=hold,
+                                         requirements=requirements, rank=rank, vmgroup=vmgroup)
         request_id = request_id or uuid.uuid4().hex
         try:
             reply = self._call(self.vms.Create, request, request_id)

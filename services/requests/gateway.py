@@ -50,6 +50,10 @@ from cirrus.v1 import (  # noqa: E402
 from cirrus.v1 import (  # noqa: E402
     datastore_pb2, datastore_pb2_grpc, image_pb2, image_pb2_grpc, vnet_pb2, vnet_pb2_grpc,
 )
+from cirrus.v1 import (  # noqa: E402
+    cluster_pb2, cluster_pb2_grpc, vmgroup_pb2, vmgroup_pb2_grpc,
+)
+from google.protobuf.json_format import MessageToDict  # noqa: E402
 
 log = logging.getLogger("cirrus.gateway")
 
@@ -61,6 +65,8 @@ API_SERVICES = [
     datastore_pb2.DESCRIPTOR.services_by_name["DatastoreService"],
     image_pb2.DESCRIPTOR.services_by_name["ImageService"],
     vnet_pb2.DESCRIPTOR.services_by_name["VirtualNetworkService"],
+    cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
+    vmgroup_pb2.DESCRIPTOR.services_by_name["VmGroupService"],
 ]
 LOGIN_METHOD = "/cirrus.v1.SessionService/Login"
 # callable without credentials, so grpcurl and load balancers can probe
@@ -490,7 +496,8 @@ class VirtualMachineServicer(Servicer, vm_pb2_grpc.VirtualMachineServiceServicer
 
     def Create(self, request, context):
         call = self.call(context, "Create")
-        spec = {**{name: optional(request, name) for name in ("name", "cpu", "vcpu", "memory")},
+        spec = {**{name: optional(request, name) for name in ("name", "cpu", "vcpu", "memory",
+                                                             "requirements", "rank", "vmgroup")},
                 "template": request.template or None, "hold": request.hold,
                 "request_id": call.request_id}
         return vm_message(call("create_vm", spec))
@@ -586,8 +593,69 @@ class HostServicer(Servicer, host_pb2_grpc.HostServiceServicer):
 
     def Update(self, request, context):
         host = self.call(context, "Update")("update_host", request.id,
-                                            ha=optional(request, "ha"))
+                                            ha=optional(request, "ha"),
+                                            template=struct_dict(request, "template"))
         return fill(host_pb2.Host(), host)
+
+
+def struct_dict(request, name):
+    """A Struct field as a dict of text values, or None when unset."""
+    if not request.HasField(name):
+        return None
+    return {key: str(value) for key, value in MessageToDict(getattr(request, name)).items()}
+
+
+class ClusterServicer(Servicer, cluster_pb2_grpc.ClusterServiceServicer):
+    def Create(self, request, context):
+        cluster = self.call(context, "Create")("create_cluster", request.name,
+                                               struct_dict(request, "template"))
+        return fill(cluster_pb2.Cluster(), cluster)
+
+    def Get(self, request, context):
+        return fill(cluster_pb2.Cluster(), self.call(context, "Get")("get_cluster", request.id))
+
+    def List(self, request, context):
+        clusters = self.call(context, "List")("list_clusters")
+        return fill(cluster_pb2.ListClustersResponse(), {"clusters": clusters})
+
+    def Delete(self, request, context):
+        return fill(cluster_pb2.Cluster(),
+                    self.call(context, "Delete")("delete_cluster", request.id))
+
+    def AddHost(self, request, context):
+        cluster = self.call(context, "AddHost")("cluster_add_host", request.id, request.host_id)
+        return fill(cluster_pb2.Cluster(), cluster)
+
+    def DelHost(self, request, context):
+        cluster = self.call(context, "DelHost")("cluster_del_host", request.id, request.host_id)
+        return fill(cluster_pb2.Cluster(), cluster)
+
+    def Update(self, request, context):
+        cluster = self.call(context, "Update")("update_cluster", request.id,
+                                               struct_dict(request, "template") or {},
+                                               request.replace)
+        return fill(cluster_pb2.Cluster(), cluster)
+
+
+class VmGroupServicer(Servicer, vmgroup_pb2_grpc.VmGroupServiceServicer):
+    def Create(self, request, context):
+        roles = [{"name": r.name, "policy": r.policy or None,
+                  "host_affined": list(r.host_affined),
+                  "host_anti_affined": list(r.host_anti_affined)} for r in request.roles]
+        rules = [{"policy": r.policy, "roles": list(r.roles)} for r in request.rules]
+        group = self.call(context, "Create")("create_vmgroup", request.name, roles, rules)
+        return fill(vmgroup_pb2.VmGroup(), group)
+
+    def Get(self, request, context):
+        return fill(vmgroup_pb2.VmGroup(), self.call(context, "Get")("get_vmgroup", request.id))
+
+    def List(self, request, context):
+        groups = self.call(context, "List")("list_vmgroups")
+        return fill(vmgroup_pb2.ListVmGroupsResponse(), {"vmgroups": groups})
+
+    def Delete(self, request, context):
+        return fill(vmgroup_pb2.VmGroup(),
+                    self.call(context, "Delete")("delete_vmgroup", request.id))
 
 
 class TemplateServicer(Servicer, template_pb2_grpc.TemplateServiceServicer):
@@ -724,6 +792,10 @@ class Gateway:
                                                           self.server)
         vnet_pb2_grpc.add_VirtualNetworkServiceServicer_to_server(
             VirtualNetworkServicer(self.requests), self.server)
+        cluster_pb2_grpc.add_ClusterServiceServicer_to_server(
+            ClusterServicer(self.requests), self.server)
+        vmgroup_pb2_grpc.add_VmGroupServiceServicer_to_server(
+            VmGroupServicer(self.requests), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [s.full_name for s in API_SERVICES]
         reflection.enable_server_reflection(

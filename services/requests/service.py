@@ -12,6 +12,7 @@ from cirrus.db.models import User
 from cirrus.dependencies import Database, Rpc
 from cirrus.errors import (CirrusError, InvalidArgument, NotFound, PermissionDenied,
                            Unauthenticated)
+from cirrus.expressions import ExpressionError, compile_rank, compile_requirements
 from cirrus.template import parse, vm_resources
 
 api = rpc(expected_exceptions=CirrusError)
@@ -42,15 +43,43 @@ def one_range(template):
 
 def allocate_arguments(template, spec):
     """Merge a request's explicit fields over a parsed template's
-    NAME/CPU/VCPU/MEMORY; returns the arguments of lifecycle.allocate."""
+    NAME/CPU/VCPU/MEMORY, SCHED_REQUIREMENTS, SCHED_RANK and VMGROUP; returns
+    the arguments of lifecycle.allocate."""
     template = dict(template)
     for key in ("name", "cpu", "vcpu", "memory"):
         if spec.get(key) is not None:
             template[key.upper()] = str(spec[key])
+    template.update(placement_fields(spec))
+    check_expressions(template)
     resources = vm_resources(template)
     return dict(name=resources["name"], cpu=resources["cpu"], vcpu=resources["vcpu"],
                 memory=resources["memory"], template=template, hold=bool(spec.get("hold")),
                 request_id=spec.get("request_id"))
+
+
+def placement_fields(spec):
+    """The template keys that a request's requirements, rank and vmgroup set."""
+    out = {}
+    if spec.get("requirements") is not None:
+        out["SCHED_REQUIREMENTS"] = spec["requirements"]
+    if spec.get("rank") is not None:
+        out["SCHED_RANK"] = spec["rank"]
+    if spec.get("vmgroup") is not None:
+        name, _, role = str(spec["vmgroup"]).partition(":")
+        if not name.strip() or not role.strip():
+            raise InvalidArgument(f"vmgroup: give NAME:ROLE, got {spec['vmgroup']!r}")
+        out["VMGROUP"] = {"VMGROUP_NAME": name.strip(), "ROLE": role.strip()}
+    return out
+
+
+def check_expressions(template):
+    """Refuse a SCHED_REQUIREMENTS or SCHED_RANK that does not compile, here,
+    before anything is written (lifecycle checks again)."""
+    try:
+        compile_requirements(template.get("SCHED_REQUIREMENTS"), template)
+        compile_rank(template.get("SCHED_RANK"), template)
+    except ExpressionError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 class RequestsService:
@@ -210,12 +239,77 @@ class RequestsService:
         return self.lifecycle.flush_host(host_id)
 
     @api
-    def update_host(self, credentials, host_id, ha=None):
-        """Change a host's settings; today the only one is its HA policy."""
+    def update_host(self, credentials, host_id, ha=None, template=None):
+        """Change a host's settings: its HA policy, and KEY=VALUE in its
+        template (an empty value removes a key)."""
         self.admin(credentials)
-        if ha is None:
-            raise InvalidArgument("nothing to update: give ha")
-        return self.lifecycle.set_host_ha(host_id, ha)
+        if ha is None and not template:
+            raise InvalidArgument("nothing to update: give ha or KEY=VALUE template pairs")
+        host = None
+        if template:
+            host = self.lifecycle.update_host(host_id, template)
+        if ha is not None:
+            host = self.lifecycle.set_host_ha(host_id, ha)
+        return host
+
+    # -------------------------------------------------------------- clusters (issue 4)
+
+    @api
+    def create_cluster(self, credentials, name, template=None):
+        self.admin(credentials)
+        return self.lifecycle.create_cluster(name, template)
+
+    @api
+    def get_cluster(self, credentials, cluster_id):
+        self.user(credentials)
+        return self.lifecycle.get_cluster(cluster_id)
+
+    @api
+    def list_clusters(self, credentials):
+        self.user(credentials)
+        return self.lifecycle.list_clusters()
+
+    @api
+    def delete_cluster(self, credentials, cluster_id):
+        self.admin(credentials)
+        return self.lifecycle.delete_cluster(cluster_id)
+
+    @api
+    def cluster_add_host(self, credentials, cluster_id, host_id):
+        self.admin(credentials)
+        return self.lifecycle.cluster_add_host(cluster_id, host_id)
+
+    @api
+    def cluster_del_host(self, credentials, cluster_id, host_id):
+        self.admin(credentials)
+        return self.lifecycle.cluster_del_host(cluster_id, host_id)
+
+    @api
+    def update_cluster(self, credentials, cluster_id, template, replace=False):
+        self.admin(credentials)
+        return self.lifecycle.update_cluster(cluster_id, template, replace)
+
+    # -------------------------------------------------------------- VM groups (issue 4)
+
+    @api
+    def create_vmgroup(self, credentials, name, roles, rules=None):
+        user = self.user(credentials)
+        return self.lifecycle.create_vmgroup(user["id"], name, roles, rules)
+
+    @api
+    def get_vmgroup(self, credentials, group_id):
+        user = self.user(credentials)
+        return self.owned(user, self.lifecycle.get_vmgroup(group_id), "VM group", group_id)
+
+    @api
+    def list_vmgroups(self, credentials):
+        user = self.user(credentials)
+        return self.lifecycle.list_vmgroups(None if user["admin"] else user["id"])
+
+    @api
+    def delete_vmgroup(self, credentials, group_id):
+        self.get_vmgroup(credentials, group_id)
+        return self.lifecycle.delete_vmgroup(group_id)
 
     # -------------------------------------------------------------- templates
 

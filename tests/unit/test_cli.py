@@ -133,7 +133,7 @@ def test_host_create_and_update_take_an_ha_policy(capsys):
     assert (args.id, args.ha) == ("node-9", "none")
     assert "invalid choice: 'always'" in usage_error(capsys, "host", "create", "n",
                                                      "--ha", "always")
-    assert "--ha" in usage_error(capsys, "host", "update", "3")
+    assert "invalid 'SSD'" in usage_error(capsys, "host", "update", "3", "SSD")
 
 
 def test_accounting_reads_iso_dates_and_times_as_utc():
