@@ -575,21 +575,6 @@ def cmd_cluster_create(args):
     emit(args, cluster, lambda c: c["id"])
 
 
-def cmd_cluster_list(args):
-    emit(args, client(args).list_clusters(), cluster_table)
-
-
-def cmd_cluster_show(args):
-    api = client(args)
-    emit(args, api.get_cluster(api.cluster_id(args.id)), cluster_view)
-
-
-def cmd_cluster_delete(args):
-    api = client(args)
-    cluster = api.delete_cluster(api.cluster_id(args.id))
-    emit(args, cluster, lambda c: f"cluster {c['id']} ({c['name']}) deleted")
-
-
 def cluster_host_action(method, verb):
     def run(args):
         api = client(args)
@@ -611,21 +596,6 @@ def cmd_vmgroup_create(args):
              + [{"policy": "ANTI_AFFINED", "roles": r} for r in args.anti_affined or []])
     group = client(args).create_vmgroup(args.name, list(roles.values()), rules)
     emit(args, group, lambda g: g["id"])
-
-
-def cmd_vmgroup_list(args):
-    emit(args, client(args).list_vmgroups(), vmgroup_table)
-
-
-def cmd_vmgroup_show(args):
-    api = client(args)
-    emit(args, api.get_vmgroup(api.vmgroup_id(args.id)), vmgroup_view)
-
-
-def cmd_vmgroup_delete(args):
-    api = client(args)
-    group = api.delete_vmgroup(api.vmgroup_id(args.id))
-    emit(args, group, lambda g: f"VM group {g['id']} ({g['name']}) deleted")
 
 
 def cmd_vm_create(args):
@@ -936,9 +906,10 @@ def build_parser():
     create.add_argument("name")
     create.add_argument("pairs", type=key_value, nargs="*", metavar="KEY=VALUE",
                         help="the cluster's template: attributes of its hosts, RESERVED_CPU...")
-    command(cluster, "list", cmd_cluster_list, "list the clusters")
-    for name, func, help in [("show", cmd_cluster_show, "show a cluster and its hosts"),
-                             ("delete", cmd_cluster_delete, "delete a cluster with no hosts")]:
+    listing, show, delete = listing_commands("cluster", "cluster", cluster_table, cluster_view)
+    command(cluster, "list", listing, "list the clusters")
+    for name, func, help in [("show", show, "show a cluster and its hosts"),
+                             ("delete", delete, "delete a cluster with no hosts")]:
         command(cluster, name, func, help).add_argument("id", metavar="CLUSTER",
                                                         help="cluster name or id")
     for name, method, verb, help in [
@@ -964,9 +935,10 @@ def build_parser():
                         metavar="ROLE:HOST_ID,...", help="the role's VMs only on these hosts")
     create.add_argument("--host-anti-affined", type=role_hosts, action="append",
                         metavar="ROLE:HOST_ID,...", help="the role's VMs never on these hosts")
-    command(vmgroup, "list", cmd_vmgroup_list, "list VM groups")
-    for name, func, help in [("show", cmd_vmgroup_show, "show a VM group, its roles and VMs"),
-                             ("delete", cmd_vmgroup_delete, "delete a VM group with no VMs")]:
+    listing, show, delete = listing_commands("vmgroup", "VM group", vmgroup_table, vmgroup_view)
+    command(vmgroup, "list", listing, "list VM groups")
+    for name, func, help in [("show", show, "show a VM group, its roles and VMs"),
+                             ("delete", delete, "delete a VM group with no VMs")]:
         command(vmgroup, name, func, help).add_argument("id", metavar="VMGROUP",
                                                         help="VM group name or id")
 

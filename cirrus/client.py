@@ -241,13 +241,7 @@ class Client:
         return to_dict(self._call(self.clusters.Create, request))
 
     def cluster_id(self, cluster):
-        """The id of a cluster given by id or by name."""
-        if isinstance(cluster, int) or str(cluster).isdigit():
-            return int(cluster)
-        for found in self.list_clusters():
-            if found["name"] == cluster:
-                return found["id"]
-        raise ClientError("NOT_FOUND", f"cluster {cluster!r} does not exist")
+        return resolve_id(cluster, self.list_clusters, "cluster")
 
     def get_cluster(self, cluster_id):
         return to_dict(self._call(self.clusters.Get, cluster_pb2.GetClusterRequest(id=cluster_id)))
@@ -284,13 +278,7 @@ class Client:
         return to_dict(self._call(self.vmgroups.Create, request))
 
     def vmgroup_id(self, group):
-        """The id of one of the caller's VM groups given by id or by name."""
-        if isinstance(group, int) or str(group).isdigit():
-            return int(group)
-        for found in self.list_vmgroups():
-            if found["name"] == group:
-                return found["id"]
-        raise ClientError("NOT_FOUND", f"VM group {group!r} does not exist")
+        return resolve_id(group, self.list_vmgroups, "VM group")
 
     def get_vmgroup(self, group_id):
         return to_dict(self._call(self.vmgroups.Get, vmgroup_pb2.GetVmGroupRequest(id=group_id)))

@@ -2,17 +2,7 @@
 import pytest
 
 from cirrus import cli
-
-
-def parse(*argv):
-    return cli.build_parser().parse_args(argv)
-
-
-def usage_error(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        parse(*argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
+from tests.unit.test_cli import parse, usage_error
 
 
 def test_host_update_takes_key_value_pairs_and_or_ha():
