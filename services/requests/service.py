@@ -4,6 +4,8 @@ hands them to the service that owns the resource.
 Approvals and quotas will sit here too; today a valid request goes straight
 to ``lifecycle``.
 """
+import json
+
 from nameko.rpc import rpc
 from sqlalchemy import select
 
@@ -19,6 +21,8 @@ api = rpc(expected_exceptions=CirrusError)
 
 # VM actions that choose a host: administrators only, as in OpenNebula
 ADMIN_ACTIONS = frozenset({"deploy", "migrate"})
+# the OneFlow service (services/flow)
+FLOW = "flow"
 # what a Watch may filter on: a status word, or a state word (ACTIVE) for all its statuses
 WATCH_STATUSES = sorted(set(states.ALL_STATUSES) | {s.value for s in states.VmState})
 
@@ -87,6 +91,7 @@ class RequestsService:
 
     db = Database()
     lifecycle = Rpc(messages.LIFECYCLE)
+    flow = Rpc(FLOW)
 
     def user(self, credentials):
         with self.db() as session:
@@ -449,3 +454,153 @@ class RequestsService:
         self.vnet_admin(credentials)
         return self.with_owner_name(self.lifecycle.vnet_rmar(vnet_id, ar_id))
 
+
+    # -------------------------------------------------------------- OneFlow (issue 6)
+    # Service templates and services belong to their owner, like VM templates and
+    # VMs: users reach their own, administrators all; the flow service does the rest.
+
+    @api
+    def create_flow_template(self, credentials, body):
+        user = self.user(credentials)
+        return self.with_owner_name(self.flow.create_template(user["id"],
+                                                              flow_template_body(body)))
+
+    @api
+    def list_flow_templates(self, credentials):
+        user = self.user(credentials)
+        return self.with_owner_names(self.flow.list_templates(None if user["admin"]
+                                                              else user["id"]))
+
+    @api
+    def get_flow_template(self, credentials, template_id):
+        user = self.user(credentials)
+        template = self.owned(user, self.flow.get_template(template_id), "service template",
+                              template_id)
+        return self.with_owner_name(template)
+
+    @api
+    def update_flow_template(self, credentials, template_id, body):
+        self.get_flow_template(credentials, template_id)
+        return self.with_owner_name(self.flow.update_template(template_id,
+                                                              flow_template_body(body)))
+
+    @api
+    def delete_flow_template(self, credentials, template_id):
+        template = self.get_flow_template(credentials, template_id)
+        self.flow.delete_template(template_id)
+        return template
+
+    @api
+    def clone_flow_template(self, credentials, template_id, name):
+        user = self.user(credentials)
+        self.owned(user, self.flow.get_template(template_id), "service template", template_id)
+        if not str(name or "").strip():
+            raise InvalidArgument("name: give the copy a name")
+        return self.with_owner_name(self.flow.clone_template(template_id, name.strip(),
+                                                             user["id"]))
+
+    @api
+    def instantiate_flow_template(self, credentials, template_id, name=None, custom_attrs=None,
+                                  networks=None):
+        """A service from a template: ``custom_attrs`` {NAME: value}, ``networks``
+        {network name: virtual network id}."""
+        user = self.user(credentials)
+        self.owned(user, self.flow.get_template(template_id), "service template", template_id)
+        service = self.flow.instantiate(template_id, user["id"], name=name or None,
+                                        custom_attrs=custom_attrs or None,
+                                        networks=networks or None)
+        return self.with_owner_name(service)
+
+    @api
+    def list_flows(self, credentials):
+        user = self.user(credentials)
+        return self.with_owner_names(self.flow.list_services(None if user["admin"]
+                                                             else user["id"]))
+
+    @api
+    def get_flow(self, credentials, service_id):
+        user = self.user(credentials)
+        return self.with_owner_name(self.owned(user, self.flow.get_service(service_id),
+                                               "service", service_id))
+
+    @api
+    def undeploy_flow(self, credentials, service_id):
+        self.get_flow(credentials, service_id)
+        return self.flow_after(service_id, self.flow.undeploy(service_id))
+
+    @api
+    def recover_flow(self, credentials, service_id, delete=False):
+        self.get_flow(credentials, service_id)
+        return self.flow_after(service_id, self.flow.recover(service_id, delete=bool(delete)))
+
+    @api
+    def release_flow(self, credentials, service_id):
+        self.get_flow(credentials, service_id)
+        return self.flow_after(service_id, self.flow.release(service_id))
+
+    @api
+    def scale_flow(self, credentials, service_id, role, cardinality, force=False):
+        service = self.get_flow(credentials, service_id)
+        check_role(service, role)
+        if cardinality < 0:
+            raise InvalidArgument(f"cardinality: must be 0 or more, got {cardinality}")
+        return self.flow_after(service_id, self.flow.scale(service_id, role, cardinality,
+                                                           force=bool(force)))
+
+    @api
+    def flow_role_action(self, credentials, service_id, role, action, period=0, number=0):
+        service = self.get_flow(credentials, service_id)
+        check_role(service, role)
+        for key, value in (("period", period), ("number", number)):
+            if value < 0:
+                raise InvalidArgument(f"{key}: must be 0 or more, got {value}")
+        return self.flow_after(service_id, self.flow.role_action(service_id, role, action,
+                                                                 period=period, number=number))
+
+    def flow_after(self, service_id, result):
+        """The service as an action left it: what the flow service answered,
+        or, if it answered nothing, the service read again."""
+        return self.with_owner_name(result if isinstance(result, dict)
+                                    else self.flow.get_service(service_id))
+
+    @api
+    def flow_watch_scope(self, credentials):
+        """What a flow Watch stream may send: {"caller", "owner_id"}; None
+        (administrators) means every service."""
+        caller = self.user(credentials)
+        return {"caller": caller, "owner_id": None if caller["admin"] else caller["id"]}
+
+
+JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "true or false", type(None): "null"}
+
+
+def flow_template_body(body):
+    """A service template as the flow service takes it: a dict, from the API's
+    JSON text; INVALID_ARGUMENT says where the JSON breaks."""
+    if isinstance(body, dict):
+        return body
+    limit = config.get()["limits"]["template_bytes"]
+    size = len(str(body).encode())
+    if size > limit:
+        raise InvalidArgument(f"body: the template is {size} bytes, over the limit of "
+                              f"{limit} bytes")
+    try:
+        value = json.loads(body)
+    except (TypeError, json.JSONDecodeError) as exc:
+        where = (f" at line {exc.lineno} column {exc.colno}"
+                 if isinstance(exc, json.JSONDecodeError) else "")
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise InvalidArgument(f"body: not JSON: {reason}{where}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"body: a service template is a JSON object, not "
+                              f"{JSON_KINDS.get(type(value), 'that')}")
+    return value
+
+
+def check_role(service, role):
+    """Refuse a role the service does not have, naming the ones it has."""
+    names = [r["name"] for r in service.get("roles") or ()]
+    if role not in names:
+        raise InvalidArgument(f"role: service {service['id']} has no role {role!r}; its roles "
+                              f"are {', '.join(names) or 'none'}")
