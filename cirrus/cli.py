@@ -225,6 +225,7 @@ def vm_view(vm):
     ]
     if vm.get("template"):
         parts += ["", "TEMPLATE", template_text(vm["template"], indent="  ")]
+    parts += vm_devices_view(vm)
     if vm.get("monitoring"):
         parts += ["", "MONITORING", format_fields(sorted(vm["monitoring"].items()), indent="  ")]
     if vm.get("stays"):
@@ -240,6 +241,29 @@ def vm_view(vm):
             [[h["seq"], h["action"], h.get("from_status"), h["to_status"], h.get("host"),
               when(h.get("at")), h.get("message")] for h in vm["history"]])]
     return "\n".join(parts)
+
+
+def vm_devices_view(vm):
+    """The DISKS, NICS and CONTEXT sections of `vm show`: what the VM holds
+    while placed."""
+    parts = []
+    if vm.get("disks"):
+        parts += ["", "DISKS", format_table(
+            ["ID", "TARGET", "IMAGE", "TYPE", "CLONE", "SIZE", "PATH"],
+            [[d["id"], d["target"], d.get("image"), d["type"], d.get("clone"),
+              megabytes(d.get("size_mb")), d.get("path") or d.get("source")]
+             for d in vm["disks"]])]
+    if vm.get("nics"):
+        parts += ["", "NICS", format_table(
+            ["ID", "NETWORK", "IP", "MAC", "GATEWAY", "IP6"],
+            [[n["id"], n["network"], n.get("ip"), n.get("mac"), n.get("gateway"), n.get("ip6")]
+             for n in vm["nics"]])]
+    context = vm.get("context")
+    if context:
+        parts += ["", "CONTEXT", format_fields(
+            [("CD", context.get("path")), ("TOKEN", "yes" if context.get("token") else "no")],
+            indent="  "), template_text(context.get("values") or {}, indent="  ")]
+    return parts
 
 
 def host_view(host):

@@ -311,6 +311,8 @@ class Client:
         return to_dict(reply)
 
     def get_vm(self, vm_id):
+        """One VM with its template, history, stays, and what it holds while
+        placed: "disks", "nics" and "context" (values, CD path, token yes/no)."""
         return to_dict(self._call(self.vms.Get, vm_pb2.GetVmRequest(id=vm_id)))
 
     def list_vms(self, include_done=False):

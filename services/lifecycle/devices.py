@@ -11,6 +11,7 @@ its context and OneGate token (issue 5).
   persistent image in use) is a reason to wait, not an error: nothing is
   kept and the VM stays PENDING.
 - ``release`` (at DONE and at recreate): gives all of it back.
+- ``shown`` (``cirrus vm show``): what the VM holds now, as its owner reads it.
 
 The token is HMAC-SHA256 over "<vm id>:<ISO start time>" with the platform
 secret: ``gate.secret`` of the configuration, or else one generated once and
@@ -23,12 +24,12 @@ import hmac
 import re
 import secrets
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from cirrus import config
-from cirrus.db.models import VmDevices, utcnow
+from cirrus.db.models import Image, VmDevices, utcnow
 from cirrus.errors import CirrusError, FailedPrecondition, InvalidArgument
-from services.drivers.backend import disk_target, sections
+from services.drivers.backend import disk_specs, disk_target, sections
 from services.lifecycle import images, vnets
 
 NOTHING = {"disks": [], "nics": [], "context": None, "token": None}
@@ -307,3 +308,34 @@ def for_driver(session, vm):
         return dict(NOTHING)
     return {"disks": held.disks, "nics": held.nics, "context": held.context,
             "token": held.token}
+
+
+def shown(session, vm):
+    """What ``vm`` holds, for ``cirrus vm show``: "disks" (image, target, the
+    file on the node once cloned, size), "nics" (network, IP, MAC...) and
+    "context" (its values, the CD's path, whether it holds a token: never the
+    token itself). Empty while it holds nothing (not placed yet, or DONE)."""
+    held = held_by(session, vm)
+    if held is None:
+        return {"disks": [], "nics": [], "context": None}
+    try:    # the template's SOURCE/PATH disks too, in the order the node made them
+        disks = disk_specs({"id": vm.id, "template": vm.template, "disks": held.disks})
+    except ValueError:
+        disks = list(held.disks)
+    runtime = vm.runtime or {}
+    # clone reports each disk's file, in disk_specs order
+    paths = runtime.get("disks") or []
+    paths = paths if len(paths) == len(disks) else [None] * len(disks)
+    image_ids = {disk["image_id"] for disk in disks if disk.get("image_id") is not None}
+    images_by_id = {row.id: row for row in session.execute(
+        select(Image.id, Image.name, Image.size_mb).where(Image.id.in_(image_ids)))}
+    out = []
+    for disk, path in zip(disks, paths):
+        image = images_by_id.get(disk.get("image_id"))
+        out.append({**disk, "image": image.name if image else None, "path": path,
+                    "size_mb": disk.get("size_mb") or (image.size_mb if image else None)})
+    context = None
+    if held.context is not None:
+        context = {"values": held.context, "path": runtime.get("context"),
+                   "token": held.token is not None}
+    return {"disks": out, "nics": list(held.nics), "context": context}

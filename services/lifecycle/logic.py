@@ -494,7 +494,7 @@ def describe(session, vm):
 
 
 def get_vm(session, vm_id):
-    """A VM with its template and history."""
+    """A VM with its template, history, and the devices it holds."""
     vm = session.get(VirtualMachine, vm_id)
     if vm is None:
         raise NotFound(f"VM {vm_id} does not exist")
@@ -510,6 +510,7 @@ def get_vm(session, vm_id):
     out["stays"] = [accounting.stay_to_dict(stay) for stay in accounting.stays(
         [{"seq": h.seq, "action": h.action, "to_status": h.to_status, "host_id": h.host_id,
           "host": name, "at": h.at} for h, name in rows], utcnow())]
+    out.update(devices.shown(session, vm))
     return out
 
 

@@ -55,6 +55,23 @@ def test_a_vm_boots_from_an_image_with_a_lease_and_gives_both_back(cluster, tmp_
     assert "ROLE='web'" in script and "MOTD='it'\\''s $(not) run'" in script
     assert isoinfo("-i", iso, "-x", "/token.txt").strip()
 
+    # vm show lists what the VM holds: the disk of the image, the NIC's lease, the CD
+    shown = cluster.json("vm", "show", vm_id)
+    [shown_disk] = shown["disks"]
+    assert (shown_disk["image"], shown_disk["target"], shown_disk["clone"],
+            shown_disk["path"]) == ("e2e-boot", "vda", "overlay", str(vm_dir / "disk.0"))
+    assert shown_disk["size_mb"] == 64
+    [shown_nic] = shown["nics"]
+    assert (shown_nic["network"], shown_nic["ip"]) == ("e2e-priv", ip)
+    assert shown["context"]["path"] == iso and shown["context"]["token"] is True
+    assert shown["context"]["values"]["MOTD"] == "it's $(not) run"
+    view = cluster.cli("vm", "show", vm_id).stdout
+    disk_rows = view.split("DISKS\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert disk_rows[1].split() == ["0", "vda", "e2e-boot", "file", "overlay", "64M",
+                                    str(vm_dir / "disk.0")]
+    nic_rows = view.split("NICS\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert nic_rows[1].split()[:4] == ["0", "e2e-priv", ip, shown_nic["mac"]]
+
     image = cluster.json("image", "show", "e2e-boot")
     assert (image["id"], image["state"], image["vms"]) == (image_id, "USED", [vm_id])
     table = cluster.cli("image", "list").stdout
@@ -68,6 +85,8 @@ def test_a_vm_boots_from_an_image_with_a_lease_and_gives_both_back(cluster, tmp_
     wait_until(lambda: cluster.json("vnet", "show", vnet_id)["used"] == 1, timeout=10,
                what="only the held address left in use")
     assert cluster.json("image", "show", image_id)["state"] == "READY"
+    done = cluster.json("vm", "show", vm_id)
+    assert (done["disks"], done["nics"], done["context"]) == ([], [], None)
     cluster.cli("vnet", "release", vnet_id, "10.80.0.10")
     cluster.cli("vnet", "delete", "e2e-priv")
     cluster.cli("image", "delete", "e2e-boot")

@@ -295,6 +295,38 @@ def test_vm_view_shows_the_stays_and_the_latest_monitoring():
                                 "1m05s", "0.0s"]
 
 
+def test_vm_view_lists_the_disks_nics_and_context_cd():
+    vm = {**VM,
+          "disks": [{"id": 0, "target": "vda", "type": "file", "image": "debian",
+                     "image_id": 3, "source": "/img/debian.qcow2", "clone": "overlay",
+                     "size_mb": 2048, "path": "/var/lib/cirrus/42/disk.0", "readonly": False},
+                    {"id": 1, "target": "vdb", "type": "swap", "image": None, "source": None,
+                     "clone": None, "size_mb": 512, "path": None, "readonly": False}],
+          "nics": [{"id": 0, "network": "priv", "network_id": 2, "ip": "10.0.0.5",
+                    "ip6": None, "mac": "02:00:0a:00:00:05", "gateway": "10.0.0.1",
+                    "model": "virtio"}],
+          "context": {"path": "/var/lib/cirrus/42/context.iso", "token": True,
+                      "values": {"VMID": "42", "MOTD": "it's\n$(x)"}}}
+    view = cli.vm_view(vm)
+    disks = view.split("DISKS\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert disks[0].split() == ["ID", "TARGET", "IMAGE", "TYPE", "CLONE", "SIZE", "PATH"]
+    assert disks[1].split() == ["0", "vda", "debian", "file", "overlay", "2G",
+                                "/var/lib/cirrus/42/disk.0"]
+    assert disks[2].split() == ["1", "vdb", "-", "swap", "-", "512M", "-"]
+    nics = view.split("NICS\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert nics[0].split() == ["ID", "NETWORK", "IP", "MAC", "GATEWAY", "IP6"]
+    assert nics[1].split() == ["0", "priv", "10.0.0.5", "02:00:0a:00:00:05", "10.0.0.1", "-"]
+    context = view.split("\nCONTEXT\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert context[:2] == ["  CD     /var/lib/cirrus/42/context.iso", "  TOKEN  yes"]
+    # a value that spans lines stays on one, quoted
+    assert context[2:] == ['  VMID = "42"', '  MOTD = "it\'s\\n$(x)"']
+
+
+def test_vm_view_leaves_out_devices_a_vm_does_not_hold():
+    view = cli.vm_view({**VM, "disks": [], "nics": [], "context": None})
+    assert "DISKS" not in view and "NICS" not in view and "\nCONTEXT\n" not in view
+
+
 def test_duration_reads_as_seconds_minutes_or_hours():
     assert [cli.duration(s) for s in (0, 4.24, 184, 7380)] == ["0.0s", "4.2s", "3m04s", "2h03m"]
 
