@@ -268,3 +268,89 @@ class Setting(Base):
     __tablename__ = "settings"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+# ---------------------------------------------------------------- OneFlow (issue 6)
+# Multi-VM services (services/flow/). The flow service owns these tables; VMs
+# stay lifecycle's, and a node is only the link from a role to one of them.
+
+class FlowTemplate(Base):
+    """A service template: OneFlow's JSON as given (unknown keys kept)."""
+    __tablename__ = "flow_templates"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    body: Mapped[dict] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class FlowService(Base):
+    """A service made from a template. ``body`` is the template as it was at
+    instantiate; ``custom_attrs`` and ``networks`` the values given then."""
+    __tablename__ = "flow_services"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    template_id: Mapped[int] = mapped_column(
+        ForeignKey("flow_templates.id", ondelete="SET NULL"), nullable=True)
+    body: Mapped[dict] = mapped_column(JSONB)
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    custom_attrs: Mapped[dict] = mapped_column(JSONB, default=dict, server_default="{}")
+    networks: Mapped[dict] = mapped_column(JSONB, default=dict, server_default="{}")
+    message: Mapped[str] = mapped_column(Text, default="", server_default="")
+    seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class FlowRole(Base):
+    """A role of a service: its definition (``body``), state and cardinality.
+    ``step_started_at``: when its current wait on VMs began (the step time
+    limit); ``policy_state``: elasticity periods counted and scheduled
+    policies' next times; ``vm_count``: VMs ever made (names, request ids)."""
+    __tablename__ = "flow_roles"
+    __table_args__ = (UniqueConstraint("service_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    service_id: Mapped[int] = mapped_column(ForeignKey("flow_services.id", ondelete="CASCADE"),
+                                            index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    body: Mapped[dict] = mapped_column(JSONB)
+    state: Mapped[str] = mapped_column(String(32))
+    cardinality: Mapped[int] = mapped_column(Integer, default=0)
+    vm_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    released: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    message: Mapped[str] = mapped_column(Text, default="", server_default="")
+    step_started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=True)
+    cooldown_until: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=True)
+    policy_state: Mapped[dict] = mapped_column(JSONB, default=dict, server_default="{}")
+
+
+class FlowNode(Base):
+    """A VM of a role. ``disposing``: the service asked it gone (scale down,
+    undeploy), ``dispose_seq`` the VM's seq right after that; ``status`` and
+    ``ready`` are the VM's as last seen (for listings)."""
+    __tablename__ = "flow_nodes"
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"),
+                                       primary_key=True)
+    role_id: Mapped[int] = mapped_column(ForeignKey("flow_roles.id", ondelete="CASCADE"),
+                                         index=True)
+    service_id: Mapped[int] = mapped_column(ForeignKey("flow_services.id", ondelete="CASCADE"),
+                                            index=True)
+    status: Mapped[str] = mapped_column(String(32), default="PENDING")
+    ready: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    disposing: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    dispose_seq: Mapped[int] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class FlowLog(Base):
+    """What happened to a service, as `flow show` lists it."""
+    __tablename__ = "flow_logs"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    service_id: Mapped[int] = mapped_column(ForeignKey("flow_services.id", ondelete="CASCADE"),
+                                            index=True)
+    severity: Mapped[str] = mapped_column(String(8))          # I | W | E
+    message: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
