@@ -11,11 +11,12 @@ thread keeps one Nameko standalone RPC proxy, made on first use and reused.
   (cirrus.errors.grpc_status_name) and its message the details.
 - ``x-request-id`` from the metadata (or a new one) names the call in the logs,
   makes a create idempotent, and comes back in the trailing metadata.
-- Watch: one kombu consumer thread takes ``vm.state`` events and fans them out
-  to a queue per open stream.
+- Watch: one kombu consumer thread per kind of event (``vm.state`` from
+  lifecycle, ``flow.service`` from flow) fans them out to a queue per open stream.
 """
 import base64
 import binascii
+import json
 import logging
 import queue
 import signal
@@ -53,6 +54,7 @@ from cirrus.v1 import (  # noqa: E402
 from cirrus.v1 import (  # noqa: E402
     cluster_pb2, cluster_pb2_grpc, vmgroup_pb2, vmgroup_pb2_grpc,
 )
+from cirrus.v1 import flow_pb2, flow_pb2_grpc  # noqa: E402
 from google.protobuf.json_format import MessageToDict  # noqa: E402
 
 log = logging.getLogger("cirrus.gateway")
@@ -67,6 +69,8 @@ API_SERVICES = [
     vnet_pb2.DESCRIPTOR.services_by_name["VirtualNetworkService"],
     cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"],
     vmgroup_pb2.DESCRIPTOR.services_by_name["VmGroupService"],
+    flow_pb2.DESCRIPTOR.services_by_name["FlowTemplateService"],
+    flow_pb2.DESCRIPTOR.services_by_name["FlowService"],
 ]
 LOGIN_METHOD = "/cirrus.v1.SessionService/Login"
 # callable without credentials, so grpcurl and load balancers can probe
@@ -154,7 +158,10 @@ _FLOATS = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
 
 
 def parse_time(value):
-    """An ISO-8601 string as an aware datetime (naive means UTC)."""
+    """An ISO-8601 string (naive means UTC), or seconds since the epoch, as
+    an aware datetime."""
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, timezone.utc)
     moment = datetime.fromisoformat(value)
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
@@ -354,19 +361,23 @@ RESYNC = object()   # events may have been lost: send the current state again
 CLOSED = object()   # the stream is over
 
 
-class VmEventHub:
-    """One consumer of ``vm.state`` events for the whole gateway, fanning them
-    out to a queue per Watch stream. Its queue is exclusive and auto-delete,
-    so it goes away with the gateway."""
+class EventHub:
+    """One consumer of a Nameko event (``event_type`` from the service
+    ``source``) for the whole gateway, fanning the events out to a queue per
+    Watch stream. Its queue is exclusive and auto-delete, so it goes away
+    with the gateway."""
 
-    def __init__(self, amqp_uri, backlog=10000):
+    def __init__(self, amqp_uri, source, event_type, backlog=10000):
         self.amqp_uri = amqp_uri
+        self.source = source
+        self.event_type = event_type
         self.backlog = backlog
         self._subscribers = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.connected = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vm-events", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{event_type}-events",
+                                        daemon=True)
 
     def start(self):
         self._thread.start()
@@ -402,17 +413,17 @@ class VmEventHub:
             try:
                 with Connection(self.amqp_uri, heartbeat=30) as conn:
                     conn.ensure_connection(max_retries=1)
-                    queue_ = Queue(f"cirrus.gateway.vm-events.{socket.gethostname()}."
-                                   f"{uuid.uuid4().hex[:8]}",
-                                   exchange=messages.event_exchange(messages.LIFECYCLE),
-                                   routing_key=messages.VM_STATE,
+                    queue_ = Queue(f"cirrus.gateway.{self.event_type}."
+                                   f"{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
+                                   exchange=messages.event_exchange(self.source),
+                                   routing_key=self.event_type,
                                    exclusive=True, auto_delete=True, durable=False)
                     with Consumer(conn, queues=[queue_], callbacks=[self._on_message],
                                   accept=["json"], no_ack=True):
                         # events before this point were not seen: streams catch up
                         self._broadcast(RESYNC)
                         self.connected.set()
-                        log.info("watching vm.state events")
+                        log.info("watching %s events", self.event_type)
                         delay = 0.5
                         while not self._stopping.is_set():
                             try:
@@ -423,8 +434,8 @@ class VmEventHub:
                 self.connected.clear()
                 if self._stopping.is_set():
                     break
-                log.warning("vm.state consumer lost its connection (%s); retrying in %.1fs",
-                            exc, delay)
+                log.warning("%s consumer lost its connection (%s); retrying in %.1fs",
+                            self.event_type, exc, delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 10)
 
@@ -437,6 +448,54 @@ def offer(events, item):
         with events.mutex:
             events.queue.clear()
         events.put_nowait(CLOSED if item is CLOSED else RESYNC)
+
+
+class Watches:
+    """The Watch streams of the whole gateway, of every service. A stream
+    holds a pool thread for its whole life: at most ``limit`` at once, so
+    some threads are left for unary calls."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def serve(self, call, hub, make_stream):
+        """Yield a stream's messages: ``make_stream()`` gives an object whose
+        snapshot() yields the current state and change(event) the message
+        for an event of ``hub`` (None: not for this stream)."""
+        if not self._slots.acquire(blocking=False):
+            call.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the gateway already serves {self.limit} watch streams; "
+                               "poll with Get instead")
+        try:
+            yield from self._serve(call, hub, make_stream)
+        finally:
+            self._slots.release()
+
+    def _serve(self, call, hub, make_stream):
+        context = call.context
+        # subscribe before reading the current state, so no change falls between
+        events = hub.subscribe()
+        context.add_callback(lambda: offer(events, CLOSED))
+        try:
+            stream = make_stream()
+            yield from stream.snapshot()
+            while context.is_active():
+                try:
+                    item = events.get(timeout=5)
+                except queue.Empty:
+                    continue
+                if item is CLOSED:
+                    return
+                if item is RESYNC:
+                    yield from stream.snapshot()
+                    continue
+                message = stream.change(item)
+                if message is not None:
+                    yield message
+        finally:
+            hub.unsubscribe(events)
+            log.info("%s %s stream closed", call.request_id, call.name)
 
 
 class WatchStream:
@@ -487,12 +546,10 @@ class Servicer:
 
 
 class VirtualMachineServicer(Servicer, vm_pb2_grpc.VirtualMachineServiceServicer):
-    def __init__(self, requests, hub, max_watchers):
+    def __init__(self, requests, hub, watches):
         super().__init__(requests)
         self.hub = hub
-        # a stream holds a pool thread for its whole life: keep some for unary calls
-        self.watch_slots = threading.BoundedSemaphore(max_watchers)
-        self.max_watchers = max_watchers
+        self.watches = watches
 
     def Create(self, request, context):
         call = self.call(context, "Create")
@@ -528,40 +585,9 @@ class VirtualMachineServicer(Servicer, vm_pb2_grpc.VirtualMachineServiceServicer
 
     def Watch(self, request, context):
         call = self.call(context, "Watch")
-        if not self.watch_slots.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"the gateway already serves {self.max_watchers} watch streams; "
-                          "poll with Get instead")
-        try:
-            yield from self._watch(call, optional(request, "id"), optional(request, "status"),
-                                   optional(request, "user"))
-        finally:
-            self.watch_slots.release()
-
-    def _watch(self, call, vm_id, status, user):
-        context = call.context
-        # subscribe before reading the current state, so no change falls between
-        events = self.hub.subscribe()
-        context.add_callback(lambda: offer(events, CLOSED))
-        try:
-            stream = WatchStream(call, vm_id, status, user)
-            yield from stream.snapshot()
-            while context.is_active():
-                try:
-                    item = events.get(timeout=5)
-                except queue.Empty:
-                    continue
-                if item is CLOSED:
-                    return
-                if item is RESYNC:
-                    yield from stream.snapshot()
-                    continue
-                message = stream.change(item)
-                if message is not None:
-                    yield message
-        finally:
-            self.hub.unsubscribe(events)
-            log.info("%s %s stream closed", call.request_id, call.name)
+        yield from self.watches.serve(call, self.hub, lambda: WatchStream(
+            call, optional(request, "id"), optional(request, "status"),
+            optional(request, "user")))
 
 
 class HostServicer(Servicer, host_pb2_grpc.HostServiceServicer):
@@ -766,6 +792,138 @@ class VirtualNetworkServicer(Servicer, vnet_pb2_grpc.VirtualNetworkServiceServic
         return self.vnet(context, "RemoveAddressRange", "vnet_rmar", request.id, request.ar_id)
 
 
+# (issue 6) OneFlow: service templates and services
+
+# the flow service's Nameko events: a service's new state, roles and nodes
+FLOW = "flow"
+FLOW_SERVICE_EVENT = "flow.service"
+
+
+def flow_template_message(data):
+    """A FlowTemplate from a template dict; its body travels as JSON text."""
+    body = data.get("body")
+    return fill(flow_pb2.FlowTemplate(), {
+        **data, "body": body if isinstance(body, str) else json.dumps(body)})
+
+
+def flow_message(data):
+    return fill(flow_pb2.Flow(), data)
+
+
+def flow_version(service):
+    """What orders two states of one service: its ``seq`` if the flow service
+    sends one, else when it last changed."""
+    return (service.get("seq") or 0, str(service.get("updated_at") or ""))
+
+
+class FlowWatchStream:
+    """The state of one flow Watch call: which services it may see, and the
+    version of each that it sent last."""
+
+    def __init__(self, call, service_id):
+        self.call = call
+        self.service_id = service_id
+        self.sent = {}          # service id -> flow_version last sent
+        self.scope = call("flow_watch_scope")
+
+    def wanted(self, service):
+        owner_id = self.scope["owner_id"]
+        return ((self.service_id is None or service["id"] == self.service_id)
+                and (owner_id is None or service.get("owner_id") == owner_id))
+
+    def snapshot(self):
+        if self.service_id is not None:
+            services = [self.call("get_flow", self.service_id)]
+        else:
+            services = self.call("list_flows")
+        for service in services:
+            message = self.change(service, current=True)
+            if message is not None:
+                yield message
+
+    def change(self, service, current=False):
+        """The message for a service dict or ``flow.service`` event, or None
+        if this stream does not send it (filtered out, or older than what it sent)."""
+        if not isinstance(service, dict) or "id" not in service or not self.wanted(service):
+            return None
+        version = flow_version(service)
+        if service["id"] in self.sent and version < self.sent[service["id"]]:
+            return None
+        self.sent[service["id"]] = version
+        return flow_pb2.FlowChange(flow=flow_message(service), current=current)
+
+
+class FlowTemplateServicer(Servicer, flow_pb2_grpc.FlowTemplateServiceServicer):
+    def template(self, context, name, method, *args, **kwargs):
+        return flow_template_message(self.call(context, name)(method, *args, **kwargs))
+
+    def Create(self, request, context):
+        return self.template(context, "Create", "create_flow_template", request.body)
+
+    def List(self, request, context):
+        templates = self.call(context, "List")("list_flow_templates")
+        return flow_pb2.ListFlowTemplatesResponse(
+            templates=[flow_template_message(t) for t in templates])
+
+    def Get(self, request, context):
+        return self.template(context, "Get", "get_flow_template", request.id)
+
+    def Update(self, request, context):
+        return self.template(context, "Update", "update_flow_template", request.id,
+                             request.body)
+
+    def Delete(self, request, context):
+        return self.template(context, "Delete", "delete_flow_template", request.id)
+
+    def Clone(self, request, context):
+        return self.template(context, "Clone", "clone_flow_template", request.id, request.name)
+
+    def Instantiate(self, request, context):
+        service = self.call(context, "Instantiate")(
+            "instantiate_flow_template", request.id, name=optional(request, "name"),
+            custom_attrs=dict(request.custom_attrs), networks=dict(request.networks))
+        return flow_message(service)
+
+
+class FlowServicer(Servicer, flow_pb2_grpc.FlowServiceServicer):
+    def __init__(self, requests, hub, watches):
+        super().__init__(requests)
+        self.hub = hub
+        self.watches = watches
+
+    def flow(self, context, name, method, *args, **kwargs):
+        return flow_message(self.call(context, name)(method, *args, **kwargs))
+
+    def List(self, request, context):
+        flows = self.call(context, "List")("list_flows")
+        return flow_pb2.ListFlowsResponse(flows=[flow_message(f) for f in flows])
+
+    def Get(self, request, context):
+        return self.flow(context, "Get", "get_flow", request.id)
+
+    def Delete(self, request, context):
+        return self.flow(context, "Delete", "undeploy_flow", request.id)
+
+    def Recover(self, request, context):
+        return self.flow(context, "Recover", "recover_flow", request.id, delete=request.delete)
+
+    def Release(self, request, context):
+        return self.flow(context, "Release", "release_flow", request.id)
+
+    def Scale(self, request, context):
+        return self.flow(context, "Scale", "scale_flow", request.id, request.role,
+                         request.cardinality, force=request.force)
+
+    def RoleAction(self, request, context):
+        return self.flow(context, "RoleAction", "flow_role_action", request.id, request.role,
+                         request.action, period=request.period, number=request.number)
+
+    def Watch(self, request, context):
+        call = self.call(context, "Watch")
+        yield from self.watches.serve(call, self.hub, lambda: FlowWatchStream(
+            call, optional(request, "id")))
+
+
 # ----------------------------------------------------------------- server
 
 class Gateway:
@@ -774,13 +932,15 @@ class Gateway:
         self.address = f"{gw['address']}:{gw['port']}"
         workers = int(gw.get("workers", 16))
         self.requests = Requests(cfg["amqp"]["uri"], float(gw.get("rpc_timeout", 30)))
-        self.hub = VmEventHub(cfg["amqp"]["uri"])
+        self.hub = EventHub(cfg["amqp"]["uri"], messages.LIFECYCLE, messages.VM_STATE)
+        self.flow_hub = EventHub(cfg["amqp"]["uri"], FLOW, FLOW_SERVICE_EVENT)
+        self.watches = Watches(max(1, workers // 2))
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                              thread_name_prefix="grpc"),
                                   interceptors=[AuthInterceptor()])
         vm_pb2_grpc.add_VirtualMachineServiceServicer_to_server(
-            VirtualMachineServicer(self.requests, self.hub, max(1, workers // 2)), self.server)
+            VirtualMachineServicer(self.requests, self.hub, self.watches), self.server)
         host_pb2_grpc.add_HostServiceServicer_to_server(HostServicer(self.requests), self.server)
         template_pb2_grpc.add_TemplateServiceServicer_to_server(
             TemplateServicer(self.requests), self.server)
@@ -796,6 +956,10 @@ class Gateway:
             ClusterServicer(self.requests), self.server)
         vmgroup_pb2_grpc.add_VmGroupServiceServicer_to_server(
             VmGroupServicer(self.requests), self.server)
+        flow_pb2_grpc.add_FlowTemplateServiceServicer_to_server(
+            FlowTemplateServicer(self.requests), self.server)
+        flow_pb2_grpc.add_FlowServiceServicer_to_server(
+            FlowServicer(self.requests, self.flow_hub, self.watches), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [s.full_name for s in API_SERVICES]
         reflection.enable_server_reflection(
@@ -807,6 +971,7 @@ class Gateway:
 
     def start(self):
         self.hub.start()
+        self.flow_hub.start()
         self.server.start()
         for name in ["", *self.service_names]:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -816,6 +981,7 @@ class Gateway:
         log.info("gateway stopping")
         self.health.enter_graceful_shutdown()
         self.hub.stop()                    # ends the watch streams
+        self.flow_hub.stop()
         self.server.stop(grace).wait()
         self.requests.close()
         log.info("gateway stopped")
