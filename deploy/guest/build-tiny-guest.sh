@@ -6,10 +6,16 @@
 #                      console, powers off on an ACPI power button press, reads
 #                      the context CD (label CONTEXT): sources its context.sh,
 #                      adds ETH0_IP (with ETH0_MASK) to eth0 and prints
-#                      "CONTEXT KEY=value" for each variable, then
-#                      "CONTEXT APPLIED eth0 <addresses>", and otherwise idles.
+#                      "CONTEXT KEY=value" for each variable, and
+#                      "CONTEXT64 KEY=<base64 of the value>" (exact bytes, even
+#                      with newlines), then "CONTEXT APPLIED eth0 <addresses>",
+#                      "DISK vda <its first line>" for each virtio disk, and
+#                      otherwise idles.
+#   OUTDIR/disk.qcow2  a 1 MiB disk image whose first line is "CIRRUS TINY DISK",
+#                      to register as an image: the guest prints that line when
+#                      it finds the disk (made with qemu-img).
 # Boot it with KERNEL_CMDLINE "console=ttyS0". Idempotent: does nothing when
-# OUTDIR already holds both files of this version. Run as root (it may
+# OUTDIR already holds all three files of this version. Run as root (it may
 # apt-get install).
 set -eu
 
@@ -23,8 +29,9 @@ virtio_pci virtio_net virtio_blk scsi_common scsi_mod cdrom sr_mod isofs libata 
 virtio_scsi button evdev"
 
 # bump when the guest changes, so that caches of older builds are rebuilt
-VERSION=3
-if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] \
+VERSION=4
+DISK_MARKER="CIRRUS TINY DISK"
+if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] && [ -s "$OUT/disk.qcow2" ] \
         && [ "$(cat "$OUT/version" 2>/dev/null)" = "$VERSION" ]; then
     exit 0
 fi
@@ -33,6 +40,7 @@ missing=""
 # Debian's plain busybox is dynamically linked: the initramfs needs the static one
 dpkg -s busybox-static >/dev/null 2>&1 || missing="$missing busybox-static"
 command -v cpio >/dev/null 2>&1 || missing="$missing cpio"
+command -v qemu-img >/dev/null 2>&1 || missing="$missing qemu-utils"
 if [ -n "$missing" ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
@@ -112,6 +120,8 @@ if [ -f \$ctx/context.sh ]; then
     for key in \$(sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p' \$ctx/context.sh); do
         eval "value=\\\$\$key"
         echo "CONTEXT \$key=\$value"
+        # the exact bytes, on one line whatever the value holds
+        echo "CONTEXT64 \$key=\$(printf '%s' "\$value" | base64 -w 0)"
     done
     [ -f \$ctx/token.txt ] && echo "CONTEXT token.txt present"
     # ETH0_IP beside the user-mode address, which keeps the host (10.0.2.2) reachable
@@ -125,6 +135,9 @@ else
     echo "cirrus-guest: no context CD"
 fi
 echo "cirrus-guest: disks" \$(ls /sys/block)
+for disk in /dev/vd?; do
+    [ -b "\$disk" ] && echo "DISK \${disk#/dev/} \$(head -c 256 \$disk | tr -d '\\000' | head -n 1)"
+done
 while :; do sleep 3600; done
 INIT
 chmod 755 "$root/init"
@@ -132,7 +145,10 @@ chmod 755 "$root/init"
 # write to temporary names and rename, so a half-built guest is never used
 cp "$WORK"/kernel/boot/vmlinuz-* "$OUT/vmlinuz.tmp.$$"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -9) > "$OUT/initrd.img.tmp.$$"
+printf '%s\n' "$DISK_MARKER" | dd of="$WORK/disk.raw" bs=1M count=1 conv=sync 2>/dev/null
+qemu-img convert -f raw -O qcow2 "$WORK/disk.raw" "$OUT/disk.qcow2.tmp.$$"
 mv "$OUT/vmlinuz.tmp.$$" "$OUT/vmlinuz"
 mv "$OUT/initrd.img.tmp.$$" "$OUT/initrd.img"
+mv "$OUT/disk.qcow2.tmp.$$" "$OUT/disk.qcow2"
 echo "$VERSION" > "$OUT/version"
 echo "tiny guest in $OUT (kernel $kver)"

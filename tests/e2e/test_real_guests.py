@@ -1,9 +1,11 @@
-"""The walking skeleton on real guests: qemu:///system boots the tiny guest
-under TCG, driven through the whole cluster and the CLI.
+"""Real guests: qemu:///system boots the tiny guest of deploy/guest under TCG,
+driven through the whole cluster and the CLI, as a user would.
 
 Needs root, libvirtd and qemu (deploy/setup.sh installs them); skipped with
 CIRRUS_SKIP_QEMU=1."""
+import base64
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,8 +22,8 @@ pytestmark = [
 GUEST = Path(os.environ.get("CIRRUS_GUEST_CACHE", "/var/tmp/cirrus/guest"))
 
 
-def virsh_running():
-    out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"],
+def virsh_running(*flags):
+    out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name", *flags],
                          capture_output=True, text=True, check=True).stdout
     return {line.strip() for line in out.splitlines() if line.strip()}
 
@@ -35,7 +37,7 @@ def tiny_guest():
 
 
 def test_two_real_guests_boot_and_go_away(make_cluster, tiny_guest, tmp_path):
-    cluster = make_cluster(nodes=("qemu-1",), uri="qemu:///system")
+    cluster = make_cluster(nodes=("qemu-1",), uri="qemu:///system").isolate_vm_ids()
     template = tmp_path / "tiny.tpl"
     template.write_text(f'''# the tiny busybox guest from deploy/guest
 CPU = 0.5
@@ -55,3 +57,87 @@ OS = [ KERNEL = "{tiny_guest}/vmlinuz", INITRD = "{tiny_guest}/initrd.img",
     for vm_id in ids:
         cluster.cli("vm", "wait", vm_id, "--state", "DONE", "--timeout", "60")
     wait_until(lambda: not deploy_ids & virsh_running(), timeout=30, what="domains gone")
+
+
+# custom CONTEXT values a careless context.sh would run or cut short; written
+# below in OpenNebula syntax, where \" is a quote and \\ a backslash
+AWKWARD = {
+    "QUOTES": 'it\'s a "quoted" word',
+    "SUBSHELL": "$(poweroff -f) and ${HOME}",
+    "BACKTICKS": "`reboot -f`; echo pwned",
+    "LINES": "first line\nsecond 'line' \\ back",
+}
+
+
+def one_string(value):
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def console_values(lines, prefix):
+    """{KEY: value} from the guest's "<prefix> KEY=value" lines."""
+    return dict(line[len(prefix) + 1:].split("=", 1) for line in lines
+                if line.startswith(prefix + " ") and "=" in line)
+
+
+def test_a_real_guest_boots_from_an_image_reads_its_context_and_powers_off_by_acpi(
+        make_cluster, tiny_guest, tmp_path):
+    cluster = make_cluster(nodes=("qemu-1",), uri="qemu:///system").isolate_vm_ids()
+    # the image: a copy of the guest's disk where qemu (its own user) can read it
+    store = cluster.datastore / "images"
+    store.mkdir(parents=True)
+    shutil.copy(tiny_guest / "disk.qcow2", store / "tiny.qcow2")
+    cluster.cli("datastore", "create", f"guest-images-{cluster.id}", "--path", store)
+    cluster.cli("image", "create", "tiny-disk", "--path", store / "tiny.qcow2",
+                "--datastore", f"guest-images-{cluster.id}")
+    net = tmp_path / "guest.net"
+    net.write_text('NAME = "guest-net"\nNETWORK_MASK = "255.255.255.0"\n'
+                   'GATEWAY = "192.168.150.1"\nAR = [ TYPE = IP4, IP = 192.168.150.20, SIZE = 4 ]\n')
+    cluster.cli("vnet", "create", "--file", net)
+    custom = ",\n".join(f"  {key} = {one_string(value)}" for key, value in AWKWARD.items())
+    template = tmp_path / "guest.tpl"
+    template.write_text(f'''CPU = 0.5
+VCPU = 1
+MEMORY = 192
+OS = [ KERNEL = "{tiny_guest}/vmlinuz", INITRD = "{tiny_guest}/initrd.img",
+       KERNEL_CMDLINE = "console=ttyS0 quiet" ]
+DISK = [ IMAGE = "tiny-disk" ]
+NIC = [ NETWORK = "guest-net" ]
+CONTEXT = [ TOKEN = "YES",
+{custom} ]
+''')
+    vm_id = cluster.create_vm("--file", template, "--name", "ctx-guest")
+    cluster.cli("vm", "wait", vm_id, "--state", "RUNNING", "--timeout", "120")
+    shown = cluster.json("vm", "show", vm_id)
+    [nic] = shown["nics"]
+    assert nic["network"] == "guest-net" and nic["ip"].startswith("192.168.150.")
+    assert shown["disks"][0]["image"] == "tiny-disk"
+
+    # the guest prints what it found once it has looked at every disk
+    log = cluster.datastore / str(vm_id) / "console.log"
+    wait_until(lambda: log.exists() and "cirrus-guest: disks" in log.read_text(errors="replace"),
+               timeout=180, interval=1, what="the guest read its context CD")
+    console = log.open(errors="replace")       # kept open: the file goes at EPILOG
+    lines = [line.strip() for line in console.read().splitlines()]
+    plain, exact = console_values(lines, "CONTEXT"), console_values(lines, "CONTEXT64")
+    assert plain["VMID"] == str(vm_id) and plain["NAME"] == "ctx-guest"
+    assert plain["ETH0_IP"] == nic["ip"] and plain["ETH0_MAC"] == nic["mac"]
+    for key, value in AWKWARD.items():
+        assert base64.b64decode(exact[key]).decode() == value, key
+    assert "CONTEXT token.txt present" in lines
+    [applied] = [line for line in lines if line.startswith("CONTEXT APPLIED eth0")]
+    assert f"{nic['ip']}/24" in applied.split()
+    # the disk is the image's overlay: the guest reads the image's first line
+    assert "DISK vda CIRRUS TINY DISK" in lines
+
+    # terminate without --hard: libvirt presses the power button, the guest powers off
+    deploy_id = shown["deploy_id"]
+    cluster.cli("vm", "terminate", vm_id)
+    cluster.cli("vm", "wait", vm_id, "--state", "DONE", "--timeout", "90")
+    assert "cirrus-guest: power button pressed, powering off" in console.read()
+    console.close()
+    history = [(h["action"], h["to_status"]) for h in cluster.json("vm", "show", vm_id)["history"]]
+    assert ("terminate", "SHUTDOWN") in history and ("shutdown_success", "EPILOG") in history
+    assert deploy_id not in virsh_running("--all")
+    assert not (cluster.datastore / str(vm_id)).exists()
+    assert (store / "tiny.qcow2").exists()
+    assert cluster.json("vnet", "show", "guest-net")["used"] == 0
