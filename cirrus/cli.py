@@ -1062,6 +1062,7 @@ def build_parser():
     instantiate.add_argument("--name", help="default: the template's name")
     instantiate.add_argument("--hold", action="store_true", help="create the VM on hold")
     add_storage_and_network_commands(groups, command)
+    add_flow_commands(groups, command)
     return parser
 
 
@@ -1144,6 +1145,272 @@ def add_storage_and_network_commands(groups, command):
     rmar.add_argument("id", type=vnet_ref, metavar="VNET", help="network name or id")
     rmar.add_argument("ar_id", type=resource_id, metavar="AR_ID",
                       help="the range's id (vnet show)")
+
+
+# ----------------------------------------------------------------- OneFlow (issue 6)
+
+def name_value(text):
+    """NAME=VALUE for --attr and --network; the name keeps its case."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"invalid {text!r}: give NAME=VALUE")
+    return name.strip(), value
+
+
+def network_value(text):
+    """NETWORK=VNET for --network: the template's network name and a
+    virtual network by name or id."""
+    name, vnet = name_value(text)
+    return name, named_ref("virtual network")(vnet)
+
+
+def read_json_file(path):
+    """A file's text, once it is known to be JSON; the error names the file."""
+    text = read_file(path)
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = "stdin" if path == "-" else repr(path)
+        raise UsageError(f"{where} is not JSON: {exc.msg} at line {exc.lineno} column "
+                         f"{exc.colno}") from None
+    return text
+
+
+def template_roles(template):
+    roles = (template.get("body") or {}).get("roles")
+    return [r for r in roles if isinstance(r, dict)] if isinstance(roles, list) else []
+
+
+def flow_template_table(templates):
+    return format_table(["ID", "NAME", "OWNER", "ROLES", "CREATED"],
+                        [[t["id"], t["name"], t.get("owner"),
+                          ",".join(str(r.get("name")) for r in template_roles(t)) or None,
+                          when(t.get("created_at"))] for t in templates])
+
+
+def flow_template_view(template):
+    return "\n".join([
+        f"SERVICE TEMPLATE {template['id']}",
+        format_fields([("NAME", template["name"]), ("OWNER", template.get("owner")),
+                       ("CREATED", when(template.get("created_at")))], indent="  "),
+        "", json.dumps(template.get("body"), indent=2)])
+
+
+def running_nodes(flow, role):
+    """How many of a role's VMs count as running: RUNNING, and READY too
+    when the service has the ready_status_gate."""
+    gate = flow.get("ready_status_gate")
+    return sum(1 for node in role.get("nodes") or ()
+               if node["status"] == "RUNNING" and (node.get("ready") or not gate))
+
+
+def flow_table(flows):
+    return format_table(["ID", "NAME", "OWNER", "STATE", "ROLES", "VMS"],
+                        [[f["id"], f["name"], f.get("owner"), f["state"],
+                          ",".join(r["name"] for r in f.get("roles") or ()) or None,
+                          sum(len(r.get("nodes") or ()) for r in f.get("roles") or ())]
+                         for f in flows])
+
+
+def flow_view(flow):
+    parts = [f"SERVICE {flow['id']}", format_fields([
+        ("NAME", flow["name"]), ("OWNER", flow.get("owner")), ("STATE", flow["state"]),
+        ("TEMPLATE", flow.get("template_id")), ("DEPLOYMENT", flow.get("deployment") or None),
+        ("READY_GATE", yes_no(flow.get("ready_status_gate"))),
+        ("MESSAGE", flow.get("message") or None), ("CREATED", when(flow.get("created_at"))),
+        ("UPDATED", when(flow.get("updated_at")))], indent="  ")]
+    for title, values in (("CUSTOM ATTRIBUTES", flow.get("custom_attrs")),
+                          ("NETWORKS", flow.get("networks"))):
+        if values:
+            parts += ["", title, format_fields(
+                [(k, json.dumps(v) if isinstance(v, (dict, list)) else v)
+                 for k, v in sorted(values.items())], indent="  ")]
+    roles = flow.get("roles") or []
+    parts += ["", "ROLES", format_table(
+        ["NAME", "STATE", "RUNNING", "MIN", "MAX", "PARENTS", "COOLDOWN_UNTIL", "MESSAGE"],
+        [[r["name"], r["state"], f"{running_nodes(flow, r)}/{r['cardinality']}",
+          r.get("min_vms"), r.get("max_vms"), ",".join(r.get("parents") or ()) or None,
+          when(r.get("cooldown_until")), r.get("message") or None] for r in roles])]
+    nodes = [[r["name"], n["vm_id"], n["status"], yes_no(n.get("ready"))]
+             for r in roles for n in r.get("nodes") or ()]
+    if nodes:
+        parts += ["", "NODES", format_table(["ROLE", "VM", "STATUS", "READY"], nodes)]
+    if flow.get("log"):
+        parts += ["", "LOG", format_table(
+            ["AT", "SEV", "MESSAGE"],
+            [[when(e.get("at")), e.get("severity"), e.get("message")] for e in flow["log"]])]
+    return "\n".join(parts)
+
+
+PROGRESS_WIDTH = 20
+
+
+def flow_progress(flow):
+    """`flow deploy-wait`'s view: each role's running VMs as a bar, and what
+    the others are doing."""
+    rows = []
+    for role in flow.get("roles") or ():
+        running, wanted = running_nodes(flow, role), role["cardinality"]
+        filled = PROGRESS_WIDTH * min(running, wanted) // wanted if wanted else PROGRESS_WIDTH
+        waiting = {}
+        for node in role.get("nodes") or ():
+            if node["status"] == "RUNNING" and not node.get("ready") and \
+                    flow.get("ready_status_gate"):
+                waiting["not READY"] = waiting.get("not READY", 0) + 1
+            elif node["status"] != "RUNNING":
+                waiting[node["status"]] = waiting.get(node["status"], 0) + 1
+        rows.append([role["name"], role["state"],
+                     "[" + "#" * filled + "." * (PROGRESS_WIDTH - filled) + "]",
+                     f"{running}/{wanted}",
+                     ", ".join(f"{count} {status}" for status, count in waiting.items()) or None])
+    head = f"SERVICE {flow['id']} ({flow['name']}): {flow['state']}"
+    if flow.get("message"):
+        head += f"  {flow['message']}"
+    return "\n".join([head, format_table(["ROLE", "STATE", "PROGRESS", "RUNNING", "WAITING"],
+                                         rows)])
+
+
+def cmd_flow_template_create(args):
+    template = client(args).create_flow_template(read_json_file(args.file))
+    emit(args, template, lambda t: t["id"])
+
+
+def cmd_flow_template_update(args):
+    body = read_json_file(args.file)
+    api = client(args)
+    template = api.update_flow_template(api.flow_template_id(args.id), body)
+    emit(args, template, lambda t: f"service template {t['id']} ({t['name']}) updated")
+
+
+def cmd_flow_template_clone(args):
+    api = client(args)
+    template = api.clone_flow_template(api.flow_template_id(args.id), args.name)
+    emit(args, template, lambda t: t["id"])
+
+
+def cmd_flow_template_instantiate(args):
+    api = client(args)
+    networks = {name: api.vnet_id(vnet) for name, vnet in args.network or ()}
+    service = api.instantiate_flow_template(api.flow_template_id(args.id), name=args.name,
+                                            custom_attrs=dict(args.attr or ()),
+                                            networks=networks)
+    emit(args, service, lambda s: s["id"])
+
+
+def flow_action(method, verb, **options):
+    """The command of a service action: the SDK's ``method`` with the service
+    and ``options`` (SDK argument: args attribute); ``verb`` may name args."""
+    def run(args):
+        api = client(args)
+        service = getattr(api, method)(api.flow_id(args.id), **{
+            name: getattr(args, attr) for name, attr in options.items()})
+        emit(args, service, lambda s: f"service {s['id']} ({s['name']}): "
+                                      f"{verb.format(**vars(args))} accepted; now {s['state']}")
+    return run
+
+
+def cmd_flow_deploy_wait(args):
+    """Follow a service until it is RUNNING, drawing its roles at each change
+    (in place on a terminal); exits 1 when it fails or ends instead."""
+    from cirrus.client import deployed
+    api = client(args)
+    live = sys.stdout.isatty() and not args.json
+    started, drawn = time.monotonic(), None
+    for service in api.follow_flow(api.flow_id(args.id), timeout=args.timeout):
+        if args.json:
+            print(json.dumps(service, default=str), flush=True)
+        else:
+            frame = flow_progress(service)
+            if frame != drawn:
+                print((CLEAR_SCREEN if live else "") + frame + ("" if live else "\n"),
+                      flush=True)
+                drawn = frame
+        if deployed(service):
+            if not args.json:
+                print(f"service {service['id']} ({service['name']}) is RUNNING after "
+                      f"{duration(time.monotonic() - started)}")
+            return 0
+
+
+def add_flow_commands(groups, command):
+    """(issue 6) ``flow-template`` and ``flow``; every ID takes a name too."""
+    template_ref, service_ref = named_ref("service template"), named_ref("service")
+    template_id = {"type": template_ref, "metavar": "TEMPLATE", "help": "template name or id"}
+    service_id = {"type": service_ref, "metavar": "SERVICE", "help": "service name or id"}
+    json_file = {"metavar": "FILE", "help": "OneFlow JSON ('-' for stdin)"}
+
+    template = groups.add_parser("flow-template", help="OneFlow service templates (JSON)") \
+        .add_subparsers(dest="action", metavar="ACTION", required=True)
+    command(template, "create", cmd_flow_template_create,
+            "save a service template; prints its id").add_argument("file", **json_file)
+    listing, show, delete = listing_commands("flow_template", "service template",
+                                             flow_template_table, flow_template_view)
+    command(template, "list", listing, "list service templates")
+    for name, func, help in [("show", show, "show a service template"),
+                             ("delete", delete, "delete a service template")]:
+        command(template, name, func, help).add_argument("id", **template_id)
+    update = command(template, "update", cmd_flow_template_update,
+                     "replace a service template's JSON")
+    update.add_argument("id", **template_id)
+    update.add_argument("file", **json_file)
+    instantiate = command(template, "instantiate", cmd_flow_template_instantiate,
+                          "start a service from a template; prints its id")
+    instantiate.add_argument("id", **template_id)
+    instantiate.add_argument("--name", help="default: the template's name")
+    instantiate.add_argument("--attr", type=name_value, action="append", metavar="NAME=VALUE",
+                             help="a value of the template's custom_attrs; repeat for each")
+    instantiate.add_argument("--network", type=network_value, action="append",
+                             metavar="NETWORK=VNET",
+                             help="the virtual network (name or id) for one of the template's "
+                                  "networks; repeat for each")
+    clone = command(template, "clone", cmd_flow_template_clone,
+                    "copy a service template under a new name; prints the copy's id")
+    clone.add_argument("id", **template_id)
+    clone.add_argument("name", help="the copy's name")
+
+    flow = groups.add_parser("flow", help="OneFlow services: VMs in roles") \
+        .add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing, show, _ = listing_commands("flow", "service", flow_table, flow_view)
+    command(flow, "list", listing, "list services")
+    command(flow, "show", show, "show a service, its roles and their VMs").add_argument(
+        "id", **service_id)
+    for name, func, help in [
+            ("delete", flow_action("delete_flow", "undeploy"),
+             "undeploy a service: its roles shut down in reverse order, then it is DONE"),
+            ("release", flow_action("release_flow", "release"),
+             "deploy a service instantiated on hold")]:
+        command(flow, name, func, help).add_argument("id", **service_id)
+    recover = command(flow, "recover", flow_action("recover_flow", "recover", delete="delete"),
+                      "retry what failed in a FAILED_* service")
+    recover.add_argument("id", **service_id)
+    recover.add_argument("--delete", action="store_true",
+                         help="remove the service instead, with the VMs it still has")
+    scale = command(flow, "scale", flow_action("scale_flow", "scale {role} to {cardinality}",
+                                               role="role", cardinality="cardinality",
+                                               force="force"),
+                    "set how many VMs a role has")
+    scale.add_argument("id", **service_id)
+    scale.add_argument("role", metavar="ROLE")
+    scale.add_argument("cardinality", type=number(int), metavar="N", help="0 or more")
+    scale.add_argument("--force", action="store_true", help="even past the role's min_vms or "
+                                                            "max_vms")
+    action = command(flow, "action", flow_action(
+        "flow_role_action", "{role_action} on role {role}", role="role", action="role_action",
+        period="period", number="number"),
+        "run a VM action (poweroff, terminate, reboot...) on every VM of a role")
+    action.add_argument("id", **service_id)
+    action.add_argument("role", metavar="ROLE")
+    action.add_argument("role_action", metavar="ACTION")
+    action.add_argument("--period", type=number(int), default=0, metavar="S",
+                        help="seconds between batches (with --number)")
+    action.add_argument("--number", type=number(int), default=0, metavar="N",
+                        help="VMs per batch (default: all at once)")
+    wait = command(flow, "deploy-wait", cmd_flow_deploy_wait,
+                   "a live view of a service's roles until it is RUNNING; fails if it reaches "
+                   "a FAILED state")
+    wait.add_argument("id", **service_id)
+    wait.add_argument("--timeout", type=number(float, positive=True), default=600.0,
+                      help="seconds (default 600)")
 
 
 def main(argv=None):

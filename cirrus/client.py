@@ -11,6 +11,7 @@ CIRRUS_PASSWORD; the configuration's bootstrap admin. Errors raise
 ClientError with the gRPC status name and its details.
 """
 import base64
+import json
 import os
 import time
 import uuid
@@ -29,6 +30,7 @@ from cirrus.v1 import (
     datastore_pb2, datastore_pb2_grpc, image_pb2, image_pb2_grpc, vnet_pb2, vnet_pb2_grpc,
 )
 from cirrus.v1 import cluster_pb2, cluster_pb2_grpc, vmgroup_pb2, vmgroup_pb2_grpc
+from cirrus.v1 import flow_pb2, flow_pb2_grpc
 
 # statuses a VM does not leave on its own: waiting for anything else is over
 FINAL_STATUSES = frozenset({"DONE"} | {s for s, short in states.SHORT_NAMES.items()
@@ -36,6 +38,7 @@ FINAL_STATUSES = frozenset({"DONE"} | {s for s, short in states.SHORT_NAMES.item
 # a broken or refused stream: wait_vm carries on by polling with Get
 _RETRY_WATCH = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                 grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
+_RETRY_WATCH_NAMES = {code.name for code in _RETRY_WATCH}
 # well-known types that MessageToDict turns into plain JSON values
 _JSON_VALUED = {"google.protobuf.Struct", "google.protobuf.Timestamp",
                 "google.protobuf.Value", "google.protobuf.ListValue"}
@@ -159,6 +162,8 @@ class Client:
         self.vnets = vnet_pb2_grpc.VirtualNetworkServiceStub(self.channel)
         self.clusters = cluster_pb2_grpc.ClusterServiceStub(self.channel)
         self.vmgroups = vmgroup_pb2_grpc.VmGroupServiceStub(self.channel)
+        self.flow_templates = flow_pb2_grpc.FlowTemplateServiceStub(self.channel)
+        self.flows = flow_pb2_grpc.FlowServiceStub(self.channel)
 
     def close(self):
         self.channel.close()
@@ -522,3 +527,153 @@ class Client:
     def vnet_rmar(self, vnet_id, ar_id):
         request = vnet_pb2.RemoveAddressRangeRequest(id=vnet_id, ar_id=ar_id)
         return to_dict(self._call(self.vnets.RemoveAddressRange, request))
+
+    # -------------------------------------------------------------- OneFlow (issue 6)
+
+    @staticmethod
+    def _flow_template(message):
+        """A FlowTemplate as a dict, its JSON body decoded."""
+        template = to_dict(message)
+        template["body"] = json.loads(template["body"]) if template["body"] else {}
+        return template
+
+    def create_flow_template(self, body):
+        """Save a service template: OneFlow JSON, as text or a dict."""
+        request = flow_pb2.CreateFlowTemplateRequest(body=_json_text(body))
+        return self._flow_template(self._call(self.flow_templates.Create, request))
+
+    def flow_template_id(self, template):
+        return resolve_id(template, self.list_flow_templates, "service template")
+
+    def list_flow_templates(self):
+        reply = self._call(self.flow_templates.List, flow_pb2.ListFlowTemplatesRequest())
+        return [self._flow_template(t) for t in reply.templates]
+
+    def get_flow_template(self, template_id):
+        return self._flow_template(self._call(self.flow_templates.Get,
+                                              flow_pb2.GetFlowTemplateRequest(id=template_id)))
+
+    def update_flow_template(self, template_id, body):
+        request = flow_pb2.UpdateFlowTemplateRequest(id=template_id, body=_json_text(body))
+        return self._flow_template(self._call(self.flow_templates.Update, request))
+
+    def delete_flow_template(self, template_id):
+        return self._flow_template(self._call(
+            self.flow_templates.Delete, flow_pb2.DeleteFlowTemplateRequest(id=template_id)))
+
+    def clone_flow_template(self, template_id, name):
+        request = flow_pb2.CloneFlowTemplateRequest(id=template_id, name=name)
+        return self._flow_template(self._call(self.flow_templates.Clone, request))
+
+    def instantiate_flow_template(self, template_id, name=None, custom_attrs=None,
+                                  networks=None):
+        """Start a service: ``custom_attrs`` {NAME: value}, ``networks``
+        {network name: virtual network id}."""
+        request = flow_pb2.InstantiateFlowTemplateRequest(
+            id=template_id, name=name,
+            custom_attrs={str(k): str(v) for k, v in (custom_attrs or {}).items()},
+            networks={str(k): int(v) for k, v in (networks or {}).items()})
+        return to_dict(self._call(self.flow_templates.Instantiate, request))
+
+    def flow_id(self, service):
+        return resolve_id(service, self.list_flows, "service")
+
+    def list_flows(self):
+        reply = self._call(self.flows.List, flow_pb2.ListFlowsRequest())
+        return [to_dict(f) for f in reply.flows]
+
+    def get_flow(self, service_id):
+        return to_dict(self._call(self.flows.Get, flow_pb2.GetFlowRequest(id=service_id)))
+
+    def delete_flow(self, service_id):
+        """Undeploy a service: its roles shut down in reverse order, then DONE."""
+        return to_dict(self._call(self.flows.Delete, flow_pb2.DeleteFlowRequest(id=service_id)))
+
+    def recover_flow(self, service_id, delete=False):
+        request = flow_pb2.RecoverFlowRequest(id=service_id, delete=delete)
+        return to_dict(self._call(self.flows.Recover, request))
+
+    def release_flow(self, service_id):
+        return to_dict(self._call(self.flows.Release, flow_pb2.ReleaseFlowRequest(id=service_id)))
+
+    def scale_flow(self, service_id, role, cardinality, force=False):
+        request = flow_pb2.ScaleFlowRequest(id=service_id, role=role, cardinality=cardinality,
+                                            force=force)
+        return to_dict(self._call(self.flows.Scale, request))
+
+    def flow_role_action(self, service_id, role, action, period=0, number=0):
+        """A VM action on every VM of a role; ``number`` of them every
+        ``period`` seconds when both are set."""
+        request = flow_pb2.FlowRoleActionRequest(id=service_id, role=role, action=action,
+                                                 period=period or 0, number=number or 0)
+        return to_dict(self._call(self.flows.RoleAction, request))
+
+    def watch_flows(self, service_id=None, timeout=None):
+        """Yield {"flow": service, "current": bool}: first the current state(s),
+        then the whole service again at each change, until the caller stops."""
+        stream = self.flows.Watch(flow_pb2.WatchFlowsRequest(id=service_id),
+                                  metadata=self._metadata(), timeout=timeout)
+        try:
+            for change in stream:
+                yield to_dict(change)
+        except grpc.RpcError as exc:
+            raise ClientError(exc.code().name, exc.details()) from None
+        finally:
+            stream.cancel()
+
+    def follow_flow(self, service_id, timeout=600):
+        """Yield a service each time it changes, from Watch; a broken or
+        refused stream goes on with Get and a new Watch. Raises ClientError
+        DEADLINE_EXCEEDED after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        state = "unknown"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ClientError("DEADLINE_EXCEEDED", f"service {service_id} is still {state} "
+                                  f"after {timeout:g}s")
+            try:
+                for change in self.watch_flows(service_id, timeout=remaining):
+                    state = change["flow"]["state"]
+                    yield change["flow"]
+            except ClientError as exc:
+                if exc.code == "DEADLINE_EXCEEDED":
+                    continue    # the loop reports the timeout with the last state
+                if exc.code not in _RETRY_WATCH_NAMES:
+                    raise
+            try:
+                service = self.get_flow(service_id)
+            except ClientError as exc:
+                if exc.code != "UNAVAILABLE":
+                    raise
+            else:
+                state = service["state"]
+                yield service
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def wait_flow(self, service_id, timeout=600):
+        """Block until a service is RUNNING; returns it. Raises ClientError
+        FAILED_PRECONDITION if it reaches a FAILED state or DONE instead,
+        DEADLINE_EXCEEDED on timeout."""
+        for service in self.follow_flow(service_id, timeout):
+            if deployed(service):
+                return service
+
+
+def deployed(service):
+    """Whether a deploy is over: True once the service is RUNNING, False
+    while it goes on; ClientError FAILED_PRECONDITION when it ended in a
+    FAILED state or DONE."""
+    state = service["state"]
+    if state == "RUNNING":
+        return True
+    if state.startswith("FAILED") or state == "DONE":
+        reason = f": {service['message']}" if service.get("message") else ""
+        raise ClientError("FAILED_PRECONDITION", f"service {service['id']} ({service['name']}) "
+                          f"reached {state} instead of RUNNING{reason}")
+    return False
+
+
+def _json_text(body):
+    """A template body as JSON text: text as given, anything else encoded."""
+    return body if isinstance(body, str) else json.dumps(body)
