@@ -2,6 +2,7 @@
 
     cirrus-launch [--scale scheduler=2,lifecycle=2] [--nodes node-1,node-2]
                   [--uri test:///default] [--node-args "--backend simulated"] [--no-migrate]
+                  [--simulate N [--prefix sim]]
 
 It migrates the database, starts the Nameko services, the gRPC gateway and one
 driver worker per node, waits for the gateway, makes sure each node's host
@@ -333,15 +334,41 @@ def node_arguments(text, node):
     return [word.replace("{node}", node) for word in words]
 
 
-def cluster_specs(scale=None, nodes=("node-1",), uri="test:///default", node_args=""):
-    """The processes of one cluster: the services (scaled), the gateway, one worker per node."""
+def cluster_specs(scale=None, nodes=("node-1",), uri="test:///default", node_args="",
+                  simulate=None):
+    """The processes of one cluster: the services (scaled), the gateway, one worker per node,
+    and with ``simulate`` (count, prefix) one ``cirrus-node --simulate`` serving that many
+    simulated hosts, which it registers itself."""
     scale = {name: 1 for name in SERVICES} | dict(scale or {})
     specs = [ProcessSpec(name, [program("cirrus-service"), name], scale[name]) for name in SCALABLE]
     specs.append(ProcessSpec("gateway", [program("cirrus-gateway")], scale["gateway"]))
     specs += [ProcessSpec(node, [program("cirrus-node"), "--host", node, "--uri", uri,
                                  *node_arguments(node_args, node)])
               for node in nodes]
+    if simulate:
+        count, prefix = simulate
+        specs.append(ProcessSpec("simulator", [program("cirrus-node"), "--simulate", str(count),
+                                               "--prefix", prefix, "--register"]))
     return specs
+
+
+def wait_for_simulated_hosts(count, prefix, stop_requested, timeout, env=None):
+    """Wait until the simulator has registered its ``count`` hosts."""
+    deadline = time.monotonic() + timeout
+    found = 0
+    while not stop_requested.is_set():
+        code, out, _err = run_once([program("cirrus"), "host", "list", "--json"],
+                                   stop_requested, timeout=30, env=env)
+        if code == 0:
+            found = sum(1 for name in re.findall(r'"name":\s*"([^"]+)"', out)
+                        if name.startswith(prefix + "-"))
+            if found >= count:
+                return True
+        if time.monotonic() > deadline:
+            raise LaunchError(f"the simulator registered {found} of its {count} hosts in "
+                              f"{timeout:g} s")
+        stop_requested.wait(1.0)
+    return False
 
 
 def run_once(argv, stop_requested=None, timeout=120.0, env=None):
@@ -442,8 +469,13 @@ def build_parser():
     parser.add_argument("--scale", action="append", default=[], metavar="NAME=N,...",
                         help="instances per service, e.g. scheduler=2,lifecycle=2 "
                              f"(services: {', '.join(SERVICES)}; default 1 each)")
-    parser.add_argument("--nodes", default="node-1", metavar="NAME,...",
-                        help="driver workers to run, one per hypervisor node (default node-1)")
+    parser.add_argument("--nodes", metavar="NAME,...",
+                        help="driver workers to run, one per hypervisor node (default node-1, "
+                             "none with --simulate)")
+    parser.add_argument("--simulate", type=int, metavar="N",
+                        help="also run one cirrus-node --simulate N: N simulated hosts "
+                             "PREFIX-0001.., registered in lifecycle (docs/nodes.md)")
+    parser.add_argument("--prefix", default="sim", help="the simulated hosts' prefix (sim)")
     parser.add_argument("--uri", help="libvirt URI of the nodes (default: drivers.uri of the "
                                       "configuration, test:///default)")
     parser.add_argument("--node-args", default="", metavar="ARGS",
@@ -468,7 +500,12 @@ def main(argv=None):
         for text in args.scale:
             for name, count in parse_scale(text).items():
                 scale[name] = count
-        nodes = parse_nodes(args.nodes)
+        if args.simulate is not None and args.simulate < 1:
+            raise LaunchError(f"--simulate: must be 1 or more hosts, got {args.simulate}")
+        if args.nodes is not None:
+            nodes = parse_nodes(args.nodes)
+        else:
+            nodes = [] if args.simulate else ["node-1"]
         node_arguments(args.node_args, "")
     except LaunchError as exc:
         parser.error(str(exc))
@@ -504,7 +541,8 @@ def main(argv=None):
             return 1
         return 0
 
-    supervisor = Supervisor(cluster_specs(scale, nodes, uri, args.node_args), console)
+    simulate = (args.simulate, args.prefix) if args.simulate else None
+    supervisor = Supervisor(cluster_specs(scale, nodes, uri, args.node_args, simulate), console)
     console.make_room(["migrate"])
     code = 0
     try:
@@ -517,7 +555,9 @@ def main(argv=None):
                 raise LaunchError(f"the gateway at {host}:{port} did not accept connections "
                                   f"within {args.ready_timeout:g} s")
         if not stop_requested.is_set() and ensure_hosts(nodes, console, stop_requested,
-                                                        args.ready_timeout):
+                                                        args.ready_timeout) \
+                and (not simulate or wait_for_simulated_hosts(*simulate, stop_requested,
+                                                              max(args.ready_timeout, 120))):
             console.write(banner(nodes, host, port))
             console.note(READY_LINE)
         while not stop_requested.wait(0.5):

@@ -211,6 +211,13 @@ def host_totals(cores, mhz, total_kb, used_kb, used_cpu):
             "USEDMEMORY": used_kb, "FREEMEMORY": int(total_kb) - used_kb}
 
 
+def datastore_totals(total_mb, used_mb):
+    """The system datastore's space in OpenNebula's names (MB)."""
+    total_mb, used_mb = int(total_mb), max(0, min(int(total_mb), int(used_mb)))
+    return {"DS_LOCATION_TOTAL_MB": total_mb, "DS_LOCATION_USED_MB": used_mb,
+            "DS_LOCATION_FREE_MB": total_mb - used_mb}
+
+
 class Backend(abc.ABC):
     """One node's hypervisor."""
 
@@ -277,7 +284,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def monitor(self):
         """Host monitoring: HYPERVISOR, URI, TOTALCPU, CPUSPEED, TOTALMEMORY, USEDMEMORY,
-        FREEMEMORY, USEDCPU, FREECPU, and VMS: [vm_report(...)] for the domains
+        FREEMEMORY, USEDCPU, FREECPU (host_totals), DS_LOCATION_TOTAL_MB, _USED_MB,
+        _FREE_MB (the system datastore, datastore_totals), NETRX, NETTX (bytes the
+        host's NICs moved since boot), and VMS: [vm_report(...)] for the domains
         Cirrus owns."""
 
     @abc.abstractmethod

@@ -1,9 +1,17 @@
 """A simulated hypervisor for scale tests, like OpenNebula's dummy driver.
 
-Every action succeeds after an optional delay, and fails when the VM's
-template scripts it: ``SIMULATE_FAIL = "deploy"`` (or a comma separated list
-of actions, e.g. "clone, shutdown"). ``SIMULATE_DELAY`` (seconds) overrides
-the backend's delay for one VM. The host reports a fixed capacity.
+Every action succeeds after an optional delay, and fails when
+
+- the VM's template scripts it: ``SIMULATE_FAIL = "deploy"`` (or a comma
+  separated list of actions, e.g. "clone, shutdown"); ``SIMULATE_DELAY``
+  (seconds) overrides the backend's delay for one VM;
+- or the host was told at runtime to fail its next N commands of an action
+  (``FailureScript``, filled by ``cirrus-node simulate-fail``, see worker.py).
+
+The host reports a fixed capacity and plausible usage: each running VM keeps
+its memory and uses a share of its CPU that drifts slowly with time
+(``guest_load``), its disks take datastore space, and network and disk
+counters only grow.
 
 Transfer actions make no files: clone checks the disks and the context as a
 real node does and reports where they would be (``simulated:///cirrus-<id>/
@@ -18,33 +26,119 @@ as if the nodes shared a datastore, so a VM saved or migrated on one node is
 restored on another.
 """
 import json
+import math
 import os
 import threading
 import time
 
+from cirrus import messages
 from services.drivers import backend
 from services.drivers.backend import (MV_DIRECTIONS, Backend, disk_specs, domain_name,
                                       runtime_of, template_of, vm_id_of, vm_report)
 from services.drivers.context import CONTEXT_ISO, context_script, context_token
 
 URI = "simulated:///"
+HYPERVISOR_MEMORY_KB = 512 * 1024   # what the simulated host itself uses
+DEFAULT_DISK_MB = 2048              # a disk whose size the spec does not say
+LOAD_PERIOD = 600                   # seconds of one cycle of a guest's CPU load
+NET_BYTES_PER_CPU_S = 64 * 1024     # traffic of a guest per second of CPU it uses
+DISK_BYTES_PER_CPU_S = 16 * 1024
+
+
+# a running guest's counters, and how many bytes each grows by per second of CPU it uses
+GROWING = {"NETRX": NET_BYTES_PER_CPU_S, "NETTX": NET_BYTES_PER_CPU_S // 2,
+           "DISKRDBYTES": DISK_BYTES_PER_CPU_S, "DISKWRBYTES": DISK_BYTES_PER_CPU_S // 4}
 
 
 class SimulatedFailure(RuntimeError):
     pass
 
 
+class FailureScript:
+    """Failures a simulated host was told to make: the next ``count`` commands
+    of an action fail, with a message. Thread safe; a command takes one."""
+
+    def __init__(self):
+        self._left = {}         # action -> [count, message]
+        self._lock = threading.Lock()
+
+    def add(self, action, count, message=None):
+        """Script (or with count 0 clear) failures of ``action``; returns what is
+        now scripted for it, in words. Bad values raise ValueError naming them."""
+        if action not in messages.DRIVER_ACTIONS:
+            raise ValueError(f"action: must be one of {', '.join(messages.DRIVER_ACTIONS)}, "
+                             f"got {action!r}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count: must be a whole number of 0 or more, got {count!r}")
+        if message is not None and (not isinstance(message, str) or not message.strip()):
+            raise ValueError(f"message: must be a non-empty string or left out, got {message!r}")
+        with self._lock:
+            if count == 0:
+                self._left.pop(action, None)
+                return f"no {action} fails"
+            self._left[action] = [count, message]
+        plural = "" if count == 1 else "s"
+        return f"the next {count} {action}{plural} fail" + (f": {message}" if message else "")
+
+    def take(self, action):
+        """If the next ``action`` must fail: the error to raise, else None."""
+        with self._lock:
+            scripted = self._left.get(action)
+            if scripted is None:
+                return None
+            scripted[0] -= 1
+            if scripted[0] == 0:
+                del self._left[action]
+        return scripted[1] or f"simulated {action} failure (scripted, {scripted[0]} more to fail)"
+
+    def pending(self):
+        with self._lock:
+            return {action: count for action, (count, _message) in self._left.items()}
+
+
+def guest_load(vm_id, now):
+    """The share of its CPU a simulated guest uses at ``now`` (0.05 .. 0.95): a
+    slow wave, each VM at its own phase, so hosts' usage differs and moves."""
+    return 0.5 + 0.45 * math.sin(2 * math.pi * now / LOAD_PERIOD + vm_id * 2.399)
+
+
+def new_domain(vm):
+    """A simulated domain, running, as deploy makes it."""
+    return {"state": backend.RUNNING, "template": template_of(vm),
+            "memory_kb": int(vm.get("memory") or 0) * 1024,
+            "cpu": float(vm.get("cpu") or 1), "disk_mb": disk_mb(vm),
+            "usage": dict.fromkeys(GROWING, 0)}
+
+
+def disk_mb(vm):
+    """Datastore space the VM's disks take (a size the spec does not give counts
+    DEFAULT_DISK_MB; a persistent ln image lives in the image datastore)."""
+    try:
+        disks = disk_specs(vm)
+    except ValueError:
+        return 0
+    return sum(disk.get("size_mb") or DEFAULT_DISK_MB for disk in disks
+               if disk.get("clone") != "ln")
+
+
 class SimulatedBackend(Backend):
 
     uri = URI
 
-    def __init__(self, cores=16, memory_mb=32768, cpu_mhz=2000, delay=0.0, state_file=None):
+    def __init__(self, cores=16, memory_mb=32768, cpu_mhz=2000, delay=0.0, state_file=None,
+                 datastore_mb=1048576, clock=time.time):
         self.cores = cores
         self.memory_mb = memory_mb
         self.cpu_mhz = cpu_mhz
         self.delay = delay
         self.state_file = state_file
-        self._domains = {}          # deploy id -> {"state", "memory_kb", "template"}
+        self.datastore_mb = datastore_mb
+        self.clock = clock
+        self.failures = FailureScript()
+        self._counters = {"NETRX": 0, "NETTX": 0}   # the host's, grown at each report
+        self._counted_at = None
+        self._domains = {}          # deploy id -> {"state", "memory_kb", "cpu", "disk_mb",
+        #                                           "template", "usage": {counter: value}}
         self._checkpoints = {}      # deploy id -> the domain as it was saved
         self._parked = set()        # ids of VMs whose files mv moved out
         self._watcher = None
@@ -90,6 +184,9 @@ class SimulatedBackend(Backend):
         scripted = str(template.get("SIMULATE_FAIL", ""))
         if action in {word.strip().lower() for word in scripted.split(",")}:
             raise SimulatedFailure(f"simulated {action} failure (SIMULATE_FAIL = {scripted!r})")
+        error = self.failures.take(action)
+        if error:
+            raise SimulatedFailure(error)
 
     def _set_state(self, deploy_id, state):
         with self._lock:
@@ -111,8 +208,8 @@ class SimulatedBackend(Backend):
         self._act("deploy", vm)
         name = domain_name(vm["id"])
         with self._lock:
-            self._domains[name] = {"state": backend.RUNNING, "template": template_of(vm),
-                                   "memory_kb": int(vm.get("memory") or 0) * 1024}
+            if self._domains.get(name, {}).get("state") != backend.RUNNING:
+                self._domains[name] = new_domain(vm)
             self._changed()
         return name
 
@@ -160,8 +257,7 @@ class SimulatedBackend(Backend):
             if domain is not None and domain["state"] in (backend.RUNNING, backend.PAUSED):
                 domain["state"] = backend.RUNNING
             elif name in self._checkpoints or runtime_of(vm).get("checkpoint"):
-                saved = self._checkpoints.pop(name, None) or {
-                    "template": template_of(vm), "memory_kb": int(vm.get("memory") or 0) * 1024}
+                saved = self._checkpoints.pop(name, None) or new_domain(vm)
                 self._domains[name] = {**saved, "state": backend.RUNNING}
             else:
                 where = "not running" if domain is not None else f"not on {self.uri}"
@@ -237,18 +333,38 @@ class SimulatedBackend(Backend):
     # ------------------------------------------------------------ monitoring
 
     def monitor(self):
+        now = self.clock()
         with self._lock:
-            domains = dict(self._domains)
-        running = [d for d in domains.values() if d["state"] == backend.RUNNING]
-        # simulated guests take their memory and sit idle
+            elapsed = 0.0 if self._counted_at is None else max(0.0, now - self._counted_at)
+            self._counted_at = now
+            vms, used_cpu, used_kb, used_mb, traffic = [], 0.0, HYPERVISOR_MEMORY_KB, 0, 0
+            for name, domain in sorted(self._domains.items()):
+                used_mb += domain.get("disk_mb", 0)     # disks stay while it is off
+                vm_id = vm_id_of(name)
+                if vm_id is None:
+                    continue
+                if domain["state"] != backend.RUNNING:
+                    vms.append(vm_report(name, domain["state"]))
+                    continue
+                cpu = domain.get("cpu", 1) * 100 * guest_load(vm_id, now)
+                usage = domain.setdefault("usage", dict.fromkeys(GROWING, 0))
+                for key, per_cpu_s in GROWING.items():
+                    usage[key] += int(cpu / 100 * per_cpu_s * elapsed)
+                traffic += cpu / 100 * NET_BYTES_PER_CPU_S * elapsed
+                used_cpu += cpu
+                used_kb += domain["memory_kb"]
+                vms.append(vm_report(name, backend.RUNNING, round(cpu, 1), domain["memory_kb"],
+                                     net_rx=usage["NETRX"], net_tx=usage["NETTX"],
+                                     disk_read=usage["DISKRDBYTES"],
+                                     disk_write=usage["DISKWRBYTES"]))
+            # the host's own chatter (monitoring, ssh) beside its guests' traffic
+            self._counters["NETRX"] += int(traffic + 2048 * elapsed)
+            self._counters["NETTX"] += int(traffic + 1024 * elapsed)
+            counters = dict(self._counters)
         report = backend.host_totals(self.cores, self.cpu_mhz, self.memory_mb * 1024,
-                                     sum(d["memory_kb"] for d in running), 0)
-        report["HYPERVISOR"] = "simulated"
-        report["URI"] = self.uri
-        report["VMS"] = [vm_report(name, d["state"],
-                                   memory_kb=d["memory_kb"] if d["state"] == backend.RUNNING
-                                   else 0)
-                         for name, d in sorted(domains.items()) if vm_id_of(name) is not None]
+                                     used_kb, used_cpu)
+        report.update(backend.datastore_totals(self.datastore_mb, used_mb), **counters,
+                      HYPERVISOR="simulated", URI=self.uri, VMS=vms)
         return report
 
     def watch(self, callback):

@@ -21,28 +21,35 @@ are answered again (lifecycle takes only the first result of a command id).
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import datetime
+import functools
 import json
 import logging
 import os
 import queue
+import re
 import select
 import signal
 import socket
+import sys
 import threading
 import time
+import uuid
 
-from kombu import Connection, Consumer, Producer
+from kombu import Connection, Consumer, Producer, Queue
 from kombu.exceptions import OperationalError
 
 from cirrus import config, messages
 from cirrus.logs import setup_logging
 from services.drivers.backend import MV_DIRECTIONS, domain_name, vm_id_of
+from services.drivers.reports import ReportSchedule, significant_change
 
 log = logging.getLogger("cirrus.node")
 
 HEARTBEAT = 10          # seconds; lets a dead broker connection be noticed
 STOP_GRACE = 30         # seconds running commands may take to finish on SIGTERM
+CHECK_INTERVAL = 1      # seconds between looks at a real host's usage between reports
 
 
 # ---------------------------------------------------------------- commands
@@ -183,30 +190,70 @@ def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
 
-class NodeWorker:
+class HostAgent:
+    """One host a worker serves: its name, queue and backend, and what its
+    monitoring remembers between reports."""
 
-    def __init__(self, host, backend, amqp_uri, threads=4, monitor_interval=3,
-                 shutdown_timeout=30, sync_interval=60):
-        self.host = host
+    def __init__(self, name, backend):
+        self.name = name
         self.backend = backend
+        self.queue = messages.node_queue(name)
+        self.sync_pending = True                # the next report is a sync report
+        self.last_sync = None
+        self.reconnects = backend.reconnects
+        self.last_sent = None                   # the monitoring of the last report made
+
+    def report(self, now, sync_interval, lock):
+        """This host's host.monitor body, or raises what the backend raised.
+        ``lock`` guards sync_pending, which the main thread sets."""
+        monitoring = self.backend.monitor()
+        with lock:
+            if self.backend.reconnects != self.reconnects:
+                self.reconnects = self.backend.reconnects   # its events may have been lost
+                self.sync_pending = True
+            sync = (self.sync_pending or self.last_sync is None
+                    or now - self.last_sync >= sync_interval)
+            self.sync_pending = False
+        if sync:
+            self.last_sync = now
+        self.last_sent = monitoring
+        return {"host": self.name, "monitoring": monitoring, "at": now_iso(), "sync": sync}
+
+
+class NodeWorker:
+    """Serves one host (``cirrus-node --host``) or many simulated ones
+    (``--simulate``) over one broker connection: one consumer per host queue
+    on one channel, one pool of command threads, one monitor thread."""
+
+    def __init__(self, hosts, amqp_uri, threads=4, monitor_interval=3, shutdown_timeout=30,
+                 sync_interval=60, jitter=0.0, check_interval=None, prefetch=None,
+                 name=None):
+        self.agents = [HostAgent(host, backend) for host, backend in dict(hosts).items()]
+        self.by_name = {agent.name: agent for agent in self.agents}
+        self.name = name or self.agents[0].name
         self.amqp_uri = amqp_uri
         self.threads = threads
         self.monitor_interval = monitor_interval
+        # how often a host's usage is looked at between reports, to report a big
+        # change at once; None or not below the interval: never
+        self.check_interval = check_interval
+        self.jitter = jitter
         self.sync_interval = sync_interval
         self.shutdown_timeout = shutdown_timeout
-        self.queue = messages.node_queue(host)
+        self.prefetch = prefetch or threads * 2     # unacked commands per host queue
         self.events = messages.event_exchange(messages.NODE)
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="command")
-        self.vm_locks = {}                      # VM id -> lock: its commands run one at a time
+        self.vm_locks = {}                      # (host, VM id) -> lock: one command at a time
         self.vm_locks_guard = threading.Lock()
         self.running = set()                    # futures of commands not yet answered
         self.finished = queue.Queue()           # (message, result) from pool threads
         self.outbox = collections.deque()       # (message or None, event type, body) to publish
-        self.latest_monitor = None              # the newest report not yet published
-        self.sync_pending = True                # the next report is a sync report
+        self.replies = collections.deque()      # (reply_to, correlation id, body) to control calls
+        self.reports = {}                       # host -> its newest report not yet published
         self.monitor_lock = threading.Lock()
         self.monitor_now = threading.Event()    # wakes the monitor loop early
-        self.vm_events = collections.deque()    # vm.event bodies from the backend's watch
+        self.hurried = set()                    # hosts to report early (under monitor_lock)
+        self.vm_events = collections.deque()    # vm.event bodies from the backends' watch
         self.stopping = threading.Event()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -215,7 +262,8 @@ class NodeWorker:
     # ------------------------------------------------------------ main loop
 
     def run(self):
-        self.backend.watch(self.on_domain_event)
+        for agent in self.agents:
+            agent.backend.watch(functools.partial(self.on_domain_event, agent.name))
         monitor = threading.Thread(target=self.monitor_loop, name="monitor", daemon=True)
         monitor.start()
         delay = 1
@@ -223,11 +271,11 @@ class NodeWorker:
         while not self.stopping.is_set():
             conn = Connection(self.amqp_uri, heartbeat=HEARTBEAT, transport_options={
                 "confirm_publish": True,
-                "client_properties": {"connection_name": f"cirrus-node:{self.host}"}})
+                "client_properties": {"connection_name": f"cirrus-node:{self.name}"}})
             errors = conn.connection_errors + conn.channel_errors + (OperationalError,)
             try:
                 conn.ensure_connection(max_retries=1)
-                log.info("connected to the broker, consuming %s", self.queue.name)
+                log.info("connected to the broker, consuming %s", self.describe_queues())
                 delay = 1
                 if connected_before:
                     self.request_sync()     # lifecycle missed whatever we lost meanwhile
@@ -242,17 +290,29 @@ class NodeWorker:
                     conn.release()
                 except Exception:
                     pass
-        self.backend.close()
+        for agent in self.agents:
+            agent.backend.close()
         log.info("stopped")
+
+    def describe_queues(self):
+        if len(self.agents) == 1:
+            return self.agents[0].queue.name
+        return (f"{len(self.agents)} queues ({self.agents[0].queue.name} .. "
+                f"{self.agents[-1].queue.name})")
 
     def serve(self, conn):
         channel = conn.channel()
         producer = Producer(channel, exchange=self.events, serializer="json")
         self.events(channel).declare()
-        consumer = Consumer(channel, queues=[self.queue], callbacks=[self.on_message],
-                            on_decode_error=self.on_decode_error, accept=["json"],
-                            prefetch_count=self.threads * 2)
-        with consumer:
+        # one basic.qos for every consumer of the channel (RabbitMQ counts it per consumer)
+        channel.basic_qos(0, self.prefetch, False)
+        consumers = [Consumer(channel, queues=[agent.queue],
+                              callbacks=[functools.partial(self.on_message, agent)],
+                              on_decode_error=self.on_decode_error, accept=["json"])
+                     for agent in self.agents]
+        with contextlib.ExitStack() as consuming:
+            for consumer in consumers:
+                consuming.enter_context(consumer)
             self.flush(producer, channel)
             while not self.stopping.is_set():
                 self.wait(conn)
@@ -298,9 +358,8 @@ class NodeWorker:
                 break
             self.outbox.append((message, messages.COMMAND_RESULT, result))
         with self.monitor_lock:
-            report, self.latest_monitor = self.latest_monitor, None
-        if report is not None:
-            self.outbox.append((None, messages.HOST_MONITOR, report))
+            reports, self.reports = self.reports, {}
+        self.outbox.extend((None, messages.HOST_MONITOR, report) for report in reports.values())
         while self.outbox:
             message, event_type, body = self.outbox[0]
             producer.publish(body, exchange=self.events, routing_key=event_type,
@@ -309,6 +368,11 @@ class NodeWorker:
             # a delivery from a channel lost since will be redelivered anyway
             if message is not None and message.channel is channel:
                 message.ack()
+        while self.replies:
+            reply_to, correlation_id, body = self.replies[0]
+            producer.publish(body, exchange="", routing_key=reply_to, serializer="json",
+                             correlation_id=correlation_id, retry=False)
+            self.replies.popleft()
 
     def finish_running(self, conn, producer, channel):
         """On stop: drop commands not started (their messages go back to the queue
@@ -322,15 +386,33 @@ class NodeWorker:
 
     # ------------------------------------------------------------ messages
 
-    def on_message(self, body, message):
+    def on_message(self, agent, body, message):
+        if isinstance(body, dict) and CONTROL_KEY in body:
+            self.on_control(agent, body[CONTROL_KEY], message)
+            return
         if message.delivery_info.get("redelivered"):
             log.info("redelivered command %s", command_fields(body)["id"])
         try:
-            future = self.pool.submit(self.execute, body)
+            future = self.pool.submit(self.execute, agent, body)
         except RuntimeError:
             return      # stopping: leave it unacked, it goes back to the queue
         self.running.add(future)
         future.add_done_callback(lambda done: self.on_done(message, done))
+
+    def on_control(self, agent, request, message):
+        """A control request in a host's queue (``cirrus-node simulate-fail``), done
+        here in the main thread, so it takes effect before any command queued
+        after it. Answered on its reply_to queue, if it gave one."""
+        try:
+            answer = {"ok": True, "host": agent.name, **control(agent.backend, request)}
+            log.info("%s: %s", agent.name, answer["done"])
+        except (TypeError, ValueError) as exc:
+            answer = {"ok": False, "host": agent.name, "error": str(exc)}
+            log.warning("%s: control request %r refused: %s", agent.name, request, exc)
+        reply_to = message.properties.get("reply_to")
+        if reply_to:
+            self.replies.append((reply_to, message.properties.get("correlation_id"), answer))
+        message.ack()
 
     def on_decode_error(self, message, exc):
         log.warning("undecodable command: %s", exc)
@@ -339,19 +421,19 @@ class NodeWorker:
                             messages.result(command_fields(None), False, error=error)))
         self.wake()
 
-    def execute(self, cmd):
+    def execute(self, agent, cmd):
         """In a pool thread. Commands for one VM (e.g. a redelivered deploy and
         its first copy) run one after the other, never side by side."""
         if command_problem(cmd):
-            return run_command(self.backend, cmd, self.shutdown_timeout)
-        vm_id = cmd["vm_id"]
+            return run_command(agent.backend, cmd, self.shutdown_timeout)
+        key = (agent.name, cmd["vm_id"])
         with self.vm_locks_guard:
-            lock = self.vm_locks.setdefault(vm_id, threading.Lock())
+            lock = self.vm_locks.setdefault(key, threading.Lock())
         with lock:
-            result = run_command(self.backend, cmd, self.shutdown_timeout)
+            result = run_command(agent.backend, cmd, self.shutdown_timeout)
         if cmd["action"] == "delete" and result["success"]:
             with self.vm_locks_guard:
-                self.vm_locks.pop(vm_id, None)      # the VM is gone from this node
+                self.vm_locks.pop(key, None)      # the VM is gone from this node
         return result
 
     def on_done(self, message, future):
@@ -365,50 +447,82 @@ class NodeWorker:
     # ------------------------------------------------------------ monitoring
 
     def monitor_loop(self):
-        """Report at once, then every monitor_interval seconds (or sooner when a
-        sync is asked for)."""
-        last_sync = None
-        reconnects = self.backend.reconnects
+        """Each host reports when its schedule says (reports.ReportSchedule: at once
+        for one host, spread out for many), early when asked (a sync, a domain
+        event), and early when a check between reports sees a big change."""
+        schedule = ReportSchedule(len(self.agents), self.monitor_interval, time.monotonic(),
+                                  self.jitter)
+        checking = bool(self.check_interval) and self.check_interval < self.monitor_interval
+        next_check = time.monotonic() + (self.check_interval or 0)
+        index_of = {agent.name: index for index, agent in enumerate(self.agents)}
         while not self.stopping.is_set():
             self.monitor_now.clear()
-            try:
-                monitoring = self.backend.monitor()
-            except Exception as exc:
-                log.error("host monitoring failed: %s", exc)
-            else:
-                now = time.monotonic()
-                if self.backend.reconnects != reconnects:
-                    reconnects = self.backend.reconnects    # its events may have been lost
-                    self.sync_pending = True
-                report = {"host": self.host, "monitoring": monitoring, "at": now_iso()}
-                with self.monitor_lock:
-                    previous = self.latest_monitor
-                    report["sync"] = (self.sync_pending or last_sync is None
-                                      or now - last_sync >= self.sync_interval
-                                      # never drop the sync of a report not yet sent
-                                      or bool(previous and previous["sync"]))
-                    self.sync_pending = False
-                    self.latest_monitor = report
-                if report["sync"]:
-                    last_sync = now
+            now = time.monotonic()
+            with self.monitor_lock:
+                hurried, self.hurried = self.hurried, set()
+            for name in hurried:
+                schedule.hurry(index_of[name], now)
+            if checking and now >= next_check:
+                next_check = now + self.check_interval
+                self.check_changes(schedule, now)
+            due = schedule.due(now)
+            for index in due:
+                self.make_report(self.agents[index], now)
+                schedule.done(index, now)
+            if due:
                 self.wake()
-            self.monitor_now.wait(self.monitor_interval)
+            wake_at = schedule.wake_at()
+            if checking:
+                wake_at = next_check if wake_at is None else min(wake_at, next_check)
+            self.monitor_now.wait(None if wake_at is None else max(0.0, wake_at - time.monotonic()))
 
-    def request_sync(self):
-        """Make the next report, sent at once, a sync report."""
+    def make_report(self, agent, now):
+        try:
+            report = agent.report(now, self.sync_interval, self.monitor_lock)
+        except Exception as exc:
+            log.error("host monitoring of %s failed: %s", agent.name, exc)
+            return
         with self.monitor_lock:
-            self.sync_pending = True
+            previous = self.reports.get(agent.name)
+            # never drop the sync of a report not yet sent
+            report["sync"] = report["sync"] or bool(previous and previous["sync"])
+            self.reports[agent.name] = report
+
+    def check_changes(self, schedule, now):
+        """Between reports: a host whose usage or domains changed much reports now."""
+        for index, agent in enumerate(self.agents):
+            try:
+                current = agent.backend.monitor()
+            except Exception:
+                continue        # the next report says what is wrong
+            if significant_change(agent.last_sent, current):
+                schedule.hurry(index, now)
+
+    def request_report(self, host):
+        """Report ``host`` soon (at most one early report per reports.URGENT_GAP)."""
+        with self.monitor_lock:
+            self.hurried.add(host)
         self.monitor_now.set()
 
-    def on_domain_event(self, deploy_id, state, reason):
+    def request_sync(self):
+        """Make every host's next report, sent at once, a sync report."""
+        with self.monitor_lock:
+            for agent in self.agents:
+                agent.sync_pending = True
+                self.hurried.add(agent.name)
+        self.monitor_now.set()
+
+    def on_domain_event(self, host, deploy_id, state, reason):
         """In the backend's event thread: hand a vm.event to the main thread, which
-        alone touches the broker, and wake it to publish it now."""
+        alone touches the broker, and wake it to publish it now; the host's
+        report follows, since its domains changed."""
         vm_id = vm_id_of(deploy_id)
         if vm_id is None:
             return      # not a domain Cirrus made
-        self.vm_events.append({"host": self.host, "vm_id": vm_id, "deploy_id": deploy_id,
+        self.vm_events.append({"host": host, "vm_id": vm_id, "deploy_id": deploy_id,
                                "state": state, "reason": reason, "at": now_iso()})
         self.wake()
+        self.request_report(host)
 
     def stop(self, *_signal):
         self.stopping.set()
@@ -416,21 +530,149 @@ class NodeWorker:
         self.wake()
 
 
+# ---------------------------------------------------------------- control requests
+
+CONTROL_KEY = "control"     # a message with this key in a host queue is not a command
+CONTROL_TIMEOUT = 10        # seconds simulate-fail waits for the simulator's answer
+
+
+def control(backend, request):
+    """Do a control request on a host's backend; returns {"done": what was done}.
+    Bad requests raise ValueError naming the field."""
+    if not isinstance(request, dict):
+        raise ValueError(f"a control request must be an object, got {type(request).__name__}")
+    if request.get("what") != "fail":
+        raise ValueError(f"what: unknown control request {request.get('what')!r}; "
+                         f"expected 'fail'")
+    failures = getattr(backend, "failures", None)
+    if failures is None:
+        raise ValueError(f"the {type(backend).__name__} cannot script failures; "
+                         f"only simulated hosts can")
+    return {"done": failures.add(request.get("action"), request.get("count"),
+                                 request.get("message"))}
+
+
+def send_control(amqp_uri, host, request, timeout=CONTROL_TIMEOUT):
+    """Put a control request in ``host``'s queue and wait for the worker's answer,
+    so that commands sent after this returns find it in force."""
+    correlation_id = uuid.uuid4().hex
+    answers = []
+    with Connection(amqp_uri, transport_options={"confirm_publish": True}) as conn:
+        channel = conn.channel()
+        replies = Queue(f"cirrus.control.{correlation_id}", exclusive=True, auto_delete=True)
+        with Consumer(channel, queues=[replies], accept=["json"],
+                      callbacks=[lambda body, message: (answers.append(body), message.ack())]):
+            Producer(channel).publish(
+                {CONTROL_KEY: request}, exchange=messages.COMMANDS, routing_key=host,
+                declare=[messages.node_queue(host)], serializer="json", delivery_mode=2,
+                reply_to=replies.name, correlation_id=correlation_id)
+            deadline = time.monotonic() + timeout
+            while not answers and time.monotonic() < deadline:
+                try:
+                    conn.drain_events(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+                except socket.timeout:
+                    pass
+    if not answers:
+        raise TimeoutError(f"no worker answered for host {host} within {timeout:g} s (the "
+                           f"request waits in its queue: is `cirrus-node --simulate` serving it?)")
+    return answers[0]
+
+
+def simulate_fail_main(argv):
+    """``cirrus-node simulate-fail``: script failures on a running simulated host."""
+    parser = argparse.ArgumentParser(
+        prog="cirrus-node simulate-fail",
+        description="Make the next COUNT ACTION commands on a simulated host fail.")
+    parser.add_argument("--host", required=True, help="the simulated host, e.g. sim-0003")
+    parser.add_argument("--action", required=True, choices=messages.DRIVER_ACTIONS)
+    parser.add_argument("--count", type=int, default=1,
+                        help="how many of its next ACTION commands fail (0 clears; default 1)")
+    parser.add_argument("--message", help="the error the failures report")
+    parser.add_argument("--timeout", type=float, default=CONTROL_TIMEOUT)
+    args = parser.parse_args(argv)
+    if args.count < 0:
+        parser.error(f"--count: must be 0 or more, got {args.count}")
+    request = {"what": "fail", "action": args.action, "count": args.count,
+               "message": args.message}
+    try:
+        answer = send_control(config.get()["amqp"]["uri"], args.host, request, args.timeout)
+    except TimeoutError as exc:
+        print(f"cirrus-node simulate-fail: {exc}", file=sys.stderr)
+        return 1
+    if not answer["ok"]:
+        print(f"cirrus-node simulate-fail: {args.host}: {answer['error']}", file=sys.stderr)
+        return 1
+    print(f"{answer['host']}: {answer['done']}")
+    return 0
+
+
+# ---------------------------------------------------------------- registering hosts
+
+def register_hosts(amqp_uri, names, worker, retry=2.0):
+    """Create in lifecycle the hosts this worker serves that do not exist yet
+    (lifecycle.create_host over Nameko RPC, as `cirrus host create` does through
+    the gateway), and have each new one report at once. Waits for lifecycle."""
+    from nameko.exceptions import RemoteError, RpcTimeout, UnknownService
+    from nameko.standalone.rpc import ClusterRpcProxy
+    rpc_config = {"AMQP_URI": amqp_uri, "serializer": "json"}
+    pending = list(names)
+    while pending and not worker.stopping.is_set():
+        try:
+            with ClusterRpcProxy(rpc_config, timeout=30) as proxy:
+                existing = {host["name"] for host in proxy.lifecycle.list_hosts()}
+                for name in pending:
+                    if worker.stopping.is_set():
+                        return
+                    if name not in existing:
+                        try:
+                            proxy.lifecycle.create_host(name)
+                        except RemoteError as exc:
+                            if exc.exc_type != "AlreadyExists":
+                                raise
+                        worker.request_report(name)
+                        log.info("registered host %s", name)
+                pending = []
+        except (UnknownService, RpcTimeout, OSError, OperationalError) as exc:
+            log.warning("cannot register hosts yet (%s); retrying in %s s", exc, retry)
+            worker.stopping.wait(retry)
+    if not pending:
+        log.info("hosts registered: %d", len(names))
+
+
 # ---------------------------------------------------------------- entry point
 
-def make_backend(args, settings):
+SIM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def simulated_hosts(count, prefix):
+    """The names of ``--simulate COUNT --prefix PREFIX``: PREFIX-0001 .. (4 digits,
+    more only past 9999)."""
+    return [f"{prefix}-{index:04d}" for index in range(1, count + 1)]
+
+
+def make_backend(args, settings, host=None):
     if args.backend == "simulated":
         from services.drivers.simulated import SimulatedBackend
+        state = args.sim_state.replace("{host}", host) if args.sim_state and host \
+            else args.sim_state
         return SimulatedBackend(cores=args.sim_cores, memory_mb=args.sim_memory,
-                                delay=args.sim_delay, state_file=args.sim_state)
+                                delay=args.sim_delay, state_file=state,
+                                datastore_mb=args.sim_datastore)
     from services.drivers.libvirt_backend import LibvirtBackend
     return LibvirtBackend(args.uri, args.datastore, settings.get("shutdown_timeout", 30),
                           domain_type=args.domain_type, parking=args.parking)
 
 
-def parse_args(argv, settings):
-    parser = argparse.ArgumentParser(prog="cirrus-node", description=__doc__.split("\n")[0])
-    parser.add_argument("--host", required=True, help="the host name this node serves")
+def parse_args(argv, settings, host_timeout=None):
+    parser = argparse.ArgumentParser(prog="cirrus-node", description=__doc__.split("\n")[0],
+                                     epilog="cirrus-node simulate-fail --help: script failures "
+                                            "on a running simulated host")
+    parser.add_argument("--host", help="the host name this node serves")
+    parser.add_argument("--simulate", type=int, metavar="N",
+                        help="serve N simulated hosts PREFIX-0001 .. PREFIX-N in this process")
+    parser.add_argument("--prefix", default="sim", help="simulated host names' prefix (sim)")
+    parser.add_argument("--register", action="store_true",
+                        help="create the hosts this process serves in lifecycle if missing")
     parser.add_argument("--uri", default=settings.get("uri", "test:///default"),
                         help="libvirt URI (default: drivers.uri)")
     parser.add_argument("--backend", choices=("libvirt", "simulated"),
@@ -442,32 +684,104 @@ def parse_args(argv, settings):
                              "or \"parked\" beside the datastore)")
     parser.add_argument("--domain-type", choices=("kvm", "qemu", "test"),
                         help="libvirt domain type (default: from the URI and /dev/kvm)")
+    parser.add_argument("--threads", type=int,
+                        help="commands run at once (default: drivers.threads, "
+                             f"with --simulate at least {SIM_THREADS})")
     parser.add_argument("--sim-cores", type=int, default=16, help="simulated host cores")
     parser.add_argument("--sim-memory", type=int, default=32768, help="simulated host MB")
+    parser.add_argument("--sim-datastore", type=int, default=1048576,
+                        help="simulated system datastore MB")
     parser.add_argument("--sim-delay", type=float, default=0.0,
                         help="seconds each simulated action takes")
     parser.add_argument("--sim-state", metavar="PATH",
-                        help="file keeping the simulated domains across restarts")
+                        help="file keeping the simulated domains across restarts ({host} "
+                             "stands for the host name; needed with --simulate)")
+    parser.add_argument("--monitor-interval", type=float,
+                        help="seconds between a host's reports (default: drivers.monitor_interval;"
+                             " with --simulate, drivers.sim_monitor_interval)")
     args = parser.parse_args(argv)
-    if not args.host.strip():
-        parser.error("--host: must not be empty")
+    if args.simulate is not None:
+        if args.host is not None:
+            parser.error("--host: not with --simulate, whose hosts are PREFIX-0001 ..")
+        if args.simulate < 1:
+            parser.error(f"--simulate: must be 1 or more hosts, got {args.simulate}")
+        if not SIM_NAME.fullmatch(args.prefix):
+            parser.error(f"--prefix: {args.prefix!r} is not a host name prefix (letters, "
+                         f"digits, '.', '_', '-')")
+        if args.sim_state and "{host}" not in args.sim_state and args.simulate > 1:
+            parser.error("--sim-state: with --simulate the path must contain {host}, "
+                         "one file per host")
+        args.backend = "simulated"
+    elif args.host is None or not args.host.strip():
+        parser.error("--host: must not be empty (or give --simulate N)")
     if args.backend == "libvirt" and not args.datastore:
         parser.error("--datastore: not given and no drivers.datastore in the configuration")
+    for name in ("sim_cores", "sim_memory", "sim_datastore"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be 1 or more, got "
+                         f"{getattr(args, name)}")
+    if args.sim_delay < 0:
+        parser.error(f"--sim-delay: must be 0 s or more, got {args.sim_delay}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads: must be 1 or more, got {args.threads}")
+    if args.monitor_interval is None:
+        key, default = (("sim_monitor_interval", SIM_MONITOR_INTERVAL) if args.simulate
+                        else ("monitor_interval", 3))
+        args.monitor_interval = float(settings.get(key, default))
+    if args.monitor_interval <= 0:
+        parser.error(f"--monitor-interval: must be more than 0 s, got {args.monitor_interval}")
+    jitter = float(settings.get("sim_jitter", SIM_JITTER)) if args.simulate else 0.0
+    if host_timeout is not None and args.monitor_interval * (1 + jitter) >= host_timeout:
+        parser.error(f"--monitor-interval: {args.monitor_interval:g} s (+{jitter:.0%} jitter) "
+                     f"is not below lifecycle.host_timeout ({host_timeout:g} s): every host "
+                     f"would be failed between two reports")
+    args.jitter = jitter
     return args
 
 
+SIM_THREADS = 64            # simulated actions mostly sleep their delay
+SIM_MONITOR_INTERVAL = 10   # 2,500 hosts at 10 s: 250 reports a second
+SIM_JITTER = 0.1
+
+
 def main(argv=None):
-    settings = config.get().get("drivers", {})
-    args = parse_args(argv, settings)
-    setup_logging("node:" + args.host)
-    worker = NodeWorker(args.host, make_backend(args, settings), config.get()["amqp"]["uri"],
-                        threads=int(settings.get("threads", 4)),
-                        monitor_interval=float(settings.get("monitor_interval", 3)),
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["simulate-fail"]:
+        return simulate_fail_main(argv[1:])
+    cfg = config.get()
+    settings = cfg.get("drivers", {})
+    args = parse_args(argv, settings, cfg.get("lifecycle", {}).get("host_timeout"))
+    threads = args.threads or int(settings.get("threads", 4))
+    if args.simulate:
+        names = simulated_hosts(args.simulate, args.prefix)
+        setup_logging(f"node:{args.prefix}x{args.simulate}")
+        threads = args.threads or max(threads, SIM_THREADS)
+        hosts = {name: make_backend(args, settings, name) for name in names}
+        # many queues: a few commands in hand per host is plenty
+        prefetch = min(threads * 2, 8)
+    else:
+        names = [args.host]
+        setup_logging("node:" + args.host)
+        hosts = {args.host: make_backend(args, settings, args.host)}
+        prefetch = None
+    worker = NodeWorker(hosts, cfg["amqp"]["uri"], threads=threads,
+                        monitor_interval=args.monitor_interval,
                         shutdown_timeout=float(settings.get("shutdown_timeout", 30)),
-                        sync_interval=float(settings.get("sync_interval", 60)))
+                        sync_interval=float(settings.get("sync_interval", 60)),
+                        jitter=args.jitter, prefetch=prefetch,
+                        check_interval=None if args.simulate else CHECK_INTERVAL,
+                        name=f"{args.prefix}x{args.simulate}" if args.simulate else None)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
-    log.info("node %s on %s (%s backend)", args.host, args.uri, args.backend)
+    if args.simulate:
+        log.info("simulating %d hosts %s .. %s (%d cores, %d MB each; reports every %g s)",
+                 len(names), names[0], names[-1], args.sim_cores, args.sim_memory,
+                 args.monitor_interval)
+    else:
+        log.info("node %s on %s (%s backend)", args.host, args.uri, args.backend)
+    if args.register:
+        threading.Thread(target=register_hosts, args=(cfg["amqp"]["uri"], names, worker),
+                         name="register", daemon=True).start()
     worker.run()
     if worker.running:
         # a command stuck in the hypervisor must not keep the process alive past
@@ -475,7 +789,8 @@ def main(argv=None):
         log.warning("leaving %d commands still running to be redelivered", len(worker.running))
         logging.shutdown()
         os._exit(0)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -101,11 +101,12 @@ def test_events_keep_coming_over_a_new_connection(watched):
 
 
 def test_the_worker_turns_news_of_cirrus_domains_into_vm_events():
-    worker = NodeWorker("node-e", SimulatedBackend(), "amqp://unused")
-    worker.on_domain_event("test", backend.POWEROFF, "STOPPED/DESTROYED")   # not Cirrus's
+    worker = NodeWorker({"node-e": SimulatedBackend()}, "amqp://unused")
+    worker.on_domain_event("node-e", "test", backend.POWEROFF, "STOPPED/DESTROYED")  # not ours
     before = now_iso()
-    worker.on_domain_event("cirrus-12", backend.POWEROFF, "STOPPED/DESTROYED")
+    worker.on_domain_event("node-e", "cirrus-12", backend.POWEROFF, "STOPPED/DESTROYED")
     assert list(worker.vm_events) == [
         {"host": "node-e", "vm_id": 12, "deploy_id": "cirrus-12", "state": backend.POWEROFF,
          "reason": "STOPPED/DESTROYED", "at": worker.vm_events[0]["at"]}]
     assert worker.vm_events[0]["at"] >= before
+    assert worker.hurried == {"node-e"}     # and its host reports early: its domains changed

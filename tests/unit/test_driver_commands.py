@@ -6,7 +6,7 @@ import pytest
 import libvirt
 
 from cirrus import messages
-from services.drivers import backend
+from services.drivers import backend, simulated
 from services.drivers.libvirt_backend import event_state
 from services.drivers.simulated import SimulatedBackend
 from services.drivers.worker import ACTIONS, command_problem, run_command
@@ -123,24 +123,54 @@ def test_scripted_failure_carries_its_message():
     assert run_command(sim, cmd("cancel", spec), 1)["success"]
 
 
-def test_simulated_monitoring_reports_fixed_capacity_and_its_domains():
-    sim = SimulatedBackend(cores=8, memory_mb=1024)
+def test_simulated_monitoring_reports_fixed_capacity_and_plausible_usage():
+    now = [1000.0]
+    sim = SimulatedBackend(cores=8, memory_mb=1024, datastore_mb=10000, clock=lambda: now[0])
     sim.deploy(vm(1))
     sim.deploy(vm(2))
     sim.cancel("cirrus-2")
     report = sim.monitor()
     assert report["TOTALCPU"] == 800 and report["TOTALMEMORY"] == 1024 * 1024
-    assert report["USEDMEMORY"] == 64 * 1024
-    assert report["FREEMEMORY"] == (1024 - 64) * 1024
-    assert report["HYPERVISOR"] == "simulated"
-    assert report["URI"] == "simulated:///"
-    assert report["VMS"] == [backend.vm_report("cirrus-1", backend.RUNNING, memory_kb=64 * 1024),
-                             backend.vm_report("cirrus-2", backend.POWEROFF)]
-    assert report["VMS"][0] == {"DEPLOY_ID": "cirrus-1", "VM_ID": 1, "STATE": backend.RUNNING,
-                                "CPU": 0.0, "MEMORY": 64 * 1024, "NETRX": 0, "NETTX": 0,
-                                "DISKRDBYTES": 0, "DISKWRBYTES": 0}
+    # the hypervisor's own 512 MB and the running VM's 64 MB
+    assert report["USEDMEMORY"] == (512 + 64) * 1024
+    assert report["FREEMEMORY"] == (1024 - 512 - 64) * 1024
+    # the running VM (1 CPU) uses its share of the moment; the stopped one nothing
+    load = simulated.guest_load(1, 1000.0)
+    assert report["USEDCPU"] == round(100 * load) and report["FREECPU"] == 800 - round(100 * load)
+    assert (report["HYPERVISOR"], report["URI"]) == ("simulated", "simulated:///")
+    running, stopped = report["VMS"]
+    assert (running["VM_ID"], running["STATE"], running["CPU"], running["MEMORY"]) == \
+        (1, backend.RUNNING, round(100 * load, 1), 64 * 1024)
+    assert stopped == backend.vm_report("cirrus-2", backend.POWEROFF)
+    # each VM's disks take space, running or not (the test VMs have none: nothing used)
+    assert (report["DS_LOCATION_TOTAL_MB"], report["DS_LOCATION_FREE_MB"]) == (10000, 10000)
+
+    now[0] += 30
+    later = sim.monitor()
+    for key in ("NETRX", "NETTX"):
+        assert later[key] > report[key]                             # the host's counters
+    for key in ("NETRX", "NETTX", "DISKRDBYTES", "DISKWRBYTES"):
+        assert later["VMS"][0][key] > running[key] >= 0             # the guest's
+    assert later["VMS"][0]["CPU"] != running["CPU"]                 # load moves with time
     sim.delete(vm(2))
     assert [v["VM_ID"] for v in sim.monitor()["VMS"]] == [1]
+
+
+def test_simulated_disks_take_datastore_space():
+    sim = SimulatedBackend(datastore_mb=10000)
+    spec = vm(3)
+    spec["disks"] = [{"id": 0, "type": "file", "source": "/img/a.qcow2", "format": "qcow2",
+                      "clone": "overlay", "size_mb": None, "target": "vda"},
+                     {"id": 1, "type": "swap", "size_mb": 512, "target": "vdb"},
+                     {"id": 2, "type": "file", "source": "/img/p.qcow2", "format": "qcow2",
+                      "clone": "ln", "target": "vdc"}]
+    sim.deploy(spec)
+    report = sim.monitor()
+    # an overlay of unknown size counts DEFAULT_DISK_MB, an ln image lives elsewhere
+    assert report["DS_LOCATION_USED_MB"] == simulated.DEFAULT_DISK_MB + 512
+    assert report["DS_LOCATION_FREE_MB"] == 10000 - simulated.DEFAULT_DISK_MB - 512
+    sim.delete(spec)
+    assert sim.monitor()["DS_LOCATION_USED_MB"] == 0
 
 
 def test_domain_names_round_trip_and_foreign_domains_are_ignored():

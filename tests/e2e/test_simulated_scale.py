@@ -1,0 +1,97 @@
+"""The simulated backend at scale, end to end: one ``cirrus-node --simulate``
+process serves 500 hosts (registered by itself), 2,000 VMs are created through
+the SDK, all run, spread so that every host is exactly full, and all are
+terminated to DONE with every host's capacity given back.
+
+CIRRUS_SIM_HOSTS and CIRRUS_SIM_VMS change the sizes (VMs a multiple of hosts)."""
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import rabbitmqctl
+from tests.e2e.conftest import Cluster
+from tests.procs import Proc, wait_until
+
+HOSTS = int(os.environ.get("CIRRUS_SIM_HOSTS", 500))
+VMS = int(os.environ.get("CIRRUS_SIM_VMS", 2000))
+CORES, MEMORY_MB = 16, 32768            # cirrus-node's --sim-cores and --sim-memory defaults
+
+
+class SimulatedCluster(Cluster):
+    """A cluster whose only node process is ``cirrus-node --simulate``."""
+
+    def __init__(self, tmp_path, hosts):
+        super().__init__(tmp_path, nodes=())
+        self.hosts = hosts
+        # 500 hosts reporting every 5 s: 100 reports a second for lifecycle
+        self.env["CIRRUS_DRIVERS_SIM_MONITOR_INTERVAL"] = "5"
+
+    def start(self):
+        rabbitmqctl("add_vhost", self.vhost)
+        rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+        self.proc = Proc(["cirrus-launch", "--simulate", str(self.hosts), "--prefix", "sim"],
+                         self.env, self.tmp / "cluster.log").start()
+        self.proc.wait_for("cirrus: cluster ready", timeout=180)
+        return self
+
+
+@pytest.fixture
+def sim_cluster(tmp_path):
+    cluster = SimulatedCluster(tmp_path, HOSTS).start()
+    yield cluster
+    cluster.stop()
+
+
+def in_parallel(function, items, threads=8):
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(function, items))
+
+
+def wait_all(client, ids, status, timeout):
+    def reached():
+        vms = {vm["id"]: vm["status"] for vm in client.list_vms(include_done=True)}
+        return all(vms.get(i) == status for i in ids)
+    wait_until(reached, timeout, interval=2, what=f"{len(ids)} VMs {status}")
+
+
+def test_500_simulated_hosts_run_2000_vms_and_give_everything_back(sim_cluster):
+    assert VMS % HOSTS == 0, "CIRRUS_SIM_VMS must be a multiple of CIRRUS_SIM_HOSTS"
+    per_host = VMS // HOSTS
+    client = sim_cluster.client(timeout=60)
+    names = [f"sim-{i:04d}" for i in range(1, HOSTS + 1)]
+    assert sorted(h["name"] for h in client.list_hosts()) == names
+    wait_until(lambda: all(h["state"] == "MONITORED" for h in client.list_hosts()),
+               timeout=60, interval=1, what=f"{HOSTS} simulated hosts MONITORED")
+
+    # sized so that the VMs fill every host exactly: the scheduler must use them all
+    cpu, memory = CORES / per_host, MEMORY_MB // per_host
+    ids = in_parallel(lambda i: client.create_vm(name=f"s{i}", cpu=cpu, memory=memory)["id"],
+                      range(VMS))
+    assert len(set(ids)) == VMS
+    wait_all(client, ids, "RUNNING", timeout=240)
+
+    placed = {}
+    for vm in client.list_vms():
+        placed.setdefault(vm["host"], []).append(vm["id"])
+    hosts = client.list_hosts()
+    assert sorted(placed) == names
+    for host in hosts:
+        on_it = len(placed[host["name"]])
+        assert on_it == per_host, (host["name"], on_it)
+        assert host["cpu_usage"] == round(cpu * 100) * on_it <= host["max_cpu"] == CORES * 100
+        assert host["mem_usage"] == memory * on_it <= host["max_mem"] == MEMORY_MB
+    # and the simulator's own reports agree: each host runs its VMs, with usage to show
+    def reported():
+        return all(len(h["monitoring"].get("VMS", [])) == per_host
+                   for h in client.list_hosts())
+    wait_until(reported, timeout=30, interval=1, what="every host reporting its VMs")
+    sample = client.get_host(hosts[0]["id"])["monitoring"]
+    assert sorted(vm["VM_ID"] for vm in sample["VMS"]) == sorted(placed[hosts[0]["name"]])
+    assert all(vm["STATE"] == "RUNNING" and vm["CPU"] > 0 for vm in sample["VMS"])
+    assert sample["USEDMEMORY"] >= memory * per_host * 1024 and sample["USEDCPU"] > 0
+
+    in_parallel(lambda vm_id: client.terminate_vm(vm_id), ids)
+    wait_all(client, ids, "DONE", timeout=240)
+    for host in client.list_hosts():
+        assert (host["cpu_usage"], host["mem_usage"], host["running_vms"]) == (0, 0, 0), host
