@@ -28,6 +28,18 @@ def virsh_running(*flags):
     return {line.strip() for line in out.splitlines() if line.strip()}
 
 
+def tiny_template(guest, memory=128, devices=""):
+    """A VM template booting the tiny guest in ``guest`` (its kernel and
+    initrd), with ``devices`` (DISK, NIC, CONTEXT lines) after it."""
+    return f'''# the tiny busybox guest from deploy/guest
+CPU = 0.5
+VCPU = 1
+MEMORY = {memory}
+OS = [ KERNEL = "{guest}/vmlinuz", INITRD = "{guest}/initrd.img",
+       KERNEL_CMDLINE = "console=ttyS0 quiet" ]
+{devices}'''
+
+
 @pytest.fixture(scope="module")
 def tiny_guest():
     subprocess.run([str(REPO_ROOT / "deploy" / "libvirt-up.sh")], check=True, timeout=120)
@@ -39,13 +51,7 @@ def tiny_guest():
 def test_two_real_guests_boot_and_go_away(make_cluster, tiny_guest, tmp_path):
     cluster = make_cluster(nodes=("qemu-1",), uri="qemu:///system").isolate_vm_ids()
     template = tmp_path / "tiny.tpl"
-    template.write_text(f'''# the tiny busybox guest from deploy/guest
-CPU = 0.5
-VCPU = 1
-MEMORY = 128
-OS = [ KERNEL = "{tiny_guest}/vmlinuz", INITRD = "{tiny_guest}/initrd.img",
-       KERNEL_CMDLINE = "console=ttyS0 quiet" ]
-''')
+    template.write_text(tiny_template(tiny_guest))
     ids = [cluster.create_vm("--file", template, "--name", f"tiny-{i}") for i in range(2)]
     for vm_id in ids:
         cluster.cli("vm", "wait", vm_id, "--state", "RUNNING", "--timeout", "120")
@@ -95,16 +101,11 @@ def test_a_real_guest_boots_from_an_image_reads_its_context_and_powers_off_by_ac
     cluster.cli("vnet", "create", "--file", net)
     custom = ",\n".join(f"  {key} = {one_string(value)}" for key, value in AWKWARD.items())
     template = tmp_path / "guest.tpl"
-    template.write_text(f'''CPU = 0.5
-VCPU = 1
-MEMORY = 192
-OS = [ KERNEL = "{tiny_guest}/vmlinuz", INITRD = "{tiny_guest}/initrd.img",
-       KERNEL_CMDLINE = "console=ttyS0 quiet" ]
-DISK = [ IMAGE = "tiny-disk" ]
+    template.write_text(tiny_template(tiny_guest, 192, f'''DISK = [ IMAGE = "tiny-disk" ]
 NIC = [ NETWORK = "guest-net" ]
 CONTEXT = [ TOKEN = "YES",
 {custom} ]
-''')
+'''))
     vm_id = cluster.create_vm("--file", template, "--name", "ctx-guest")
     cluster.cli("vm", "wait", vm_id, "--state", "RUNNING", "--timeout", "120")
     shown = cluster.json("vm", "show", vm_id)
