@@ -119,7 +119,8 @@ def _add_nones(message, data):
             if not field.is_repeated:
                 data[field.name] = None
         elif field.message_type is not None and \
-                field.message_type.full_name not in _JSON_VALUED:
+                field.message_type.full_name not in _JSON_VALUED and \
+                not field.message_type.GetOptions().map_entry:     # maps are plain dicts
             value = getattr(message, field.name)
             if field.is_repeated:
                 for item, item_data in zip(value, data[field.name]):

@@ -182,7 +182,10 @@ def fill(message, data):
             continue
         kind = field.message_type.full_name
         target = getattr(message, field.name)
-        if field.is_repeated:
+        if field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            target.update({str(k): _scalar(value_field, v) for k, v in value.items()})
+        elif field.is_repeated:
             for item in value:
                 fill(target.add(), item)
         elif kind == "google.protobuf.Struct":
