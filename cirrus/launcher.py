@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SCALABLE = ("requests", "scheduler", "lifecycle")
+SCALABLE = ("requests", "scheduler", "lifecycle", "flow")
 SERVICES = SCALABLE + ("gateway",)
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 COLOURS = ("36", "33", "32", "35", "34", "96", "93", "92", "95", "94")

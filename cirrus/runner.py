@@ -22,6 +22,7 @@ SERVICES = {
     "requests": "services.requests.service:RequestsService",
     "scheduler": "services.scheduler.service:SchedulerService",
     "lifecycle": "services.lifecycle.service:LifecycleService",
+    "flow": "services.flow.service:FlowService",
 }
 
 

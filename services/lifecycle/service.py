@@ -12,7 +12,8 @@ from nameko.timer import timer
 from cirrus import config, messages
 from cirrus.dependencies import OutboxRelay
 from cirrus.errors import CirrusError
-from services.lifecycle import accounting, clusters, images, logic, monitoring, vnets
+from services.lifecycle import (accounting, clusters, images, logic, monitoring, user_template,
+                                vnets)
 
 OUTBOX_INTERVAL = config.get()["lifecycle"].get("outbox_interval", 1)
 HOST_TIMEOUT = config.get()["lifecycle"].get("host_timeout", 15)
@@ -69,6 +70,12 @@ class LifecycleService:
     def set_sched_messages(self, messages_by_vm):
         with self.relay.transaction() as session:
             logic.set_sched_messages(session, messages_by_vm)
+
+    @api
+    def update_vm_template(self, vm_id, attrs, replace=False):
+        """The VM's user template (READY=YES...); a vm.updated event follows."""
+        with self.relay.transaction() as session:
+            return logic.describe(session, user_template.update(session, vm_id, attrs, replace))
 
     @event_handler(messages.NODE, messages.COMMAND_RESULT, requeue_on_error=True)
     def on_command_result(self, result):

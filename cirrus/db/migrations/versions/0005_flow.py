@@ -36,6 +36,7 @@ def upgrade():
     sa.Column('custom_attrs', postgresql.JSONB(astext_type=sa.Text()), server_default='{}', nullable=False),
     sa.Column('networks', postgresql.JSONB(astext_type=sa.Text()), server_default='{}', nullable=False),
     sa.Column('message', sa.Text(), server_default='', nullable=False),
+    sa.Column('deleting', sa.Boolean(), server_default='false', nullable=False),
     sa.Column('seq', sa.Integer(), server_default='0', nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
