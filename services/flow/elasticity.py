@@ -38,9 +38,10 @@ def _tokens(text):
     while pos < len(text):
         match = _TOKEN.match(text, pos)
         if not match or match.end() == pos:
-            raise ExpressionError(f"unexpected {text[pos:].strip()[:10]!r} at column {pos + 1}")
+            start = len(text) - len(text[pos:].lstrip())
+            raise ExpressionError(f"unexpected {text[start:start + 10]!r} at column {start + 1}")
         kind = match.lastgroup
-        out.append((kind, match.group(kind), pos + 1))
+        out.append((kind, match.group(kind), match.start(kind) + 1))
         pos = match.end()
     return out
 

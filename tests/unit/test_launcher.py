@@ -91,7 +91,7 @@ def test_parse_nodes():
 def test_cluster_specs_scale_services_and_run_one_worker_per_node():
     specs = {s.name: s for s in cluster_specs({"scheduler": 2}, ["n1", "n2"], "test:///default")}
     assert {n: s.count for n, s in specs.items()} == {
-        "requests": 1, "scheduler": 2, "lifecycle": 1, "gateway": 1, "n1": 1, "n2": 1}
+        "requests": 1, "scheduler": 2, "lifecycle": 1, "flow": 1, "gateway": 1, "n1": 1, "n2": 1}
     assert specs["scheduler"].argv[1:] == ["scheduler"]
     assert specs["n2"].argv[1:] == ["--host", "n2", "--uri", "test:///default"]
 
