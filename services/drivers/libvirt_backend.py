@@ -618,8 +618,10 @@ class LibvirtBackend(Backend):
         _model, memory_mb, cores, mhz = conn.getInfo()[:4]
         domains = self._cirrus_domains(conn)
         report = backend.host_totals(cores, mhz, memory_mb * 1024,
-                                     self._used_memory_kb(conn, domains),
+                                     self._used_memory_kb(conn, memory_mb * 1024, domains),
                                      self._used_cpu(conn, cores))
+        report.update(datastore_space(self.datastore))
+        report.update(host_net_counters())
         report["HYPERVISOR"] = self.domain_type
         report["URI"] = self.uri
         report["VMS"] = [self._vm_report(dom, state, memory_kb, cpu_ns)
@@ -671,14 +673,22 @@ class LibvirtBackend(Backend):
             cached = self._devices[dom.name()] = (uuid, disks, macs)
         return cached[1], cached[2]
 
-    def _used_memory_kb(self, conn, domains):
+    def _used_memory_kb(self, conn, total_kb, domains):
+        """The host's used memory: the node's memory stats (page cache and buffers
+        count as free), else its free memory, else what the domains use."""
         try:
             stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
             return stats["total"] - stats["free"] - stats.get("buffers", 0) - stats.get("cached", 0)
         except libvirt.libvirtError:
-            # the test driver has no node memory stats: count what domains use
-            return sum(memory_kb for _n, _i, state, memory_kb in domains
-                       if state != backend.POWEROFF)
+            pass
+        # the test driver has neither: its getFreeMemory says KiB where others say bytes
+        if self.domain_type != "test":
+            try:
+                return total_kb - conn.getFreeMemory() // 1024
+            except libvirt.libvirtError:
+                pass
+        return sum(memory_kb for _dom, state, memory_kb, _cpu in domains
+                   if state not in (backend.POWEROFF, backend.CRASHED))
 
     def _used_cpu(self, conn, cores):
         """Busy share of the host's CPU since the last report, in percent of a core."""
@@ -741,6 +751,44 @@ class LibvirtBackend(Backend):
             if declared_format(disk) is None and os.path.exists(path):
                 formats[disk["id"]] = image_format(path)
         return formats
+
+
+# NICs that carry guests' traffic, already counted as theirs, not the host's own
+GUEST_NICS = ("lo", "vnet", "tap", "macvtap", "virbr", "veth")
+
+
+def parse_net_dev(text):
+    """Bytes received and sent by the host's own NICs since boot, from the text
+    of /proc/net/dev: {"NETRX", "NETTX"}."""
+    rx = tx = 0
+    for line in text.splitlines()[2:]:
+        name, sep, counters = line.partition(":")
+        fields = counters.split()
+        if not sep or len(fields) < 9 or name.strip().startswith(GUEST_NICS):
+            continue
+        rx += int(fields[0])
+        tx += int(fields[8])
+    return {"NETRX": rx, "NETTX": tx}
+
+
+def host_net_counters(path="/proc/net/dev"):
+    try:
+        with open(path) as f:
+            return parse_net_dev(f.read())
+    except OSError:
+        return {"NETRX": 0, "NETTX": 0}
+
+
+def datastore_space(datastore):
+    """The system datastore's space: statvfs of its directory (of the nearest
+    existing parent until the first VM makes it), in MB, as an unprivileged
+    user sees the free space."""
+    path = os.path.abspath(datastore)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    fs = os.statvfs(path)
+    total_mb = fs.f_blocks * fs.f_frsize // 2**20
+    return backend.datastore_totals(total_mb, total_mb - fs.f_bavail * fs.f_frsize // 2**20)
 
 
 def default_parking(datastore):

@@ -77,8 +77,8 @@ class FailureScript:
                 self._left.pop(action, None)
                 return f"no {action} fails"
             self._left[action] = [count, message]
-        plural = "" if count == 1 else "s"
-        return f"the next {count} {action}{plural} fail" + (f": {message}" if message else "")
+        what = f"the next {action} fails" if count == 1 else f"the next {count} {action}s fail"
+        return what + (f": {message}" if message else "")
 
     def take(self, action):
         """If the next ``action`` must fail: the error to raise, else None."""

@@ -370,8 +370,9 @@ class NodeWorker:
                 message.ack()
         while self.replies:
             reply_to, correlation_id, body = self.replies[0]
-            producer.publish(body, exchange="", routing_key=reply_to, serializer="json",
-                             correlation_id=correlation_id, retry=False)
+            # through the default exchange ("" would mean the producer's own to kombu)
+            Producer(channel).publish(body, routing_key=reply_to, serializer="json",
+                                      correlation_id=correlation_id, retry=False)
             self.replies.popleft()
 
     def finish_running(self, conn, producer, channel):

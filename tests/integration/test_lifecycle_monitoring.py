@@ -406,3 +406,26 @@ def test_accounting_sums_the_stays_per_vm_and_per_user(rpc, node):
     with pytest.raises(RemoteError) as err:
         rpc.accounting(user_id, "last tuesday")
     assert err.value.exc_type == "InvalidArgument" and "start" in err.value.value
+
+
+# ---------------------------------------------------------------- host reports
+
+def test_a_hosts_whole_report_is_stored_and_shown(rpc, amqp_uri, request):
+    """What a node measures (capacity, datastore, network counters) is kept as sent."""
+    from services.drivers.simulated import SimulatedBackend
+    name = f"mon-report-{request.node.name}"[:60]
+    host = rpc.create_host(name, "none")
+    sim = SimulatedBackend(cores=4, memory_mb=2048, datastore_mb=5000)
+    sim.deploy({"id": 10**8 + host["id"], "memory": 256, "cpu": 1, "template": {}})
+    mon = sim.monitor()
+    FakeNodeTransport(amqp_uri, name).publish(
+        messages.HOST_MONITOR, {"host": name, "at": utcnow().isoformat(), "sync": False,
+                                "monitoring": mon})
+    shown = wait_for(lambda: rpc.get_host(host["id"]), lambda h: h["state"] == "MONITORED",
+                     f"host {name} MONITORED")
+    assert shown["monitoring"] == mon
+    assert (shown["max_cpu"], shown["max_mem"]) == (400, 2048)
+    for key in ("DS_LOCATION_TOTAL_MB", "DS_LOCATION_USED_MB", "DS_LOCATION_FREE_MB", "NETRX",
+                "NETTX", "USEDCPU", "USEDMEMORY", "CPUSPEED"):
+        assert isinstance(shown["monitoring"][key], int), key
+    rpc.offline_host(host["id"])        # stop the failure timer minding it
