@@ -9,7 +9,8 @@
 #                      "CONTEXT KEY=value" for each variable, and
 #                      "CONTEXT64 KEY=<base64 of the value>" (exact bytes, even
 #                      with newlines), then "CONTEXT APPLIED eth0 <addresses>",
-#                      "DISK vda <its first line>" for each virtio disk, and
+#                      "DISK vda <its first line>" for each virtio disk, then
+#                      "CIRRUS GUEST READY" when it has said all that, and
 #                      otherwise idles.
 #   OUTDIR/disk.qcow2  a 1 MiB disk image whose first line is "CIRRUS TINY DISK",
 #                      to register as an image: the guest prints that line when
@@ -29,7 +30,7 @@ virtio_pci virtio_net virtio_blk scsi_common scsi_mod cdrom sr_mod isofs libata 
 virtio_scsi button evdev"
 
 # bump when the guest changes, so that caches of older builds are rebuilt
-VERSION=4
+VERSION=5
 DISK_MARKER="CIRRUS TINY DISK"
 if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] && [ -s "$OUT/disk.qcow2" ] \
         && [ "$(cat "$OUT/version" 2>/dev/null)" = "$VERSION" ]; then
@@ -138,6 +139,7 @@ echo "cirrus-guest: disks" \$(ls /sys/block)
 for disk in /dev/vd?; do
     [ -b "\$disk" ] && echo "DISK \${disk#/dev/} \$(head -c 256 \$disk | tr -d '\\000' | head -n 1)"
 done
+echo "CIRRUS GUEST READY"
 while :; do sleep 3600; done
 INIT
 chmod 755 "$root/init"
