@@ -22,7 +22,7 @@ def services_in_protos():
 def test_the_protos_declare_the_api_services():
     names = {name for _, name in services_in_protos()}
     assert {"VirtualMachineService", "HostService", "TemplateService",
-            "SessionService"} <= names
+            "SessionService", "FlowTemplateService", "FlowService"} <= names
 
 
 def test_stubs_in_the_tree_match_the_protos(tmp_path):
