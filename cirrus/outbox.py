@@ -1,59 +1,203 @@
 """The transactional outbox.
 
 A service writes the messages a change causes into the ``outbox`` table in the
-same transaction as the change. ``Relay.flush`` then publishes them with
-publisher confirms and deletes them, so a message is never lost when a process
-dies after commit, and never sent for a change that rolled back. Delivery is at
-least once: consumers treat a repeat as a no-op (VM events carry ``seq``,
+same transaction as the change. After commit the relay *claims* those rows in
+a transaction of its own (``DELETE ... RETURNING`` over the rows it can lock,
+SKIP LOCKED), publishes them, waits once for the broker's confirms of the
+whole batch, and only then commits the delete. So:
+
+- a row is never sent by two relays: a claimed row stays locked until its
+  publisher commits, and another relay skips it (or finds it gone);
+- a row is never lost: if publishing or a confirm fails, or the process
+  dies, the claim rolls back and the row waits for the next sweep.
+
+Delivery is at least once (a crash between confirms and commit sends the
+batch again): consumers treat a repeat as a no-op (VM events carry ``seq``,
 driver results a command id).
 """
+import json
 import logging
+import threading
 from contextlib import contextmanager
 from datetime import timedelta
 
+import amqp
+from amqp import spec
 from kombu import Connection
-from kombu.pools import producers
-from sqlalchemy import delete, select
+from sqlalchemy import select
 
 from cirrus import messages
 from cirrus.db.models import Outbox, utcnow
 
 log = logging.getLogger(__name__)
 
-
 # The sweep leaves younger rows to the relay of the transaction that wrote
-# them, which deletes what it published in batches, at its next flush.
+# them, which publishes them right after its commit. Only contention, not
+# correctness, depends on it: a row is claimed by one relay whatever its age.
 SWEEP_GRACE = timedelta(seconds=5)
+# how long a batch may wait for its publisher confirms before it counts as failed
+CONFIRM_TIMEOUT = 30
+JSON = "application/json"
+
+_outbox = Outbox.__table__
+_INSERT = _outbox.insert().returning(_outbox.c.id)
+
+
+def add_many(session, rows):
+    """Write messages, each a dict of exchange, routing_key, payload and
+    headers, in one INSERT; their ids are kept in ``session.info`` for the
+    relay to publish after commit."""
+    if not rows:
+        return
+    ids = session.execute(_INSERT, rows).scalars().all()
+    session.info.setdefault("outbox", []).extend(ids)
+
+
+def event_row(source, event_type, payload, headers=None):
+    return {"exchange": messages.event_exchange(source).name, "routing_key": event_type,
+            "payload": payload, "headers": headers or {}}
+
+
+def command_row(cmd):
+    return {"exchange": messages.COMMANDS.name, "routing_key": cmd["host"], "payload": cmd,
+            "headers": {}}
 
 
 def add(session, exchange, routing_key, payload, headers=None):
-    row = Outbox(exchange=exchange, routing_key=routing_key, payload=payload,
-                 headers=headers or {})
-    session.add(row)
-    session.info.setdefault("outbox", []).append(row)
+    add_many(session, [{"exchange": exchange, "routing_key": routing_key, "payload": payload,
+                        "headers": headers or {}}])
 
 
 def add_event(session, source, event_type, payload, headers=None):
-    add(session, messages.event_exchange(source).name, event_type, payload, headers)
+    add_many(session, [event_row(source, event_type, payload, headers)])
 
 
 def add_command(session, cmd):
-    add(session, messages.COMMANDS.name, cmd["host"], cmd)
+    add_many(session, [command_row(cmd)])
+
+
+def claim(rows_wanted):
+    """DELETE ... RETURNING of the outbox rows ``rows_wanted`` (a select of
+    ids) that no other transaction holds: they are this transaction's to
+    publish, and come back if it rolls back."""
+    return (_outbox.delete()
+            .where(_outbox.c.id.in_(rows_wanted.with_for_update(skip_locked=True)
+                                    .scalar_subquery()))
+            .returning(_outbox.c.id, _outbox.c.exchange, _outbox.c.routing_key,
+                       _outbox.c.payload, _outbox.c.headers))
+
+
+class ConfirmingPublisher:
+    """One channel in confirm mode: ``publish_all`` sends a batch and waits
+    once for the broker to confirm every message of it (a nack or a dropped
+    connection raises; the caller then keeps the rows). Thread-safe (green
+    threads under eventlet): batches go out one at a time."""
+
+    def __init__(self, amqp_uri):
+        self.amqp_uri = amqp_uri
+        self.lock = threading.Lock()
+        self.connection = self.channel = None
+
+    def _open(self):
+        if self.channel is None:
+            self.connection = Connection(self.amqp_uri)
+            self.channel = self.connection.channel()
+            self.channel.confirm_select()
+            self.declared = set()   # exchanges and queues declared on this channel
+            self.tag = 0            # delivery tags count the channel's publishes from 1
+            self.unconfirmed = set()
+            self.nacked = []
+            self.channel.events["basic_ack"].add(self._on_ack)
+            self.channel.events["basic_nack"].add(self._on_nack)
+
+    def _on_ack(self, tag, multiple):
+        if multiple:
+            self.unconfirmed = {t for t in self.unconfirmed if t > tag}
+        else:
+            self.unconfirmed.discard(tag)
+
+    def _on_nack(self, tag, multiple):
+        self.nacked.append(tag)
+        self._on_ack(tag, multiple)
+
+    def close(self):
+        connection, self.connection, self.channel = self.connection, None, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:   # already gone: nothing to tidy
+                log.debug("closing the outbox connection failed", exc_info=True)
+
+    def _declare(self, row):
+        """The exchange name of a row; its exchange (and a command's node
+        queue) declared once per channel, without waiting for an answer: a
+        declaration the broker refuses closes the channel, and the batch
+        fails as any other publish would."""
+        key = (row.exchange, row.routing_key if row.exchange == messages.COMMANDS.name else None)
+        if key not in self.declared:
+            exchange, queues = destination(row)
+            for entity in (exchange, *queues):
+                entity(self.channel).declare(nowait=True)
+            self.declared.add(key)
+        return row.exchange
+
+    def publish_all(self, rows):
+        with self.lock:
+            try:
+                self._open()
+                exchanges = [self._declare(row) for row in rows]   # before the writes are gathered
+                transport = self.connection.connection.transport
+                send, frames = transport._write, bytearray()
+                # py-amqp writes each message to the socket at once; gathering
+                # the batch's frames into one write makes a batch cost one
+                # send, not one per message (the biggest cost of a publish)
+                transport._write = frames.extend
+                try:
+                    for row, exchange in zip(rows, exchanges):
+                        self.channel.basic_publish(
+                            amqp.Message(json.dumps(row.payload), content_type=JSON,
+                                         content_encoding="utf-8",
+                                         application_headers=row.headers or {},
+                                         delivery_mode=2),
+                            exchange=exchange, routing_key=row.routing_key)
+                        self.tag += 1
+                        self.unconfirmed.add(self.tag)
+                finally:
+                    transport._write = send
+                send(frames)
+                while self.unconfirmed:
+                    self.channel.wait([spec.Basic.Ack, spec.Basic.Nack], timeout=CONFIRM_TIMEOUT)
+                if self.nacked:
+                    nacked, self.nacked = self.nacked, []
+                    raise RuntimeError(f"the broker refused {len(nacked)} outbox messages")
+            except Exception:
+                self.close()    # a half-confirmed channel is not reused
+                raise
+
+
+def destination(row):
+    """The exchange of an outbox row, and the queue a command needs declared."""
+    if row.exchange == messages.COMMANDS.name:
+        return messages.COMMANDS, [messages.node_queue(row.routing_key)]
+    return messages.event_exchange(row.exchange.removesuffix(".events")), []
 
 
 class Relay:
-    """Publishes outbox rows: a transaction's own rows right after its commit,
-    and, in ``flush``, rows older than SWEEP_GRACE that a crash or an outage
-    left behind. Several relays may sweep at once: each takes rows with SKIP
-    LOCKED, so two sweeps never send the same row."""
+    """Publishes outbox rows: a transaction's own rows right after its commit
+    (by a sender thread, so the committing caller does not wait for the
+    broker), and, in ``flush``, rows older than SWEEP_GRACE that a crash or
+    an outage left behind. Any number of relays may run: each row is
+    claimed by one."""
 
-    def __init__(self, amqp_uri, session_factory, batch=500):
-        self.connection = Connection(amqp_uri, transport_options={"confirm_publish": True})
+    def __init__(self, amqp_uri, session_factory, batch=1000):
+        self.publisher = ConfirmingPublisher(amqp_uri)
         self.session_factory = session_factory
         self.batch = batch
-        # ids published after commit, deleted in one statement by the next flush;
-        # a crash before that only means they are sent again
-        self.published = []
+        self.queued = []            # ids committed and not yet handed to the publisher
+        self.queue_lock = threading.Lock()
+        self.sender = None
+        self.idle = threading.Event()
+        self.idle.set()
 
     @contextmanager
     def transaction(self):
@@ -63,46 +207,63 @@ class Relay:
             with session.begin():
                 yield session
             written = session.info.pop("outbox", [])
-            if written:
-                try:
-                    self._publish(written)
-                    self.published.extend(row.id for row in written)
-                except Exception:
-                    log.warning("outbox publish after commit failed; the sweep will retry",
-                                exc_info=True)
+        if written:
+            self.after_commit(written)
 
-    def _exchange(self, row):
-        if row.exchange == messages.COMMANDS.name:
-            return messages.COMMANDS, [messages.node_queue(row.routing_key)]
-        return messages.event_exchange(row.exchange.removesuffix(".events")), []
+    def after_commit(self, ids):
+        """Queue committed rows for the sender thread (a green thread under
+        eventlet), started if none runs. Rows of transactions that commit
+        close together go out in one batch, with one wait for confirms."""
+        with self.queue_lock:
+            self.queued.extend(ids)
+            if self.sender is None:
+                self.idle.clear()
+                self.sender = threading.Thread(target=self._send_queued, daemon=True,
+                                               name="outbox-sender")
+                self.sender.start()
 
-    def _publish(self, rows):
-        with producers[self.connection].acquire(block=True) as producer:
-            for row in rows:
-                exchange, queues = self._exchange(row)
-                producer.publish(
-                    row.payload, exchange=exchange, routing_key=row.routing_key,
-                    headers=row.headers, serializer="json", delivery_mode=2,
-                    declare=[exchange, *queues], retry=True, retry_policy={"max_retries": 3})
+    def _send_queued(self):
+        while True:
+            with self.queue_lock:
+                ids, self.queued = self.queued[:self.batch], self.queued[self.batch:]
+                if not ids:
+                    self.sender = None
+                    self.idle.set()
+                    return
+            try:
+                self.publish_ids(ids)
+            except Exception:
+                log.warning("outbox publish after commit failed; the sweep will retry",
+                            exc_info=True)
+
+    def wait_sent(self, timeout=None):
+        """Until the sender has handed every queued row to the broker (or
+        given up on it, leaving it to the sweep); False on timeout."""
+        return self.idle.wait(timeout)
+
+    def publish_claimed(self, rows_wanted):
+        """Claim the rows ``rows_wanted`` selects, publish them, wait for the
+        confirms, then commit; returns how many were sent. Raises (and keeps
+        the rows) if publishing fails."""
+        with self.session_factory() as session, session.begin():
+            rows = sorted(session.execute(claim(rows_wanted)).all(), key=lambda r: r.id)
+            if rows:
+                self.publisher.publish_all(rows)
+            return len(rows)
+
+    def publish_ids(self, ids):
+        for start in range(0, len(ids), self.batch):
+            chunk = ids[start:start + self.batch]
+            self.publish_claimed(select(_outbox.c.id).where(_outbox.c.id.in_(chunk))
+                                 .order_by(_outbox.c.id))
 
     def flush(self):
-        """Delete what was published after commit, then publish rows that a
-        crash or an outage left behind; returns how many of those it sent."""
-        done, self.published = self.published, []
-        if done:
-            with self.session_factory() as session, session.begin():
-                session.execute(delete(Outbox).where(Outbox.id.in_(done)))
+        """Publish rows that a crash or an outage left behind; returns how many."""
         sent = 0
         while True:
-            with self.session_factory() as session, session.begin():
-                rows = session.scalars(
-                    select(Outbox).where(Outbox.created_at < utcnow() - SWEEP_GRACE)
-                    .order_by(Outbox.id).limit(self.batch)
-                    .with_for_update(skip_locked=True)).all()
-                if not rows:
-                    return sent
-                self._publish(rows)
-                session.execute(delete(Outbox).where(Outbox.id.in_([r.id for r in rows])))
-                sent += len(rows)
-            if len(rows) < self.batch:
+            done = self.publish_claimed(
+                select(_outbox.c.id).where(_outbox.c.created_at < utcnow() - SWEEP_GRACE)
+                .order_by(_outbox.c.id).limit(self.batch))
+            sent += done
+            if done < self.batch:
                 return sent

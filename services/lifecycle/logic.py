@@ -7,11 +7,15 @@ keeps hosts' capacity in step (both hosts while a migration runs). User
 actions come in through ``vm_action`` (and ``recover``); placements and
 migrations reserve capacity first with ``reserve``'s conditional UPDATE.
 """
-from sqlalchemy import bindparam, or_, select, update
+import json
+
+from sqlalchemy import bindparam, or_, select, text, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import aliased
 
 from cirrus import messages, outbox
-from cirrus.db.models import Host, Template, User, VirtualMachine, VmHistory, utcnow
+from cirrus.db.models import (Host, Template, User, VirtualMachine, VmDevices, VmHistory,
+                               utcnow)
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from cirrus.states import (FAILED_FROM, MIGRATING, ON_HOST, SHORT_NAMES, TRANSIENT,
                            TransitionError, allows, next_transition, result_action, split,
@@ -83,6 +87,16 @@ def check_allowed(vm, action):
 def apply(session, vm, action, message=None):
     """Move ``vm`` by ``action`` as the transition table says; raises
     FailedPrecondition if its current status does not allow the action."""
+    write_steps(session, [step(session, vm, action, message)])
+    return vm
+
+
+def step(session, vm, action, message=None):
+    """The one place a VM changes status: checks the table, moves ``vm`` (an
+    ORM VirtualMachine or a ``VmRecord``) in memory, keeps the hosts' usage
+    in step, and returns what the move writes besides the VM row: its
+    history row and its outbox rows (the driver command, the ``vm.state``
+    event), for ``write_steps``."""
     current = vm_status(vm)
     transition = check_allowed(vm, action)
     vm.state, vm.lcm_state = (s.value for s in split(transition.target))
@@ -95,17 +109,85 @@ def apply(session, vm, action, message=None):
         start_over(vm)
     if transition.target == "RUNNING":
         vm.resume_from = None
-    session.add(VmHistory(vm_id=vm.id, seq=vm.seq, action=action, from_status=current,
-                          to_status=transition.target, host_id=vm.host_id, message=message))
+    history = {"vm_id": vm.id, "seq": vm.seq, "action": action, "from_status": current,
+               "to_status": transition.target, "host_id": vm.host_id, "message": message}
     vm.command_id = None
+    rows = []
     if transition.command:
         cmd = driver_command(session, vm, transition)
         vm.command_id = cmd["id"]
-        outbox.add_command(session, cmd)
+        rows.append(outbox.command_row(cmd))
     host = session.get(Host, vm.host_id) if vm.host_id else None
-    outbox.add_event(session, messages.LIFECYCLE, messages.VM_STATE,
-                     state_event(vm, host.name if host else None, freed))
-    return vm
+    rows.append(outbox.event_row(messages.LIFECYCLE, messages.VM_STATE,
+                                 state_event(vm, host.name if host else None, freed)))
+    return history, rows
+
+
+_HISTORY_INSERT = VmHistory.__table__.insert()
+
+
+def write_steps(session, steps):
+    """The history and outbox rows of ``steps``, in one INSERT each."""
+    if steps:
+        session.execute(_HISTORY_INSERT, [history for history, _ in steps])
+        outbox.add_many(session, [row for _, rows in steps for row in rows])
+
+
+def apply_many(session, moves):
+    """``apply`` for many VMs at once: ``moves`` is [(VmRecord, action,
+    message)]. Each move is checked and made by ``step``, as one ``apply``;
+    then the VM rows, the history and the outbox are written with one
+    statement each. Raises FailedPrecondition if any VM's status does not
+    allow its action (the caller's transaction then rolls back)."""
+    steps = [step(session, vm, action, message) for vm, action, message in moves]
+    write_records(session, [vm for vm, _, _ in moves])
+    write_steps(session, steps)
+
+
+# ---------------------------------------------------------------- VMs as plain records
+
+_vms = VirtualMachine.__table__
+# what the bulk path reads of a VM: everything but the monitoring series
+RECORD_COLUMNS = [c for c in _vms.c if c.name not in ("monitoring", "metrics")]
+# what a transition may change, written back by ``write_records``
+WRITTEN_COLUMNS = ("state", "lcm_state", "seq", "updated_at", "host_id", "target_host_id",
+                   "resume_from", "command_id", "sched_message", "error", "deploy_id",
+                   "runtime", "resched")
+
+
+class VmRecord:
+    """A VM row as a plain object: ``step`` moves it like an ORM VM, without
+    the ORM's per-object bookkeeping; ``write_records`` writes it back."""
+
+    def __init__(self, mapping):
+        self.__dict__.update(mapping)
+
+
+def lock_records(session, vm_ids):
+    """{id: VmRecord} of the VMs ``vm_ids``, locked in id order."""
+    rows = session.execute(select(*RECORD_COLUMNS).where(_vms.c.id.in_(sorted(vm_ids)))
+                           .order_by(_vms.c.id).with_for_update())
+    return {row.id: VmRecord(row._mapping) for row in rows}
+
+
+def write_records(session, vms):
+    """Write the WRITTEN_COLUMNS of ``vms`` in one UPDATE, the new values
+    passed as one JSON array (one statement, compiled once, whatever the count)."""
+    if vms:
+        rows = [{name: getattr(vm, name) for name in ("id", *WRITTEN_COLUMNS)} for vm in vms]
+        session.execute(_WRITE_RECORDS, {"rows": json.dumps(rows, default=iso)})
+
+
+def _write_records_sql():
+    dialect = postgresql.dialect()
+    names = ("id", *WRITTEN_COLUMNS)
+    types = ", ".join(f"{name} {_vms.c[name].type.compile(dialect=dialect)}" for name in names)
+    sets = ", ".join(f"{name} = new.{name}" for name in WRITTEN_COLUMNS)
+    return text(f"UPDATE vms SET {sets} FROM jsonb_to_recordset(CAST(:rows AS jsonb)) "
+                f"AS new({types}) WHERE vms.id = new.id")
+
+
+_WRITE_RECORDS = _write_records_sql()
 
 
 def move_capacity(session, vm, current, transition):
@@ -255,6 +337,16 @@ def deploy_refusal(vm):
 def deployed(session, vm, host_id):
     """Send ``vm`` to ``host_id``, whose capacity is already reserved for it,
     once it has its leases and images (else the reservation is given back)."""
+    answer = take_devices(session, vm, host_id)
+    if answer["outcome"] == "deployed":
+        apply(session, vm, DEPLOY_ACTIONS[vm.resume_from])
+    return answer
+
+
+def take_devices(session, vm, host_id):
+    """What a deploy does before its transition: take the VM's leases and
+    images; without them the reservation on ``host_id`` is given back and
+    the VM waits (``vm_waits``, the reason in sched_message)."""
     shortage = devices.take(session, vm)
     if shortage:
         add_usage(session, vm, host_id, -1)
@@ -263,28 +355,43 @@ def deployed(session, vm, host_id):
     vm.host_id = host_id
     vm.sched_message = None
     vm.error = None
-    apply(session, vm, DEPLOY_ACTIONS[vm.resume_from])
     return {"outcome": "deployed", "reason": None}
+
+
+def parse_placements(placements):
+    """[(vm_id, host_id)] from the wire, each VM once; InvalidArgument names a bad one."""
+    parsed, seen = [], set()
+    for placement in placements:
+        try:
+            vm_id, host_id = (int(x) for x in placement)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"placements: each must be [vm_id, host_id], "
+                                  f"got {placement!r}") from None
+        if vm_id in seen:
+            raise InvalidArgument(f"placements: VM {vm_id} is placed twice")
+        seen.add(vm_id)
+        parsed.append((vm_id, host_id))
+    return parsed
 
 
 def deploy_many(session, placements):
     """``deploy`` for a batch of [vm_id, host_id], in one transaction; returns
     each answer with its vm_id, in the order given.
 
-    All the VM rows are locked first, in id order, and hosts are then
-    reserved in host order, so that two batches (two schedulers) never wait
-    for each other in a cycle. The VMs going to one host are reserved with
-    one conditional UPDATE when they all fit, else one by one; the rows the
-    batch writes (history, outbox) are flushed together at the end."""
-    placements = [(int(vm_id), int(host_id)) for vm_id, host_id in placements]
-    vms = {vm.id: vm for vm in session.scalars(
-        select(VirtualMachine).where(VirtualMachine.id.in_({v for v, _ in placements}))
-        .order_by(VirtualMachine.id).with_for_update())}
-    # held here so that they stay in the session (a weak map) for apply() and
-    # driver_command(), which read the host's name
-    hosts = session.scalars(select(Host).where(Host.id.in_({h for _, h in placements}))).all()
-    by_host = {}
-    answers = {}
+    Set-based, for the scheduler's batches: the VM rows are locked first, in
+    id order, as plain records; then the hosts, in id order, so that two
+    batches (two schedulers) never wait for each other in a cycle. One
+    UPDATE ... FROM (VALUES ...) reserves each host's share of the batch,
+    checking in SQL that the host fits all of it; the VMs of a host that does
+    not are tried one by one. The transitions are ``apply_many``'s: the same
+    table as ``apply``, and one statement each for the VM rows, the history
+    and the outbox."""
+    placements = parse_placements(placements)
+    vms = lock_records(session, {vm_id for vm_id, _ in placements})
+    # held in the session for step() and driver_command(), which read the host's name
+    hosts = session.scalars(select(Host).where(Host.id.in_({h for _, h in placements}))
+                            .order_by(Host.id).with_for_update()).all()
+    answers, by_host = {}, {}
     for vm_id, host_id in placements:
         vm = vms.get(vm_id)
         refusal = (deploy_refusal(vm) if vm is not None else
@@ -294,19 +401,51 @@ def deploy_many(session, placements):
         else:
             by_host.setdefault(host_id, []).append(vm)
     with session.no_autoflush:
+        whole = reserve_shares(session, [
+            (host_id, sum(cpu_percent(vm.cpu) for vm in group), sum(vm.memory for vm in group),
+             len(group)) for host_id, group in sorted(by_host.items())])
+        moves, waiting = [], []
         for host_id, group in sorted(by_host.items()):
-            group.sort(key=lambda vm: vm.id)
-            if reserve_capacity(session, host_id, sum(cpu_percent(vm.cpu) for vm in group),
-                                sum(vm.memory for vm in group), len(group)):
-                fitting = group
-            else:
-                fitting = [vm for vm in group if reserve(session, vm, host_id)]
+            fitting = group if host_id in whole else [
+                vm for vm in group if reserve(session, vm, host_id)]
             for vm in group:
-                answers[vm.id] = (deployed(session, vm, host_id) if vm in fitting else
-                                  {"outcome": "host_unfit",
-                                   "reason": unfit_reason(session, vm, host_id)})
+                if vm not in fitting:
+                    answers[vm.id] = {"outcome": "host_unfit",
+                                      "reason": unfit_reason(session, vm, host_id)}
+                    continue
+                answers[vm.id] = take_devices(session, vm, host_id)
+                if answers[vm.id]["outcome"] == "deployed":
+                    moves.append((vm, DEPLOY_ACTIONS[vm.resume_from], None))
+                else:
+                    waiting.append(vm)
+        apply_many(session, moves)
+        write_records(session, waiting)     # their sched_message
     del hosts
     return [{"vm_id": vm_id, **answers[vm_id]} for vm_id, _ in placements]
+
+
+def reserve_shares(session, shares):
+    """Reserve [(host_id, cpu, memory, vms)] (each host once) in one
+    conditional UPDATE over the shares as arrays: a host takes its whole
+    share or nothing, room counted as ``reserve`` counts it. Returns the
+    hosts that took it."""
+    if not shares:
+        return set()
+    host_ids, cpus, memories, counts = (list(column) for column in zip(*shares))
+    return set(session.execute(_RESERVE_SHARES, {"host_ids": host_ids, "cpus": cpus,
+                                                 "memories": memories,
+                                                 "counts": counts}).scalars())
+
+
+_RESERVE_SHARES = text(
+    "UPDATE hosts SET cpu_usage = cpu_usage + need.cpu, mem_usage = mem_usage + need.memory, "
+    "running_vms = running_vms + need.vms "
+    "FROM unnest(CAST(:host_ids AS integer[]), CAST(:cpus AS integer[]), "
+    "CAST(:memories AS integer[]), CAST(:counts AS integer[])) AS need(host_id, cpu, memory, vms) "
+    "WHERE hosts.id = need.host_id AND hosts.state = 'MONITORED' "
+    "AND hosts.max_cpu - hosts.reserved_cpu - hosts.cpu_usage >= need.cpu "
+    "AND hosts.max_mem - hosts.reserved_mem - hosts.mem_usage >= need.memory "
+    "RETURNING hosts.id")
 
 
 def migrate(session, vm, host_id, live=False):
@@ -439,6 +578,13 @@ def handle_result(session, result):
     reports (checkpoint, vm_dir, deploy_id...) is kept in ``runtime`` for the
     commands that follow."""
     vm = session.get(VirtualMachine, result["vm_id"], with_for_update=True)
+    move = result_move(vm, result)
+    return apply(session, vm, *move) if move else None
+
+
+def result_move(vm, result):
+    """(action, message) a driver result moves ``vm`` by, after keeping what
+    it reported; None for a result that is not the VM's command in flight."""
     if vm is None or vm.command_id != result["command_id"]:
         return None
     info = result.get("info") or {}
@@ -448,8 +594,32 @@ def handle_result(session, result):
             vm.deploy_id = info["deploy_id"]
     if not result["success"]:
         vm.error = f"{result['action']} failed: {result['error']}"
-    return apply(session, vm, result_action(vm_status(vm), result["success"]),
-                 message=None if result["success"] else vm.error)
+    return (result_action(vm_status(vm), result["success"]),
+            None if result["success"] else vm.error)
+
+
+def handle_results(session, results):
+    """``handle_result`` for many driver answers in one transaction: the VMs
+    are locked in id order as records, each result is checked and moves its
+    VM by ``step`` in the order given (so a repeat of a result finds the
+    command it answered no longer in flight), then the VM rows, history and
+    outbox are written with one statement each."""
+    vms = lock_records(session, {result["vm_id"] for result in results})
+    # in the session's identity map for driver_command: host names, the VMs' devices
+    held = session.scalars(select(VmDevices).where(VmDevices.vm_id.in_(sorted(vms)))).all()
+    hosts = session.scalars(select(Host).where(Host.id.in_(
+        {h for vm in vms.values() for h in (vm.host_id, vm.target_host_id) if h}))).all()
+    steps, moved = [], {}
+    for result in results:
+        vm = vms.get(result["vm_id"])
+        move = result_move(vm, result)
+        if move:
+            steps.append(step(session, vm, *move))
+            moved[vm.id] = vm
+    write_records(session, list(moved.values()))
+    write_steps(session, steps)
+    del held, hosts
+    return len(steps)
 
 
 def set_sched_message(session, vm_id, message):

@@ -5,7 +5,10 @@ calls a function of ``logic``. Driver results and host monitoring come in as
 events from the nodes; state changes and driver commands leave through the
 outbox after commit.
 """
+from eventlet.event import Event
+from eventlet.semaphore import Semaphore
 from nameko.events import event_handler
+from nameko.extensions import DependencyProvider
 from nameko.rpc import rpc
 from nameko.timer import timer
 
@@ -21,10 +24,53 @@ HOST_TIMEOUT = config.get()["lifecycle"].get("host_timeout", 15)
 api = rpc(expected_exceptions=CirrusError)
 
 
+class Batches(DependencyProvider):
+    """Driver results that arrive together are applied in one transaction.
+    Each handler queues its result and waits; whichever handler finds no
+    batch under way applies everything queued, again until nothing is. The
+    handlers return (and Nameko acks) only after their batch committed. A
+    batch that fails is retried one result at a time, so one bad result
+    fails (and is requeued) alone."""
+
+    def setup(self):
+        self.queued = []
+        self.lock = Semaphore()
+
+    def get_dependency(self, worker_ctx):
+        return self
+
+    def apply(self, item, apply_batch):
+        done = Event()
+        self.queued.append((item, done))
+        while not done.ready() and self.lock.acquire(blocking=False):
+            try:
+                while self.queued:
+                    batch, self.queued = self.queued, []
+                    self._run(batch, apply_batch)
+            finally:
+                self.lock.release()
+        done.wait()
+
+    @staticmethod
+    def _run(batch, apply_batch):
+        try:
+            apply_batch([item for item, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0][1].send_exception(exc)
+                return
+            for one in batch:
+                Batches._run([one], apply_batch)
+        else:
+            for _, done in batch:
+                done.send(None)
+
+
 class LifecycleService:
     name = messages.LIFECYCLE
 
     relay = OutboxRelay()
+    results = Batches()
 
     # -------------------------------------------------------------- VMs
 
@@ -79,8 +125,11 @@ class LifecycleService:
 
     @event_handler(messages.NODE, messages.COMMAND_RESULT, requeue_on_error=True)
     def on_command_result(self, result):
+        self.results.apply(result, self.apply_results)
+
+    def apply_results(self, results):
         with self.relay.transaction() as session:
-            logic.handle_result(session, result)
+            logic.handle_results(session, results)
 
     @event_handler(messages.NODE, messages.HOST_MONITOR, requeue_on_error=True)
     def on_host_monitor(self, report):

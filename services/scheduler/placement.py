@@ -107,6 +107,15 @@ class HostView:
         self.version += 1
         self._sync()
 
+    def release(self, cpu, memory):
+        """Give back a reservation lifecycle did not make after all."""
+        self.cpu_usage -= cpu
+        self.mem_usage -= memory
+        self.running_vms -= 1
+        self.dispatched -= 1
+        self.version += 1
+        self._sync()
+
     def _sync(self):
         self.attributes.update(CPU_USAGE=self.cpu_usage, MEM_USAGE=self.mem_usage,
                                RUNNING_VMS=self.running_vms)
@@ -379,6 +388,17 @@ class Planner:
         self.changes.append(host.id)
         if vm.group is not None and vm.group in self.groups:
             self.groups[vm.group].placed[vm.role].add(host.id)
+
+    def release(self, vm, host):
+        """Lifecycle gave ``vm``'s share of ``host`` back (the VM waits for its
+        devices): the host has that room again for the rest of the pass, and
+        every class looks at it again. The VM group keeps counting the VM on
+        the host for this pass, which only keeps its rules stricter."""
+        host.release(vm.cpu, vm.memory)
+        self.changes.append(host.id)
+        for vm_class in self.classes.values():
+            vm_class.failure = None
+            vm_class.consider(host, push=True)
 
     def forget(self, host):
         """Lifecycle refused ``host`` (another scheduler filled it): skip it

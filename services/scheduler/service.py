@@ -56,7 +56,7 @@ class Settings:
         self.max_vm = int(setting("max_vm", 0))
         self.max_dispatch = int(setting("max_dispatch", 0))
         self.max_host = int(setting("max_host", 0))
-        self.batch = max(1, int(setting("batch", 100)))
+        self.batch = max(1, int(setting("batch", 500)))
         self.in_flight = max(1, int(setting("in_flight", 4)))
         self.live_migration = bool(setting("live_migration", True))
 
@@ -183,6 +183,11 @@ class SchedulerService:
                 planner.forget(host)
                 reasons[vm.id] = answer["reason"]
                 retry.append(vm)
+            elif answer["outcome"] == "vm_waits":
+                # its devices (a lease, a persistent image) cannot be had now:
+                # lifecycle gave the host's share back, and so does the plan
+                planner.release(vm, host)
+                reasons[vm.id] = answer["reason"]
             # vm_not_pending: another scheduler placed it, or its owner acted
         return retry
 
