@@ -17,9 +17,11 @@ import random
 
 RAMP_RATE = 100             # first reports a second when a worker starts many hosts
 URGENT_GAP = 0.5            # seconds between two early reports of one host
-# a report is sent early when used memory, CPU or datastore space moved by this
-# share of the host's total since the last report, or a domain came, went or changed state
+# a report is sent early when a domain came, went or changed state, or used memory or
+# datastore space moved by this share of the host's total since the last report; CPU,
+# which swings by itself, by the larger share
 CHANGE_SHARE = 0.1
+CPU_CHANGE_SHARE = 0.25
 
 
 class ReportSchedule:
@@ -83,19 +85,20 @@ def domain_states(report):
     return {vm.get("VM_ID"): vm.get("STATE") for vm in report.get("VMS") or []}
 
 
-def _moved(previous, current, used, total):
+def _moved(previous, current, used, total, share=CHANGE_SHARE):
     if not previous.get(total):
         return False
-    return abs(current.get(used, 0) - previous.get(used, 0)) >= CHANGE_SHARE * previous[total]
+    return abs(current.get(used, 0) - previous.get(used, 0)) >= share * previous[total]
 
 
 def significant_change(previous, current):
     """Whether ``current`` says something the last report sent (``previous``)
-    did not: a domain appeared, disappeared or changed state, or used memory,
-    CPU or datastore space moved by CHANGE_SHARE of the host's total."""
+    did not: a domain appeared, disappeared or changed state, or used memory
+    or datastore space moved by CHANGE_SHARE of the host's total, or used CPU
+    by CPU_CHANGE_SHARE."""
     if previous is None:
         return True
     return (domain_states(previous) != domain_states(current)
             or _moved(previous, current, "USEDMEMORY", "TOTALMEMORY")
-            or _moved(previous, current, "USEDCPU", "TOTALCPU")
+            or _moved(previous, current, "USEDCPU", "TOTALCPU", CPU_CHANGE_SHARE)
             or _moved(previous, current, "DS_LOCATION_USED_MB", "DS_LOCATION_TOTAL_MB"))
