@@ -338,7 +338,7 @@ def cluster_specs(scale=None, nodes=("node-1",), uri="test:///default", node_arg
                   simulate=None):
     """The processes of one cluster: the services (scaled), the gateway, one worker per node,
     and with ``simulate`` (count, prefix) one ``cirrus-node --simulate`` serving that many
-    simulated hosts, which it registers itself."""
+    simulated hosts, which it registers itself; it gets ``node_args`` too ({node}: the prefix)."""
     scale = {name: 1 for name in SERVICES} | dict(scale or {})
     specs = [ProcessSpec(name, [program("cirrus-service"), name], scale[name]) for name in SCALABLE]
     specs.append(ProcessSpec("gateway", [program("cirrus-gateway")], scale["gateway"]))
@@ -348,7 +348,8 @@ def cluster_specs(scale=None, nodes=("node-1",), uri="test:///default", node_arg
     if simulate:
         count, prefix = simulate
         specs.append(ProcessSpec("simulator", [program("cirrus-node"), "--simulate", str(count),
-                                               "--prefix", prefix, "--register"]))
+                                               "--prefix", prefix, "--register",
+                                               *node_arguments(node_args, prefix)]))
     return specs
 
 

@@ -10,8 +10,10 @@ def test_simulate_adds_one_registering_simulator_beside_the_nodes():
     assert specs["simulator"].argv[1:] == ["--simulate", "30", "--prefix", "lab", "--register"]
     assert specs["simulator"].count == 1
     assert not any(s.argv[1:2] == ["--host"] for s in specs.values())
-    with_node = {s.name for s in cluster_specs(None, ["n1"], "test:///default", "", (2, "s"))}
-    assert {"n1", "simulator"} <= with_node
+    with_node = {s.name: s for s in cluster_specs(None, ["n1"], "test:///default",
+                                                  "--sim-delay 0.5", (2, "s"))}
+    # --node-args reach the simulator too (its knobs: --monitor-interval, --sim-delay...)
+    assert with_node["simulator"].argv[-2:] == with_node["n1"].argv[-2:] == ["--sim-delay", "0.5"]
 
 
 def test_a_simulated_cluster_of_no_hosts_is_refused(capsys):
