@@ -22,7 +22,7 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     password_hash: Mapped[str] = mapped_column(String(256))
-    role: Mapped[str] = mapped_column(String(32), default="user")   # admin | user
+    role: Mapped[str] = mapped_column(String(32), default="user")   # admin | cloud-admin | finance | user
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -356,3 +356,141 @@ class FlowLog(Base):
     severity: Mapped[str] = mapped_column(String(8))          # I | W | E
     message: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+# ---------------------------------------------------------------- Request management (issue 8)
+# Users' groups, quotas, provisioning requests run by a BPMN process, the audit
+# trail and the CMDB outbox (services/requests/). The requests service owns these.
+
+class Group(Base):
+    __tablename__ = "groups"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class GroupMember(Base):
+    __tablename__ = "group_members"
+    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"),
+                                         primary_key=True, index=True)
+
+
+class Quota(Base):
+    """The limits of one user or group (None: no limit) and what it holds now.
+    ``cpu`` counts virtual CPUs, ``memory`` MB. Charged and released by one
+    conditional UPDATE each, so two requests cannot both slip under a limit."""
+    __tablename__ = "quotas"
+    __table_args__ = (UniqueConstraint("scope", "subject_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(8))              # user | group
+    subject_id: Mapped[int] = mapped_column(Integer)
+    vms: Mapped[int] = mapped_column(Integer, nullable=True)
+    cpu: Mapped[int] = mapped_column(Integer, nullable=True)
+    memory: Mapped[int] = mapped_column(Integer, nullable=True)
+    images: Mapped[int] = mapped_column(Integer, nullable=True)
+    vms_used: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cpu_used: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    memory_used: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    images_used: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class QuotaCharge(Base):
+    """What one request or image holds against which quotas (``scopes``:
+    [[scope, subject_id]...]), so it is released once, exactly as charged.
+    ``resource_id``: the VM (kind vm) or image (kind image) it became."""
+    __tablename__ = "quota_charges"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))                # vm | image
+    request_id: Mapped[int] = mapped_column(
+        ForeignKey("provision_requests.id", ondelete="SET NULL"), nullable=True, index=True)
+    resource_id: Mapped[int] = mapped_column(Integer, nullable=True)
+    scopes: Mapped[list] = mapped_column(JSONB, default=list)
+    vms: Mapped[int] = mapped_column(Integer, default=0)
+    cpu: Mapped[int] = mapped_column(Integer, default=0)
+    memory: Mapped[int] = mapped_column(Integer, default=0)
+    images: Mapped[int] = mapped_column(Integer, default=0)
+    released_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    __table_args__ = (Index("ix_quota_charges_kind_resource", "kind", "resource_id"),)
+
+
+class ProcessVersion(Base):
+    """A BPMN file as loaded; the newest is in force for new requests."""
+    __tablename__ = "process_versions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    process_id: Mapped[str] = mapped_column(String(128))
+    bpmn: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    loaded_by: Mapped[str] = mapped_column(String(128), nullable=True)
+    loaded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ProvisionRequest(Base):
+    """A request to make a VM (kind vm, template) or a service (flow). ``spec``:
+    what to make once approved; ``data``: the process variables; ``workflow``:
+    the SpiffWorkflow state, written at every step. WAITING -> APPROVED ->
+    PROVISIONED, or REJECTED, or FAILED (provisioning refused)."""
+    __tablename__ = "provision_requests"
+    __table_args__ = (UniqueConstraint("owner_id", "client_request_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict] = mapped_column(JSONB)
+    data: Mapped[dict] = mapped_column(JSONB)
+    process_version_id: Mapped[int] = mapped_column(ForeignKey("process_versions.id"))
+    workflow: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    step: Mapped[str] = mapped_column(String(128), nullable=True)       # the task waiting
+    waiting_for: Mapped[str] = mapped_column(String(32), nullable=True, index=True)  # its role
+    reason: Mapped[str] = mapped_column(Text, nullable=True)       # why rejected or failed
+    vm_ids: Mapped[list] = mapped_column(JSONB, default=list, server_default="[]")
+    service_id: Mapped[int] = mapped_column(Integer, nullable=True)
+    client_request_id: Mapped[str] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class RequestStep(Base):
+    """One wait of a request at a user task: when it began and ended, and
+    the decision that ended it."""
+    __tablename__ = "request_steps"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[int] = mapped_column(
+        ForeignKey("provision_requests.id", ondelete="CASCADE"), index=True)
+    step: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(32))
+    entered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    left_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=True)
+    decision: Mapped[str] = mapped_column(String(16), nullable=True)   # approved | rejected
+    decided_by: Mapped[str] = mapped_column(String(128), nullable=True)
+    reason: Mapped[str] = mapped_column(Text, nullable=True)
+
+
+class AuditEntry(Base):
+    """The audit trail: append-only (a trigger refuses UPDATE and DELETE).
+    Names, not foreign keys, so it outlives the users it mentions."""
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(),
+                                         index=True)
+    actor: Mapped[str] = mapped_column(String(128), nullable=True)
+    actor_role: Mapped[str] = mapped_column(String(32), nullable=True)
+    action: Mapped[str] = mapped_column(String(64))
+    object_kind: Mapped[str] = mapped_column(String(32))
+    object_id: Mapped[str] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str] = mapped_column(Text, nullable=True)
+    details: Mapped[dict] = mapped_column(JSONB, default=dict, server_default="{}")
+
+
+class CmdbOutbox(Base):
+    """CMDB records not yet accepted by the sink; retried with backoff."""
+    __tablename__ = "cmdb_outbox"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    record: Mapped[dict] = mapped_column(JSONB)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                      server_default=func.now())
+    last_error: Mapped[str] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

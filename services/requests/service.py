@@ -1,23 +1,40 @@
 """The request manager: authenticates every call, validates requests, and
 hands them to the service that owns the resource.
 
-Approvals and quotas will sit here too; today a valid request goes straight
-to ``lifecycle``.
+A VM or a service is made through a provisioning request (issue 8): its
+quotas are charged, the approval process runs (services/requests/approvals.py),
+and once approved the request provisions through ``lifecycle`` or ``flow``.
+Users, groups, quotas, the audit log and the CMDB sink live here too.
 """
 import json
+import logging
+from datetime import timedelta
 
+from nameko.events import event_handler
 from nameko.rpc import rpc
+from nameko.timer import timer
 from sqlalchemy import select
 
 from cirrus import auth, config, messages, states
-from cirrus.db.models import User
-from cirrus.dependencies import Database, Rpc
-from cirrus.errors import (CirrusError, InvalidArgument, NotFound, PermissionDenied,
-                           Unauthenticated)
+from cirrus.db.models import User, utcnow
+from cirrus.dependencies import Database, OutboxRelay, Rpc
+from cirrus.errors import (CirrusError, FailedPrecondition, InvalidArgument, NotFound,
+                           PermissionDenied, Unauthenticated)
+from cirrus.template import vm_resources as template_resources
+from services.requests import approvals, audit, cmdb, provisioning, quotas, users
 from cirrus.expressions import ExpressionError, compile_rank, compile_requirements
 from cirrus.template import parse, vm_resources
 
 api = rpc(expected_exceptions=CirrusError)
+log = logging.getLogger(__name__)
+
+# issue 8: the requests section of the configuration, with its defaults
+SETTINGS = {"housekeeping_interval": 2, "stuck_after": 30, "cmdb_sink": "jsonl",
+            "cmdb_path": "/var/tmp/cirrus/cmdb.jsonl", "cmdb_url": None, "cmdb_retries": 3,
+            "cmdb_timeout": 5, **(config.get().get("requests") or {})}
+HOUSEKEEPING_INTERVAL = float(SETTINGS["housekeeping_interval"])
+# an APPROVED request not changed for this long is provisioned again
+STUCK_AFTER = timedelta(seconds=float(SETTINGS["stuck_after"]))
 
 # VM actions that choose a host: administrators only, as in OpenNebula
 ADMIN_ACTIONS = frozenset({"deploy", "migrate"})
@@ -99,8 +116,11 @@ class RequestsService:
                 user = auth.authenticate(session, credentials)
             except auth.AuthError as exc:
                 raise Unauthenticated(str(exc)) from None
-            return {"id": user.id, "name": user.name, "role": user.role,
-                    "admin": user.role == "admin"}
+            caller = {"id": user.id, "name": user.name, "role": user.role,
+                      "admin": user.role == "admin"}
+            if session.dirty:       # an old password hash, replaced by argon2
+                session.commit()
+            return caller
 
     def owned(self, user, resource, kind, rid):
         """Users see their own resources; admins see all. Others' look absent."""
@@ -147,9 +167,10 @@ class RequestsService:
 
     @api
     def create_vm(self, credentials, spec):
-        user = self.user(credentials)
-        template = parse_template(spec["template"]) if spec.get("template") else {}
-        return self.lifecycle.allocate(owner_id=user["id"], **allocate_arguments(template, spec))
+        """A VM through a provisioning request: the VM if the request is
+        provisioned at once, else FAILED_PRECONDITION naming the request
+        (SubmitVm answers with the request instead)."""
+        return self.vm_or_waiting(self.submit_vm(credentials, spec))
 
     @api
     def get_vm(self, credentials, vm_id):
@@ -340,12 +361,9 @@ class RequestsService:
 
     @api
     def instantiate_template(self, credentials, template_id, name=None, hold=False):
-        user = self.user(credentials)
-        template = self.owned(user, self.lifecycle.get_template(template_id), "template",
-                              template_id)
-        spec = {"name": name or template["name"], "hold": hold}
-        return self.lifecycle.allocate(owner_id=user["id"],
-                                       **allocate_arguments(template["body"], spec))
+        """A VM from a template, through a provisioning request like create_vm."""
+        return self.vm_or_waiting(self.submit_vm(
+            credentials, {"template_id": template_id, "name": name, "hold": hold}))
 
     # -------------------------------------------------------------- storage and networks
     # (issue 5) as OpenNebula authorizes them: datastores and virtual networks are made
@@ -374,8 +392,20 @@ class RequestsService:
 
     @api
     def create_image(self, credentials, name, path, datastore=None, persistent=False):
+        """An image, counted against its owner's images quota while it exists."""
         user = self.user(credentials)
-        return self.lifecycle.create_image(user["id"], name, path, datastore, persistent)
+        with self.relay.transaction() as session:
+            charge_id = quotas.charge(session, "image", quotas.scopes_of(session, user["id"]),
+                                      quotas.need_of(images=1)).id
+        try:
+            image = self.lifecycle.create_image(user["id"], name, path, datastore, persistent)
+        except Exception:
+            with self.relay.transaction() as session:
+                quotas.release(session, charge_id)
+            raise
+        with self.relay.transaction() as session:
+            quotas.attach(session, charge_id, image["id"])
+        return image
 
     @api
     def get_image(self, credentials, image_id):
@@ -390,7 +420,10 @@ class RequestsService:
     @api
     def delete_image(self, credentials, image_id):
         self.get_image(credentials, image_id)
-        return self.lifecycle.delete_image(image_id)
+        image = self.lifecycle.delete_image(image_id)
+        with self.relay.transaction() as session:
+            quotas.release_resource(session, "image", image_id)
+        return image
 
     @api
     def set_image_persistent(self, credentials, image_id, persistent):
@@ -504,12 +537,11 @@ class RequestsService:
                                   networks=None):
         """A service from a template: ``custom_attrs`` {NAME: value}, ``networks``
         {network name: virtual network id}."""
-        user = self.user(credentials)
-        self.owned(user, self.flow.get_template(template_id), "service template", template_id)
-        service = self.flow.instantiate(template_id, user["id"], name=name or None,
-                                        custom_attrs=custom_attrs or None,
-                                        networks=networks or None)
-        return self.with_owner_name(service)
+        request = self.submit_flow(credentials, template_id, name=name,
+                                   custom_attrs=custom_attrs, networks=networks)
+        if request.get("service") is None:
+            raise FailedPrecondition(waiting_message(request))
+        return request["service"]
 
     @api
     def list_flows(self, credentials):
@@ -569,6 +601,385 @@ class RequestsService:
         (administrators) means every service."""
         caller = self.user(credentials)
         return {"caller": caller, "owner_id": None if caller["admin"] else caller["id"]}
+
+
+    # -------------------------------------------------------------- request management (issue 8)
+    # Users and groups, quotas, provisioning requests and their approvals, the
+    # audit log. Who may do what: administrators manage users, groups, quotas and
+    # the process; approvers (finance, cloud-admin) decide the requests waiting
+    # for their role and, like administrators, see every request and the audit log.
+
+    relay = OutboxRelay()
+
+    def see_all(self, credentials, what):
+        user = self.user(credentials)
+        if user["role"] not in provisioning.SEE_ALL:
+            raise PermissionDenied(f"{what} is for administrators and approvers")
+        return user
+
+    @api
+    def submit_vm(self, credentials, spec):
+        """A provisioning request for a VM: ``spec`` as create_vm's, or
+        {"template_id", "name", "hold"} to instantiate a template. Returns the
+        request, with "vm" once provisioned."""
+        user = self.user(credentials)
+        if spec.get("template_id") is not None:
+            template = self.owned(user, self.lifecycle.get_template(spec["template_id"]),
+                                  "template", spec["template_id"])
+            body = template["body"]
+            spec = {"name": spec.get("name") or template["name"], "hold": spec.get("hold"),
+                    "request_id": spec.get("request_id")}
+            kind = "template"
+        else:
+            body = parse_template(spec["template"]) if spec.get("template") else {}
+            kind = "vm"
+        allocate = allocate_arguments(body, spec)
+        need = quotas.need_of(vms=1, cpu=allocate["vcpu"], memory=allocate["memory"])
+        return self.submit(user, kind, {"allocate": allocate}, allocate, allocate["template"],
+                           need, spec.get("request_id"))
+
+    @api
+    def submit_flow(self, credentials, template_id, name=None, custom_attrs=None,
+                    networks=None):
+        """A provisioning request for a OneFlow service; its process reads the
+        service's whole size (every role's cardinality times its VM's)."""
+        user = self.user(credentials)
+        template = self.owned(user, self.flow.get_template(template_id), "service template",
+                              template_id)
+        size = self.flow_size(template["body"])
+        spec = {"template_id": template_id, "name": name or None,
+                "custom_attrs": custom_attrs or None, "networks": networks or None}
+        return self.submit(user, "flow", spec, size, template["body"], None, None)
+
+    def flow_size(self, body):
+        """{"vcpu", "cpu", "memory"} of every VM a service template starts with."""
+        size = {"vcpu": 0, "cpu": 0.0, "memory": 0}
+        for role in body.get("roles") or ():
+            vm_template = {}
+            if role.get("vm_template") is not None:
+                vm_template = dict(self.lifecycle.get_template(role["vm_template"])["body"])
+            if role.get("vm_template_contents"):
+                vm_template.update(parse_template(role["vm_template_contents"]))
+            one = template_resources(vm_template)
+            count = int(role.get("cardinality", 1))
+            size["vcpu"] += count * int(one["vcpu"])
+            size["cpu"] += count * float(one["cpu"])
+            size["memory"] += count * int(one["memory"])
+        return size
+
+    def submit(self, user, kind, spec, resources, template, need, client_request_id):
+        with self.db() as session:
+            groups = users.group_names(session, user["id"])
+        data = approvals.process_data(kind, resources, user["name"], user["role"], groups,
+                                      template)
+        with self.relay.transaction() as session:
+            req = provisioning.find_by_client_id(session, user["id"], client_request_id)
+            if req is None:
+                req = provisioning.submit(session, user, kind, spec, data, need,
+                                          client_request_id)
+            request_id, state = req.id, req.state
+        made = self.provision(request_id) if state == "APPROVED" else None
+        self.deliver_cmdb()
+        return self.request_with_result(request_id, made=made)
+
+    def provision(self, request_id):
+        """Make what an approved request asks for, and link it; returns the VM
+        or service dict. A refusal by lifecycle or flow fails the request (and
+        is raised)."""
+        with self.db() as session:
+            req = provisioning.find(session, request_id)
+            kind, spec, owner_id, state = req.kind, req.spec, req.owner_id, req.state
+        if state != "APPROVED":
+            return None
+        try:
+            if kind == "flow":
+                made = self.flow.instantiate(spec["template_id"], owner_id,
+                                             name=spec.get("name"),
+                                             custom_attrs=spec.get("custom_attrs"),
+                                             networks=spec.get("networks"))
+                links = {"service_id": made["id"]}
+            else:
+                # a request id makes a repeated allocate (after a restart) find its VM
+                allocate = {**spec["allocate"],
+                            "request_id": spec["allocate"].get("request_id")
+                            or f"request-{request_id}"}
+                made = self.lifecycle.allocate(owner_id=owner_id, **allocate)
+                links = {"vm_ids": [made["id"]]}
+        except CirrusError as exc:
+            with self.relay.transaction() as session:
+                provisioning.failed(session, request_id, str(exc))
+            self.deliver_cmdb()
+            raise
+        with self.relay.transaction() as session:
+            provisioning.provisioned(session, request_id, **links)
+        return made
+
+    def request_with_result(self, request_id, history=False, made=None):
+        """A request's dict, with the VM or service it made (``made`` if the
+        caller has it at hand)."""
+        with self.db() as session:
+            out = provisioning.request_dict(session, provisioning.find(session, request_id),
+                                            history)
+        if out["state"] == "FAILED" and not history:
+            raise FailedPrecondition(f"request {request_id} failed: {out['reason']}")
+        if out["vm_ids"]:
+            out["vm"] = made or self.lifecycle.get_vm(out["vm_ids"][0])
+        if out["service_id"] is not None:
+            out["service"] = self.with_owner_name(made or
+                                                  self.flow.get_service(out["service_id"]))
+        return out
+
+    def vm_or_waiting(self, request):
+        if request.get("vm") is None:
+            raise FailedPrecondition(waiting_message(request))
+        return request["vm"]
+
+    @api
+    def list_requests(self, credentials, waiting_for=None, state=None, mine=False):
+        user = self.user(credentials)
+        with self.db() as session:
+            return provisioning.list_requests(session, user, waiting_for, state, bool(mine))
+
+    @api
+    def get_request(self, credentials, request_id):
+        """A request with its decisions and its full history (the audit entries)."""
+        user = self.user(credentials)
+        with self.db() as session:
+            provisioning.visible(user, provisioning.find(session, request_id))
+        return self.request_with_result(request_id, history=True)
+
+    @api
+    def decide_request(self, credentials, request_id, approve, reason=None):
+        """Approve or reject the step of ``request_id`` waiting for the caller's role."""
+        user = self.user(credentials)
+        with self.relay.transaction() as session:
+            state = provisioning.decide(session, user, request_id, bool(approve), reason).state
+        if state == "APPROVED":
+            try:
+                self.provision(request_id)
+            except CirrusError:
+                pass        # the request is FAILED, with the reason; show it
+        self.deliver_cmdb()
+        return self.request_with_result(request_id, history=True)
+
+    @api
+    def request_stats(self, credentials):
+        user = self.user(credentials)
+        with self.db() as session:
+            return provisioning.stats(session, user)
+
+    @api
+    def load_process(self, credentials, bpmn):
+        """Put a BPMN file in force for new requests; one that cannot run is
+        refused with the parser's message, and the process in force stays."""
+        user = self.admin(credentials, "changing the approval process")
+        with self.relay.transaction() as session:
+            return provisioning.load_process(session, bpmn, user)
+
+    @api
+    def get_process(self, credentials):
+        self.user(credentials)
+        with self.relay.transaction() as session:
+            return provisioning.version_dict(provisioning.current_version(session), True)
+
+    @api
+    def list_audit(self, credentials, object_kind=None, object_id=None, actor=None,
+                   after_id=None, limit=audit.LIST_LIMIT):
+        self.see_all(credentials, "the audit log")
+        with self.db() as session:
+            return audit.entries(session, object_kind, object_id, actor, after_id, limit)
+
+    # users and groups
+
+    def user_admin(self, credentials):
+        return self.admin(credentials, "user and group management")
+
+    @api
+    def create_user(self, credentials, name, password, role="user", groups=None):
+        caller = self.user_admin(credentials)
+        with self.relay.transaction() as session:
+            user = users.create_user(session, name, password, role or "user", groups or ())
+            audit.record(session, caller, "user.created", "user", user["id"], name=name,
+                         role=user["role"])
+        return user
+
+    @api
+    def list_users(self, credentials):
+        caller = self.user(credentials)
+        with self.db() as session:
+            if caller["admin"]:
+                return users.list_users(session)
+            return [users.user_dict(session, users.find_user(session, caller["id"]))]
+
+    @api
+    def get_user(self, credentials, ref):
+        """A user by id or name: any for administrators, oneself for others."""
+        caller = self.user(credentials)
+        with self.db() as session:
+            user = users.find_user(session, ref)
+            if not caller["admin"] and user.id != caller["id"]:
+                raise NotFound(f"user {ref!r} does not exist")
+            out = users.user_dict(session, user)
+            out["quota"] = quotas.get(session, "user", user.id)
+            return out
+
+    @api
+    def delete_user(self, credentials, ref):
+        caller = self.user_admin(credentials)
+        with self.relay.transaction() as session:
+            gone = users.delete_user(session, ref, caller["id"])
+            audit.record(session, caller, "user.deleted", "user", gone["id"], name=gone["name"])
+        return gone
+
+    @api
+    def set_password(self, credentials, ref, password):
+        """A new password for oneself, or (administrators) for anyone."""
+        caller = self.user(credentials)
+        with self.relay.transaction() as session:
+            user = users.find_user(session, ref)
+            if not caller["admin"] and user.id != caller["id"]:
+                raise PermissionDenied("changing another user's password is for administrators")
+            out = users.set_password(session, user.id, password)
+            audit.record(session, caller, "user.password", "user", user.id, name=user.name)
+        return out
+
+    @api
+    def set_user_role(self, credentials, ref, role):
+        caller = self.user_admin(credentials)
+        with self.relay.transaction() as session:
+            out = users.set_role(session, ref, role)
+            audit.record(session, caller, "user.role", "user", out["id"], name=out["name"],
+                         role=role)
+        return out
+
+    @api
+    def create_group(self, credentials, name):
+        caller = self.user_admin(credentials)
+        with self.relay.transaction() as session:
+            group = users.create_group(session, name)
+            audit.record(session, caller, "group.created", "group", group["id"], name=name)
+        return group
+
+    @api
+    def list_groups(self, credentials):
+        self.user(credentials)
+        with self.db() as session:
+            return users.list_groups(session)
+
+    @api
+    def get_group(self, credentials, ref):
+        self.user(credentials)
+        with self.db() as session:
+            group = users.find_group(session, ref)
+            return {**users.group_dict(session, group),
+                    "quota": quotas.get(session, "group", group.id)}
+
+    @api
+    def delete_group(self, credentials, ref):
+        caller = self.user_admin(credentials)
+        with self.relay.transaction() as session:
+            gone = users.delete_group(session, ref)
+            audit.record(session, caller, "group.deleted", "group", gone["id"],
+                         name=gone["name"])
+        return gone
+
+    @api
+    def group_add_user(self, credentials, group, user):
+        caller = self.user_admin(credentials)
+        with self.relay.transaction() as session:
+            out = users.add_member(session, group, user)
+            audit.record(session, caller, "group.user_added", "group", out["id"], user=user)
+        return out
+
+    @api
+    def group_del_user(self, credentials, group, user):
+        caller = self.user_admin(credentials)
+        with self.relay.transaction() as session:
+            out = users.remove_member(session, group, user)
+            audit.record(session, caller, "group.user_removed", "group", out["id"], user=user)
+        return out
+
+    # quotas
+
+    def quota_subject(self, session, scope, ref):
+        if scope == "user":
+            return users.find_user(session, ref).id
+        if scope == "group":
+            return users.find_group(session, ref).id
+        raise InvalidArgument(f"scope: {scope!r}; choose user or group")
+
+    @api
+    def set_quota(self, credentials, scope, ref, limits):
+        """Set some limits (None or -1: no limit) of a user's or group's quota."""
+        caller = self.admin(credentials, "quota management")
+        with self.relay.transaction() as session:
+            out = quotas.set_limits(session, scope, self.quota_subject(session, scope, ref),
+                                    limits)
+            audit.record(session, caller, "quota.set", scope, out["subject_id"],
+                         name=out["name"], limits=out["limits"])
+        return out
+
+    @api
+    def get_quota(self, credentials, scope, ref):
+        """A quota: administrators any, users their own and their groups'."""
+        caller = self.user(credentials)
+        with self.db() as session:
+            subject_id = self.quota_subject(session, scope, ref)
+            mine = [scope, subject_id] in quotas.scopes_of(session, caller["id"])
+            if not caller["admin"] and not mine:
+                raise PermissionDenied(f"the quota of another {scope} is for administrators")
+            return quotas.get(session, scope, subject_id)
+
+    # events and timers
+
+    @event_handler(messages.LIFECYCLE, messages.VM_STATE)
+    def on_vm_state(self, event):
+        """A VM at DONE gives its quota back (once, however often the event comes)."""
+        if event.get("status") != "DONE":
+            return
+        with self.relay.transaction() as session:
+            if quotas.release_resource(session, "vm", event["id"]) is not None:
+                audit.record(session, None, "vm.done", "vm", event["id"])
+                cmdb.enqueue(session, {"type": "vm", "vm_id": event["id"], "state": "DONE",
+                                       "owner_id": event.get("owner_id"),
+                                       "at": utcnow().isoformat()})
+        self.deliver_cmdb()
+
+    @timer(interval=HOUSEKEEPING_INTERVAL)
+    def housekeeping(self):
+        """What a crash may leave: outbox rows, CMDB records that failed, and
+        approved requests whose provisioning never ended."""
+        self.relay.flush()
+        self.deliver_cmdb()
+        with self.db() as session:
+            stuck = provisioning.stuck_approved(session, utcnow() - STUCK_AFTER)
+        for request_id in stuck:
+            try:
+                self.provision(request_id)
+            except Exception:
+                log.warning("provisioning request %s again failed", request_id, exc_info=True)
+
+    def deliver_cmdb(self):
+        try:
+            cmdb.deliver_due(self.db, cmdb_sink())
+        except Exception:       # the records wait in the outbox for the next try
+            log.warning("CMDB delivery failed", exc_info=True)
+
+
+def waiting_message(request):
+    return (f"request {request['id']} waits for approval by {request['waiting_for']} "
+            f"({request['step']}); it is provisioned once approved: see "
+            f"`cirrus request show {request['id']}`")
+
+
+_sink = None
+
+
+def cmdb_sink():
+    global _sink
+    if _sink is None:
+        _sink = cmdb.make_sink(SETTINGS)
+    return _sink
 
 
 JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number",
