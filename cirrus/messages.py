@@ -1,9 +1,10 @@
 """What crosses the broker: exchanges, queues, and the shape of commands and events.
 
 - Events are Nameko events, so Nameko ``event_handler``s receive them: VM state
-  changes come from ``lifecycle`` (event types ``vm.state`` and ``host.state``), driver results,
-  host monitoring and hypervisor events from ``node`` (``command.result``, ``host.monitor``,
-  ``vm.event``).
+  changes come from ``lifecycle`` (event types ``vm.state`` and ``host.state``, and
+  ``vm.updated`` for a VM's user template), driver results, host monitoring and hypervisor
+  events from ``node`` (``command.result``, ``host.monitor``, ``vm.event``), OneFlow
+  services' changes from ``flow`` (``flow.service``).
 - Driver commands go to one durable queue per host, ``cirrus.node.<host>``,
   through the direct exchange ``cirrus.commands``.
 """
@@ -15,10 +16,13 @@ from nameko.standalone.events import get_event_exchange
 LIFECYCLE = "lifecycle"
 NODE = "node"
 VM_STATE = "vm.state"
+VM_UPDATED = "vm.updated"   # a VM's user template changed (READY=YES...)
 HOST_STATE = "host.state"
 COMMAND_RESULT = "command.result"
 HOST_MONITOR = "host.monitor"
 VM_EVENT = "vm.event"       # a domain changed state on its own (libvirt lifecycle event)
+FLOW = "flow"               # the OneFlow service (services/flow)
+FLOW_SERVICE = "flow.service"   # a service's or a role's state or cardinality changed
 
 COMMANDS = Exchange("cirrus.commands", type="direct", durable=True, delivery_mode=2)
 

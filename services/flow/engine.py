@@ -20,7 +20,7 @@ from datetime import timedelta
 from nameko.exceptions import RemoteError
 from sqlalchemy import delete, select
 
-from cirrus import config, errors, outbox
+from cirrus import config, errors, messages, outbox
 from cirrus.db.models import (FlowLog, FlowNode, FlowRole, FlowService, FlowTemplate, User,
                               VirtualMachine, utcnow)
 from cirrus.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -31,10 +31,6 @@ from services.flow import elasticity, states, templates
 from services.flow.states import FlowTransitionError, allows, next_state, service_action
 
 log = logging.getLogger(__name__)
-
-FLOW = "flow"
-SERVICE_EVENT = "flow.service"
-
 
 def setting(key, default):
     value = (config.get().get("flow") or {}).get(key, default)
@@ -219,6 +215,7 @@ def describe(session, service):
     return {
         "id": service.id, "name": service.name, "owner_id": service.owner_id,
         "template_id": service.template_id, "state": service.state,
+        "seq": service.seq,     # bumped at every change: orders a service's events
         "deployment": body.get("deployment", "none"),
         "ready_status_gate": bool(body.get("ready_status_gate", False)),
         "custom_attrs": service.custom_attrs or {}, "networks": service.networks or {},
@@ -725,7 +722,7 @@ def finish(one):
         one.service.seq += 1
         one.service.updated_at = one.now
         one.session.flush()
-        outbox.add_event(one.session, FLOW, SERVICE_EVENT, describe(one.session, one.service))
+        outbox.add_event(one.session, messages.FLOW, messages.FLOW_SERVICE, describe(one.session, one.service))
     return one.changed, one.acted
 
 

@@ -20,7 +20,6 @@ from cirrus import config, messages
 from cirrus.dependencies import OutboxRelay
 from cirrus.errors import CirrusError
 from services.flow import engine
-from services.lifecycle.user_template import VM_UPDATED
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class Reconciles(DependencyProvider):
 
 
 class FlowService:
-    name = engine.FLOW
+    name = messages.FLOW
 
     relay = OutboxRelay()
     lifecycle_rpc = RpcProxy(messages.LIFECYCLE)
@@ -153,7 +152,7 @@ class FlowService:
     def on_vm_state(self, event):
         self.vm_changed(event["id"])
 
-    @event_handler(messages.LIFECYCLE, VM_UPDATED)
+    @event_handler(messages.LIFECYCLE, messages.VM_UPDATED)
     def on_vm_updated(self, event):
         self.vm_changed(event["id"])
 

@@ -12,7 +12,6 @@ from cirrus import messages, outbox
 from cirrus.db.models import VirtualMachine, utcnow
 from cirrus.errors import FailedPrecondition, InvalidArgument, NotFound
 
-VM_UPDATED = "vm.updated"
 KEY = "USER_TEMPLATE"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -50,7 +49,7 @@ def update(session, vm_id, attrs, replace=False):
     current = {} if replace else user_template(vm)
     vm.template = {**(vm.template or {}), KEY: {**current, **attrs}}
     vm.updated_at = utcnow()
-    outbox.add_event(session, messages.LIFECYCLE, VM_UPDATED, {
+    outbox.add_event(session, messages.LIFECYCLE, messages.VM_UPDATED, {
         "id": vm.id, "owner_id": vm.owner_id, "seq": vm.seq,
         "user_template": vm.template[KEY], "at": vm.updated_at.isoformat()})
     return vm
