@@ -117,7 +117,8 @@ def test_a_real_guest_boots_from_an_image_reads_its_context_and_powers_off_by_ac
                 "--datastore", f"guest-images-{cluster.id}")
     net = tmp_path / "guest.net"
     net.write_text('NAME = "guest-net"\nNETWORK_MASK = "255.255.255.0"\n'
-                   'GATEWAY = "192.168.150.1"\nAR = [ TYPE = IP4, IP = 192.168.150.20, SIZE = 4 ]\n')
+                   'GATEWAY = "192.168.150.1"\n'
+                   'AR = [ TYPE = IP4, IP = 192.168.150.20, SIZE = 4 ]\n')
     cluster.cli("vnet", "create", "--file", net)
     custom = ",\n".join(f"  {key} = {one_string(value)}" for key, value in AWKWARD.items())
     template = tmp_path / "guest.tpl"
