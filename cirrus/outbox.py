@@ -15,7 +15,6 @@ Delivery is at least once (a crash between confirms and commit sends the
 batch again): consumers treat a repeat as a no-op (VM events carry ``seq``,
 driver results a command id).
 """
-import json
 import logging
 import threading
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from datetime import timedelta
 import amqp
 from amqp import spec
 from kombu import Connection
-from sqlalchemy import select
+from sqlalchemy import Text, cast, select
 
 from cirrus import messages
 from cirrus.db.models import Outbox, utcnow
@@ -83,8 +82,9 @@ def claim(rows_wanted):
     return (_outbox.delete()
             .where(_outbox.c.id.in_(rows_wanted.with_for_update(skip_locked=True)
                                     .scalar_subquery()))
+            # the payload as the JSON text it is stored as: published as it is
             .returning(_outbox.c.id, _outbox.c.exchange, _outbox.c.routing_key,
-                       _outbox.c.payload, _outbox.c.headers))
+                       cast(_outbox.c.payload, Text).label("payload"), _outbox.c.headers))
 
 
 class ConfirmingPublisher:
@@ -136,8 +136,13 @@ class ConfirmingPublisher:
         key = (row.exchange, row.routing_key if row.exchange == messages.COMMANDS.name else None)
         if key not in self.declared:
             exchange, queues = destination(row)
-            for entity in (exchange, *queues):
-                entity(self.channel).declare(nowait=True)
+            if exchange.name not in self.declared:
+                exchange(self.channel).declare(nowait=True)
+                self.declared.add(exchange.name)
+            for queue in queues:
+                bound = queue(self.channel)
+                bound.queue_declare(nowait=True)
+                bound.queue_bind(nowait=True)
             self.declared.add(key)
         return row.exchange
 
@@ -155,7 +160,7 @@ class ConfirmingPublisher:
                 try:
                     for row, exchange in zip(rows, exchanges):
                         self.channel.basic_publish(
-                            amqp.Message(json.dumps(row.payload), content_type=JSON,
+                            amqp.Message(row.payload, content_type=JSON,
                                          content_encoding="utf-8",
                                          application_headers=row.headers or {},
                                          delivery_mode=2),

@@ -165,6 +165,26 @@ def test_a_host_lifecycle_refused_is_dropped_for_the_rest_of_the_pass():
     assert planner.choose(vm(2)).id == 2
 
 
+@pytest.mark.parametrize("policy", ["packing", "striping"])
+def test_a_share_lifecycle_gave_back_is_room_again_in_the_same_pass(policy):
+    """A VM that waits for its devices (lifecycle answered vm_waits) no longer
+    counts on its host: the room goes to the next VMs, even for a kind of VM
+    that had found no host left."""
+    planner = Planner([host(1, cpu=200, mem=1024), host(2, cpu=100, mem=512)], policy)
+    steps = planner.plan([vm(i) for i in range(1, 6)])
+    chosen = [next(steps)[1] for _ in range(3)]
+    assert sum(h.running_vms for h in planner.hosts.values()) == 3
+    members, none, reason = next(steps)
+    assert none is None and reason == "Not enough CPU capacity: 100/0"
+    planner.release(vm(1), chosen[0])
+    left = sum(c is chosen[0] for c in chosen) - 1
+    assert (chosen[0].cpu_usage, chosen[0].running_vms) == (100 * left, left)
+    members, again, reason = next(steps)
+    assert (members[0].id, again, reason) == (5, chosen[0], None)
+    for h in planner.hosts.values():
+        assert h.cpu_usage <= h.max_cpu and h.mem_usage <= h.max_mem
+
+
 def test_a_vm_to_move_goes_to_a_better_host_only():
     moving = VmRequest(1, 100, 512, current_host=1)
     # packing: its host has 2 VMs besides it, host 3 has 3: better

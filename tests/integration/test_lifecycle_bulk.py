@@ -1,0 +1,187 @@
+"""lifecycle's bulk paths (deploy_many, handle_results) against the real
+PostgreSQL: they reserve atomically, never over-commit, and write each
+transition exactly as apply does."""
+import re
+import threading
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from cirrus import db, messages
+from cirrus.db.models import Host, Outbox, User, VirtualMachine, VmHistory
+from cirrus.errors import InvalidArgument
+from services.lifecycle import logic, monitoring
+
+
+@pytest.fixture
+def factory(cirrus_env):
+    return db.session_factory()
+
+
+@pytest.fixture
+def admin_id(factory):
+    with factory() as s:
+        return s.scalar(select(User.id).where(User.name == "admin"))
+
+
+def make_host(factory, cpu=400, mem=4096):
+    name = f"bulk-{uuid.uuid4().hex[:8]}"
+    with factory() as s, s.begin():
+        h = logic.create_host(s, name)
+        monitoring.handle_monitor(s, {"host": name, "monitoring": {
+            "TOTALCPU": cpu, "TOTALMEMORY": mem * 1024, "URI": f"qemu+tcp://{name}/system"}})
+        return h.id
+
+
+def make_vms(factory, admin_id, n, template=None, name="bulk"):
+    with factory() as s, s.begin():
+        return [logic.allocate(s, admin_id, f"{name}{i}", 1, 1, 1024, dict(template or {})).id
+                for i in range(n)]
+
+
+def usage(s, host_id):
+    return tuple(s.execute(select(Host.cpu_usage, Host.mem_usage, Host.running_vms)
+                           .where(Host.id == host_id)).one())
+
+
+def in_flight(s, vm_id):
+    command_id = s.scalar(select(VirtualMachine.command_id).where(VirtualMachine.id == vm_id))
+    return s.scalar(select(Outbox.payload).where(Outbox.payload["id"].astext == command_id))
+
+
+def written(s, vm_id):
+    """What the transitions of a VM wrote, with what differs between two VMs
+    by nature (ids, names, times, command ids) taken out."""
+    vm = s.get(VirtualMachine, vm_id, populate_existing=True)
+    history = [(h.seq, h.action, h.from_status, h.to_status, h.host_id, h.message)
+               for h in s.scalars(select(VmHistory).where(VmHistory.vm_id == vm_id)
+                                  .order_by(VmHistory.seq))]
+    sent = []
+    for row in s.scalars(select(Outbox).order_by(Outbox.id)):
+        payload = row.payload
+        if row.exchange == messages.COMMANDS.name:
+            if payload["vm_id"] != vm_id:
+                continue
+        elif row.routing_key != messages.VM_STATE or payload["id"] != vm_id:
+            continue
+        if row.exchange == messages.COMMANDS.name:
+            spec = payload["args"]["vm"]
+            sent.append(("command", row.routing_key, payload["action"],
+                         sorted(payload["args"]), spec["runtime"], spec["deploy_id"],
+                         sorted(spec), spec["disks"], spec["nics"]))
+        else:
+            sent.append(("event", row.routing_key, payload["key"].replace(str(vm_id), "ID"),
+                         payload["status"], payload["seq"], payload["host"],
+                         payload["host_id"], payload["error"], payload["freed"],
+                         sorted(payload)))
+    return (vm.state, vm.lcm_state, vm.seq, vm.host_id, vm.deploy_id, vm.runtime, vm.error,
+            vm.command_id is not None), history, sent
+
+
+def test_the_bulk_path_writes_each_transition_as_apply_does(factory, admin_id):
+    host = make_host(factory)
+    one, bulk = make_vms(factory, admin_id, 2, {"CONTEXT": {"ROLE": "web"}})
+    with factory() as s, s.begin():
+        assert logic.deploy(s, one, host)["outcome"] == "deployed"
+    with factory() as s, s.begin():
+        assert logic.deploy_many(s, [[bulk, host]])[0]["outcome"] == "deployed"
+    # clone succeeds reporting where the VM's files are, deploy fails
+    for success, info, error in ((True, {"vm_dir": "/d"}, None), (False, {}, "no room")):
+        with factory() as s, s.begin():
+            logic.handle_result(s, messages.result(in_flight(s, one), success, info, error))
+        with factory() as s, s.begin():
+            result = messages.result(in_flight(s, bulk), success, info, error)
+            assert logic.handle_results(s, [result]) == 1
+    with factory() as s:
+        single, batched = written(s, one), written(s, bulk)
+        assert batched == single
+        assert [h[3] for h in single[1]] == ["PENDING", "PROLOG", "BOOT", "BOOT_FAILURE"]
+        assert single[0][:3] == ("ACTIVE", "BOOT_FAILURE", 4)
+        assert usage(s, host) == (200, 2048, 2)
+
+
+def test_a_repeated_result_in_a_batch_moves_the_vm_once(factory, admin_id):
+    host = make_host(factory)
+    [vm_id] = make_vms(factory, admin_id, 1)
+    with factory() as s, s.begin():
+        logic.deploy_many(s, [[vm_id, host]])
+    with factory() as s, s.begin():
+        result = messages.result(in_flight(s, vm_id), True, {"vm_dir": "/d"})
+        assert logic.handle_results(s, [result, dict(result), dict(result)]) == 1
+    with factory() as s:
+        assert s.get(VirtualMachine, vm_id).lcm_state == "BOOT"
+        assert s.scalar(select(func.count()).select_from(VmHistory)
+                        .where(VmHistory.vm_id == vm_id)) == 3
+
+
+def test_a_batch_bigger_than_its_host_fills_it_and_no_more(factory, admin_id):
+    """Six one-CPU VMs for a host with room for four: the share does not fit
+    whole, so the VMs are reserved one by one, in id order."""
+    host = make_host(factory)
+    ids = make_vms(factory, admin_id, 6)
+    with factory() as s, s.begin():
+        answers = logic.deploy_many(s, [[vm_id, host] for vm_id in ids])
+    assert [a["vm_id"] for a in answers] == ids
+    assert [a["outcome"] for a in answers] == ["deployed"] * 4 + ["host_unfit"] * 2
+    assert "lacks capacity" in answers[-1]["reason"]
+    with factory() as s:
+        assert usage(s, host) == (400, 4096, 4)
+        assert [s.get(VirtualMachine, v).state for v in ids] == ["ACTIVE"] * 4 + ["PENDING"] * 2
+
+
+def test_concurrent_batches_never_over_commit(factory, admin_id):
+    """Three batches (three schedulers) race for two hosts with room for four
+    VMs each, every batch asking for six on each: exactly eight VMs win."""
+    hosts = [make_host(factory), make_host(factory)]
+    batches = [make_vms(factory, admin_id, 12, name=f"race{b}-") for b in range(3)]
+    outcomes, errors = [], []
+    barrier = threading.Barrier(len(batches))
+
+    def deploy(ids):
+        try:
+            with factory() as s, s.begin():
+                barrier.wait()
+                outcomes.extend(a["outcome"] for a in logic.deploy_many(
+                    s, [[vm_id, hosts[i % 2]] for i, vm_id in enumerate(ids)]))
+        except Exception as exc:   # reported in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deploy, args=(ids,)) for ids in batches]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert not errors
+    assert sorted(outcomes) == ["deployed"] * 8 + ["host_unfit"] * 28
+    with factory() as s:
+        for host in hosts:
+            assert usage(s, host) == (400, 4096, 4)
+            assert s.scalar(select(func.count()).select_from(VirtualMachine)
+                            .where(VirtualMachine.host_id == host)) == 4
+
+
+def test_a_vm_already_placed_is_refused_in_a_batch(factory, admin_id):
+    host = make_host(factory)
+    first, second = make_vms(factory, admin_id, 2)
+    with factory() as s, s.begin():
+        logic.deploy_many(s, [[first, host]])
+    with factory() as s, s.begin():
+        answers = logic.deploy_many(s, [[first, host], [second, host], [999999, host]])
+    assert [a["outcome"] for a in answers] == ["vm_not_pending", "deployed", "vm_not_pending"]
+    with factory() as s:
+        assert usage(s, host) == (200, 2048, 2)
+
+
+@pytest.mark.parametrize("placements, named", [
+    ([["x", 1]], "each must be [vm_id, host_id]"),
+    ([[1]], "each must be [vm_id, host_id]"),
+    ([[1, 2], [1, 3]], "VM 1 is placed twice"),
+])
+def test_bad_placements_are_named_and_change_nothing(factory, admin_id, placements, named):
+    host = make_host(factory)
+    [vm_id] = make_vms(factory, admin_id, 1)
+    with factory() as s, s.begin():
+        with pytest.raises(InvalidArgument, match=re.escape(named)):
+            logic.deploy_many(s, [[vm_id, host], *placements])
+    with factory() as s:
+        assert s.get(VirtualMachine, vm_id).state == "PENDING"
+        assert usage(s, host) == (0, 0, 0)
