@@ -1,8 +1,14 @@
-"""cirrus-node: the driver worker of one hypervisor node.
+"""cirrus-node: the driver worker of one hypervisor node, or of many simulated ones.
 
-It consumes the node's durable queue, runs each command on a backend in a
-thread pool, and answers with a ``command.result`` event; every
-``monitor_interval`` seconds it also sends a ``host.monitor`` event, marked
+``cirrus-node --host NAME`` serves one host; ``cirrus-node --simulate N
+--prefix P`` serves the simulated hosts P-0001 .. P-N in one process, through
+the same code: a list of hosts, one broker connection, one consumer per host
+queue, one command pool, one monitor thread (docs/nodes.md).
+
+For each host it consumes the host's durable queue, runs each command on the
+host's backend in the pool, and answers with a ``command.result`` event; every
+``monitor_interval`` seconds (spread out over many hosts, see reports.py, and
+early when its domains change) it also sends a ``host.monitor`` event, marked
 ``"sync": true`` when lifecycle should reconcile VM states from it: on the
 first report after the worker starts or (re)connects to the broker or to the
 hypervisor, and every ``sync_interval`` seconds. Whenever a Cirrus domain
@@ -17,6 +23,9 @@ and the backend, being idempotent, does it again harmlessly. After a broker
 restart it reconnects; results finished meanwhile are published then, and
 their commands, whose deliveries died with the old channel, come back and
 are answered again (lifecycle takes only the first result of a command id).
+
+A message in a host's queue carrying ``"control"`` is not a command but a
+request to the worker (``cirrus-node simulate-fail``), answered on its reply_to.
 """
 import argparse
 import collections

@@ -100,7 +100,8 @@ def test_simulate_fail_command_line_and_its_bad_input(start_simulator, bus, cirr
                                *args], env=cirrus_env, capture_output=True, text=True,
                               cwd=config.REPO_ROOT, timeout=60)
     done = simulate_fail("--host", host(sim, 1), "--action", "shutdown", "--count", "1")
-    assert done.returncode == 0 and done.stdout.strip() == f"{host(sim, 1)}: the next shutdown fails"
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"{host(sim, 1)}: the next shutdown fails"
     vm = {**a_vm(), "deploy_id": None}
     run_ok(bus, host(sim, 1), vm, "deploy")
     vm["deploy_id"] = f"cirrus-{vm['id']}"
