@@ -623,12 +623,14 @@ def cmd_vmgroup_create(args):
 
 
 def cmd_vm_create(args):
+    """Through a provisioning request: the VM's id when it is made at once,
+    else the request that waits for an approval (exit 0 either way)."""
     template = read_file(args.file) if args.file else None
-    vm = client(args).create_vm(name=args.name, cpu=args.cpu, vcpu=args.vcpu,
-                                memory=args.memory, template=template, hold=args.hold,
-                                requirements=args.requirements, rank=args.rank,
-                                vmgroup=args.vmgroup)
-    emit(args, vm, lambda v: v["id"])
+    request = client(args).submit_vm(name=args.name, cpu=args.cpu, vcpu=args.vcpu,
+                                     memory=args.memory, template=template, hold=args.hold,
+                                     requirements=args.requirements, rank=args.rank,
+                                     vmgroup=args.vmgroup)
+    emit_vm_or_request(args, request)
 
 
 def cmd_vm_list(args):
@@ -765,8 +767,8 @@ def cmd_template_delete(args):
 
 
 def cmd_template_instantiate(args):
-    vm = client(args).instantiate_template(args.id, name=args.name, hold=args.hold)
-    emit(args, vm, lambda v: v["id"])
+    request = client(args).submit_vm(template_id=args.id, name=args.name, hold=args.hold)
+    emit_vm_or_request(args, request)
 
 
 # (issue 5) datastores, images and virtual networks
@@ -1063,6 +1065,7 @@ def build_parser():
     instantiate.add_argument("--hold", action="store_true", help="create the VM on hold")
     add_storage_and_network_commands(groups, command)
     add_flow_commands(groups, command)
+    add_request_management_commands(groups, command)
     return parser
 
 
@@ -1145,6 +1148,309 @@ def add_storage_and_network_commands(groups, command):
     rmar.add_argument("id", type=vnet_ref, metavar="VNET", help="network name or id")
     rmar.add_argument("ar_id", type=resource_id, metavar="AR_ID",
                       help="the range's id (vnet show)")
+
+
+# ----------------------------------------------------------------- request management (issue 8)
+
+def emit_vm_or_request(args, request):
+    """A VM made at once prints as before (its id, or the VM with --json);
+    a request that waits prints where it waits."""
+    if request.get("vm"):
+        emit(args, request["vm"], lambda v: v["id"])
+    else:
+        emit(args, request, lambda r: f"request {r['id']} waits for approval by "
+                                      f"{r['waiting_for']} ({r['step']}); follow it with "
+                                      f"`cirrus request show {r['id']}`")
+
+
+def new_password(args, who):
+    if args.password is not None:
+        return args.password
+    if os.environ.get("CIRRUS_NEW_PASSWORD"):
+        return os.environ["CIRRUS_NEW_PASSWORD"]
+    first = getpass.getpass(f"new password for {who}: ")
+    if getpass.getpass("again: ") != first:
+        raise UsageError("the two passwords differ")
+    return first
+
+
+def quota_text(quota):
+    def cell(resource):
+        limit = quota["limits"].get(resource)
+        used = quota["used"].get(resource) or 0
+        shown = megabytes(used) if resource == "memory" else used
+        if limit is None:
+            return f"{shown} / -"
+        return f"{shown} / {megabytes(limit) if resource == 'memory' else limit}"
+    return format_fields([(r.upper(), cell(r)) for r in ("vms", "cpu", "memory", "images")],
+                         indent="  ")
+
+
+def user_table(users):
+    return format_table(["ID", "NAME", "ROLE", "GROUPS"],
+                        [[u["id"], u["name"], u["role"], ",".join(u.get("groups") or []) or None]
+                         for u in users])
+
+
+def user_view(user):
+    lines = [format_fields([("ID", user["id"]), ("NAME", user["name"]), ("ROLE", user["role"]),
+                            ("GROUPS", ", ".join(user.get("groups") or []) or "-"),
+                            ("CREATED", when(user.get("created_at")))])]
+    if user.get("quota"):
+        lines += ["QUOTA (used / limit)", quota_text(user["quota"])]
+    return "\n".join(lines)
+
+
+def group_table(groups):
+    return format_table(["ID", "NAME", "USERS"],
+                        [[g["id"], g["name"], len(g.get("users") or [])] for g in groups])
+
+
+def group_view(group):
+    lines = [format_fields([("ID", group["id"]), ("NAME", group["name"]),
+                            ("USERS", ", ".join(group.get("users") or []) or "-")])]
+    if group.get("quota"):
+        lines += ["QUOTA (used / limit)", quota_text(group["quota"])]
+    return "\n".join(lines)
+
+
+def request_table(requests):
+    return format_table(
+        ["ID", "KIND", "OWNER", "STATE", "WAITING FOR", "VCPU", "MEM", "MADE"],
+        [[r["id"], r["kind"], r["owner"], r["state"], r.get("waiting_for"), r.get("vcpu"),
+          megabytes(r.get("memory")),
+          ",".join(f"vm {i}" for i in r.get("vm_ids") or []) or
+          (f"service {r['service_id']}" if r.get("service_id") is not None else None)]
+         for r in requests])
+
+
+def request_view(request):
+    made = ", ".join(f"VM {i}" for i in request.get("vm_ids") or []) or \
+        (f"service {request['service_id']}" if request.get("service_id") is not None else None)
+    lines = [format_fields([
+        ("ID", request["id"]), ("KIND", request["kind"]), ("NAME", request.get("name")),
+        ("OWNER", request["owner"]), ("STATE", request["state"]),
+        ("STEP", request.get("step")), ("WAITING FOR", request.get("waiting_for")),
+        ("REASON", request.get("reason")), ("VCPU", request.get("vcpu")),
+        ("MEMORY", megabytes(request.get("memory"))), ("MADE", made),
+        ("PROCESS", f"version {request['process_version']}"),
+        ("CREATED", when(request.get("created_at")))])]
+    if request.get("decisions"):
+        lines += ["DECISIONS", "  " + format_table(
+            ["STEP", "ROLE", "DECISION", "BY", "WAITED", "REASON"],
+            [[d["step"], d["role"], d.get("decision") or "waiting", d.get("decided_by"),
+              duration(_seconds_between(d.get("entered_at"), d.get("left_at"))),
+              d.get("reason")] for d in request["decisions"]]).replace("\n", "\n  ")]
+    if request.get("history"):
+        lines += ["HISTORY", "  " + audit_table(request["history"]).replace("\n", "\n  ")]
+    return "\n".join(lines)
+
+
+def _seconds_between(start, end):
+    def parse(stamp):
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    if not start:
+        return 0
+    finish = parse(end) if end else datetime.now(timezone.utc)
+    return (finish - parse(start)).total_seconds()
+
+
+def stats_view(stats):
+    states_line = "  ".join(f"{k} {v}" for k, v in sorted((stats.get("states") or {}).items()))
+    steps = format_table(["STEP", "ROLE", "WAITING", "DECIDED", "MEDIAN WAIT"],
+                         [[s["step"], s["role"], s["waiting"], s["decided"],
+                           duration(s["median_wait_seconds"])] for s in stats.get("steps") or []])
+    return f"REQUESTS  {states_line}\n{steps}"
+
+
+def process_view(process):
+    return format_fields([("VERSION", process["id"]), ("PROCESS", process["process_id"]),
+                          ("SHA256", process["sha256"]),
+                          ("LOADED BY", process.get("loaded_by") or "(the shipped file)"),
+                          ("LOADED AT", when(process.get("loaded_at")))])
+
+
+def audit_table(entries):
+    return format_table(["ID", "AT", "ACTOR", "ROLE", "ACTION", "OBJECT", "REASON"],
+                        [[e["id"], when(e["at"]), e["actor"], e.get("actor_role"), e["action"],
+                          f"{e['object_kind']} {e.get('object_id') or ''}".strip(),
+                          e.get("reason")] for e in entries])
+
+
+def cmd_user_create(args):
+    user = client(args).create_user(args.name, new_password(args, args.name), role=args.role,
+                                    groups=args.group or ())
+    emit(args, user, lambda u: u["id"])
+
+
+def cmd_user_passwd(args):
+    user = client(args).set_password(args.name, new_password(args, args.name))
+    emit(args, user, lambda u: f"password of {u['name']} changed; their tokens no longer work")
+
+
+def cmd_user_chrole(args):
+    user = client(args).set_user_role(args.name, args.role)
+    emit(args, user, lambda u: f"{u['name']} is now {u['role']}")
+
+
+def cmd_group_member(method, verb):
+    def run(args):
+        group = getattr(client(args), method)(args.group, args.user)
+        emit(args, group, lambda g: f"{args.user} {verb} group {g['name']}")
+    return run
+
+
+def cmd_quota_set(args):
+    limits = {r: getattr(args, r) for r in ("vms", "cpu", "memory", "images")
+              if getattr(args, r) is not None}
+    if not limits:
+        raise UsageError("quota set: give --vms, --cpu, --memory or --images (-1: no limit)")
+    quota = client(args).set_quota(args.scope, args.name, **limits)
+    emit(args, quota, lambda q: f"quota of {q['scope']} {q['name']} (used / limit)\n"
+                                f"{quota_text(q)}")
+
+
+def cmd_quota_show(args):
+    quota = client(args).get_quota(args.scope, args.name)
+    emit(args, quota, lambda q: f"quota of {q['scope']} {q['name']} (used / limit)\n"
+                                f"{quota_text(q)}")
+
+
+def cmd_request_list(args):
+    emit(args, client(args).list_requests(waiting_for=args.waiting_for, state=args.state,
+                                          mine=args.mine), request_table)
+
+
+def cmd_request_decide(method, verb):
+    def run(args):
+        request = getattr(client(args), method)(args.id, args.reason)
+        emit(args, request, lambda r: f"request {r['id']} {verb}; now {r['state']}"
+                                      + (f", waiting for {r['waiting_for']}"
+                                         if r.get("waiting_for") else ""))
+    return run
+
+
+def cmd_process_load(args):
+    process = client(args).load_process(read_file(args.file))
+    emit(args, process, lambda p: f"process {p['process_id']} version {p['id']} in force "
+                                  "for new requests")
+
+
+def cmd_process_show(args):
+    process = client(args).get_process()
+    if args.bpmn:
+        print(process["bpmn"], end="")
+        return
+    emit(args, process, process_view)
+
+
+def cmd_audit_list(args):
+    api = client(args)
+    filters = {"object_kind": args.kind, "object_id": args.object_id, "actor": args.actor}
+    if args.request is not None:
+        filters.update(object_kind="request", object_id=args.request)
+    if args.jsonl:
+        for entry in api.audit_entries(**filters):
+            print(json.dumps(entry, sort_keys=True))
+        return
+    emit(args, list(api.audit_entries(**filters)), audit_table)
+
+
+def add_request_management_commands(groups, command):
+    as_ref = {"metavar": "NAME"}
+    user = groups.add_parser("user", help="users and their roles (admin, cloud-admin, "
+                                          "finance, user)").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    create = command(user, "create", cmd_user_create, "create a user (administrators)")
+    create.add_argument("name")
+    create.add_argument("--role", default="user", choices=("admin", "cloud-admin", "finance",
+                                                            "user"))
+    create.add_argument("--group", action="append", help="a group to join (repeatable)")
+    create.add_argument("--password", help="default: CIRRUS_NEW_PASSWORD, else asked for")
+    command(user, "list", lambda a: emit(a, client(a).list_users(), user_table),
+            "list users (yourself, unless you are an administrator)")
+    show = command(user, "show", lambda a: emit(a, client(a).get_user(a.name), user_view),
+                   "show a user, with their quota")
+    show.add_argument("name", **as_ref)
+    delete = command(user, "delete", lambda a: emit(
+        a, client(a).delete_user(a.name), lambda u: f"user {u['name']} deleted"),
+        "delete a user who owns nothing any more")
+    delete.add_argument("name", **as_ref)
+    passwd = command(user, "passwd", cmd_user_passwd,
+                     "change a password (yours, or anyone's as an administrator)")
+    passwd.add_argument("name", **as_ref)
+    passwd.add_argument("--password", help="default: CIRRUS_NEW_PASSWORD, else asked for")
+    chrole = command(user, "chrole", cmd_user_chrole, "change a user's role")
+    chrole.add_argument("name", **as_ref)
+    chrole.add_argument("role", choices=("admin", "cloud-admin", "finance", "user"))
+
+    group = groups.add_parser("group", help="groups of users (quotas apply to them too)") \
+        .add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = command(group, "create", lambda a: emit(
+        a, client(a).create_group(a.name), lambda g: g["id"]), "create a group")
+    create.add_argument("name")
+    command(group, "list", lambda a: emit(a, client(a).list_groups(), group_table),
+            "list groups")
+    for name, method, help in (("show", "get_group", "show a group, its users and quota"),
+                               ("delete", "delete_group", "delete a group (not its users)")):
+        cmd = command(group, name, lambda a, m=method, n=name: emit(
+            a, getattr(client(a), m)(a.name),
+            group_view if n == "show" else (lambda g: f"group {g['name']} deleted")), help)
+        cmd.add_argument("name", **as_ref)
+    for name, method, verb in (("adduser", "group_add_user", "joined"),
+                               ("deluser", "group_del_user", "left")):
+        cmd = command(group, name, cmd_group_member(method, verb),
+                      f"{'add a user to' if name == 'adduser' else 'remove a user from'} a group")
+        cmd.add_argument("group")
+        cmd.add_argument("user")
+
+    quota = groups.add_parser("quota", help="quotas of users and groups: VMs, vCPUs, memory, "
+                                            "images").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    qset = command(quota, "set", cmd_quota_set, "set limits (-1: no limit; others unchanged)")
+    qset.add_argument("scope", choices=("user", "group"))
+    qset.add_argument("name", **as_ref)
+    for resource, help in (("vms", "VMs"), ("cpu", "virtual CPUs"), ("memory", "MB of memory"),
+                           ("images", "images")):
+        qset.add_argument(f"--{resource}", type=number(int), help=help)
+    qshow = command(quota, "show", cmd_quota_show, "show a quota: used / limit")
+    qshow.add_argument("scope", choices=("user", "group"))
+    qshow.add_argument("name", **as_ref)
+
+    request = groups.add_parser("request", help="provisioning requests and their approvals") \
+        .add_subparsers(dest="action", metavar="ACTION", required=True)
+    rlist = command(request, "list", cmd_request_list, "list requests")
+    rlist.add_argument("--waiting-for", metavar="ROLE", help="only those waiting for ROLE")
+    rlist.add_argument("--state", help="WAITING, APPROVED, PROVISIONED, REJECTED or FAILED")
+    rlist.add_argument("--mine", action="store_true", help="only your own")
+    rshow = command(request, "show", lambda a: emit(a, client(a).get_request(a.id),
+                                                    request_view),
+                    "show a request: its step, who must act, decisions and history")
+    rshow.add_argument("id", type=resource_id)
+    for name, method, verb in (("approve", "approve_request", "approved"),
+                               ("reject", "reject_request", "rejected")):
+        cmd = command(request, name, cmd_request_decide(method, verb),
+                      f"{name} the step waiting for your role")
+        cmd.add_argument("id", type=resource_id)
+        cmd.add_argument("--reason", required=True, help="why (kept in the audit log)")
+    command(request, "stats", lambda a: emit(a, client(a).request_stats(), stats_view),
+            "requests per state and step, with the median wait at each step")
+    process = request.add_parser("process", help="the approval process (BPMN)") \
+        .add_subparsers(dest="process_action", metavar="ACTION", required=True)
+    load = command(process, "load", cmd_process_load,
+                   "put a BPMN file in force for new requests (administrators)")
+    load.add_argument("file", help="a BPMN 2.0 file, or - for standard input")
+    pshow = command(process, "show", cmd_process_show, "the process in force")
+    pshow.add_argument("--bpmn", action="store_true", help="print its BPMN file")
+
+    audit = groups.add_parser("audit", help="the audit log (administrators and approvers)") \
+        .add_subparsers(dest="action", metavar="ACTION", required=True)
+    alist = command(audit, "list", cmd_audit_list, "list audit entries, oldest first")
+    alist.add_argument("--request", type=resource_id, help="only the entries of one request")
+    alist.add_argument("--kind", help="only entries about this kind of object")
+    alist.add_argument("--object-id", help="only entries about this object (with --kind)")
+    alist.add_argument("--actor", help="only entries by this user")
+    alist.add_argument("--jsonl", action="store_true", help="export: one JSON object a line")
 
 
 # ----------------------------------------------------------------- OneFlow (issue 6)

@@ -31,6 +31,9 @@ from cirrus.v1 import (
 )
 from cirrus.v1 import cluster_pb2, cluster_pb2_grpc, vmgroup_pb2, vmgroup_pb2_grpc
 from cirrus.v1 import flow_pb2, flow_pb2_grpc
+from cirrus.v1 import (
+    audit_pb2, audit_pb2_grpc, request_pb2, request_pb2_grpc, user_pb2, user_pb2_grpc,
+)
 
 # statuses a VM does not leave on its own: waiting for anything else is over
 FINAL_STATUSES = frozenset({"DONE"} | {s for s, short in states.SHORT_NAMES.items()
@@ -165,6 +168,11 @@ class Client:
         self.vmgroups = vmgroup_pb2_grpc.VmGroupServiceStub(self.channel)
         self.flow_templates = flow_pb2_grpc.FlowTemplateServiceStub(self.channel)
         self.flows = flow_pb2_grpc.FlowServiceStub(self.channel)
+        self.users = user_pb2_grpc.UserServiceStub(self.channel)
+        self.groups = user_pb2_grpc.GroupServiceStub(self.channel)
+        self.quotas = user_pb2_grpc.QuotaServiceStub(self.channel)
+        self.requests = request_pb2_grpc.RequestServiceStub(self.channel)
+        self.audit = audit_pb2_grpc.AuditServiceStub(self.channel)
 
     def close(self):
         self.channel.close()
@@ -659,6 +667,121 @@ class Client:
         for service in self.follow_flow(service_id, timeout):
             if deployed(service):
                 return service
+
+    # -------------------------------------------------------------- request management (issue 8)
+
+    def create_user(self, name, password, role="user", groups=()):
+        return to_dict(self._call(self.users.Create, user_pb2.CreateUserRequest(
+            name=name, password=password, role=role or "user", groups=list(groups or ()))))
+
+    def list_users(self):
+        return [to_dict(u) for u in self._call(self.users.List,
+                                                user_pb2.ListUsersRequest()).users]
+
+    def get_user(self, ref):
+        """A user by name or id, with their quota."""
+        return to_dict(self._call(self.users.Get, user_pb2.UserRef(ref=str(ref))))
+
+    def delete_user(self, ref):
+        return to_dict(self._call(self.users.Delete, user_pb2.UserRef(ref=str(ref))))
+
+    def set_password(self, ref, password):
+        return to_dict(self._call(self.users.SetPassword,
+                                  user_pb2.SetPasswordRequest(ref=str(ref), password=password)))
+
+    def set_user_role(self, ref, role):
+        return to_dict(self._call(self.users.SetRole,
+                                  user_pb2.SetRoleRequest(ref=str(ref), role=role)))
+
+    def create_group(self, name):
+        return to_dict(self._call(self.groups.Create, user_pb2.CreateGroupRequest(name=name)))
+
+    def list_groups(self):
+        return [to_dict(g) for g in self._call(self.groups.List,
+                                                user_pb2.ListGroupsRequest()).groups]
+
+    def get_group(self, ref):
+        return to_dict(self._call(self.groups.Get, user_pb2.GroupRef(ref=str(ref))))
+
+    def delete_group(self, ref):
+        return to_dict(self._call(self.groups.Delete, user_pb2.GroupRef(ref=str(ref))))
+
+    def group_add_user(self, group, user):
+        return to_dict(self._call(self.groups.AddUser, user_pb2.GroupMemberRequest(
+            group=str(group), user=str(user))))
+
+    def group_del_user(self, group, user):
+        return to_dict(self._call(self.groups.DelUser, user_pb2.GroupMemberRequest(
+            group=str(group), user=str(user))))
+
+    def set_quota(self, scope, ref, **limits):
+        """Set limits (vms, cpu, memory, images; -1: no limit) of a user or group."""
+        return to_dict(self._call(self.quotas.Set, user_pb2.SetQuotaRequest(
+            scope=scope, ref=str(ref), limits=user_pb2.QuotaValues(**limits))))
+
+    def get_quota(self, scope, ref):
+        return to_dict(self._call(self.quotas.Get, user_pb2.QuotaRef(scope=scope, ref=str(ref))))
+
+    def submit_vm(self, name=None, cpu=None, vcpu=None, memory=None, template=None, hold=False,
+                  request_id=None, requirements=None, rank=None, vmgroup=None,
+                  template_id=None):
+        """Request a VM (or, with ``template_id``, a VM from a saved template):
+        the request, with "vm" when it was provisioned at once."""
+        vm = vm_pb2.CreateVmRequest(name=name, cpu=cpu, vcpu=vcpu, memory=memory,
+                                    template=template or "", hold=hold,
+                                    requirements=requirements, rank=rank, vmgroup=vmgroup)
+        return to_dict(self._call(self.requests.SubmitVm, request_pb2.SubmitVmRequest(
+            vm=vm, template_id=template_id), request_id or uuid.uuid4().hex))
+
+    def submit_flow(self, template_id, name=None, custom_attrs=None, networks=None):
+        return to_dict(self._call(self.requests.SubmitFlow, request_pb2.SubmitFlowRequest(
+            template_id=template_id, name=name, custom_attrs=custom_attrs or {},
+            networks=networks or {})))
+
+    def list_requests(self, waiting_for=None, state=None, mine=False):
+        reply = self._call(self.requests.List, request_pb2.ListRequestsRequest(
+            waiting_for=waiting_for, state=state, mine=mine))
+        return [to_dict(r) for r in reply.requests]
+
+    def get_request(self, request_id):
+        return to_dict(self._call(self.requests.Get,
+                                  request_pb2.GetProvisionRequest(id=request_id)))
+
+    def approve_request(self, request_id, reason=""):
+        return to_dict(self._call(self.requests.Approve,
+                                  request_pb2.DecideRequest(id=request_id, reason=reason or "")))
+
+    def reject_request(self, request_id, reason):
+        return to_dict(self._call(self.requests.Reject,
+                                  request_pb2.DecideRequest(id=request_id, reason=reason or "")))
+
+    def request_stats(self):
+        return to_dict(self._call(self.requests.Stats, request_pb2.RequestStatsRequest()))
+
+    def load_process(self, bpmn):
+        return to_dict(self._call(self.requests.LoadProcess,
+                                  request_pb2.LoadProcessRequest(bpmn=bpmn)))
+
+    def get_process(self):
+        return to_dict(self._call(self.requests.GetProcess, request_pb2.GetProcessRequest()))
+
+    def list_audit(self, object_kind=None, object_id=None, actor=None, after_id=None,
+                   limit=None):
+        reply = self._call(self.audit.List, audit_pb2.ListAuditRequest(
+            object_kind=object_kind, object_id=None if object_id is None else str(object_id),
+            actor=actor, after_id=after_id, limit=limit))
+        return [{**to_dict(e), "id": e.id, "details": json.loads(e.details or "{}")}
+                for e in reply.entries]
+
+    def audit_entries(self, **filters):
+        """Every audit entry matching ``filters``, page after page."""
+        after_id = None
+        while True:
+            page = self.list_audit(after_id=after_id, **filters)
+            yield from page
+            if len(page) < 1000:
+                return
+            after_id = int(page[-1]["id"])
 
 
 def deployed(service):

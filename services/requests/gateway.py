@@ -55,6 +55,9 @@ from cirrus.v1 import (  # noqa: E402
     cluster_pb2, cluster_pb2_grpc, vmgroup_pb2, vmgroup_pb2_grpc,
 )
 from cirrus.v1 import flow_pb2, flow_pb2_grpc  # noqa: E402
+from cirrus.v1 import (  # noqa: E402
+    audit_pb2, audit_pb2_grpc, request_pb2, request_pb2_grpc, user_pb2, user_pb2_grpc,
+)
 from google.protobuf.json_format import MessageToDict  # noqa: E402
 
 log = logging.getLogger("cirrus.gateway")
@@ -71,6 +74,11 @@ API_SERVICES = [
     vmgroup_pb2.DESCRIPTOR.services_by_name["VmGroupService"],
     flow_pb2.DESCRIPTOR.services_by_name["FlowTemplateService"],
     flow_pb2.DESCRIPTOR.services_by_name["FlowService"],
+    user_pb2.DESCRIPTOR.services_by_name["UserService"],
+    user_pb2.DESCRIPTOR.services_by_name["GroupService"],
+    user_pb2.DESCRIPTOR.services_by_name["QuotaService"],
+    request_pb2.DESCRIPTOR.services_by_name["RequestService"],
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
 ]
 LOGIN_METHOD = "/cirrus.v1.SessionService/Login"
 # callable without credentials, so grpcurl and load balancers can probe
@@ -927,6 +935,154 @@ class FlowServicer(Servicer, flow_pb2_grpc.FlowServiceServicer):
             call, optional(request, "id")))
 
 
+# (issue 8) users, groups, quotas, provisioning requests and the audit log
+
+def ref_value(text):
+    """A user or group reference from the API: digits are an id, else a name."""
+    return int(text) if text.isdigit() else text
+
+
+def quota_limits(values):
+    """The limits a SetQuotaRequest sets: {resource: value} for the fields
+    present (-1 means no limit)."""
+    return {name: getattr(values, name) for name in ("vms", "cpu", "memory", "images")
+            if values.HasField(name)}
+
+
+def audit_record(entry):
+    return fill(request_pb2.AuditRecord(), {**entry, "details": json.dumps(entry.get("details")
+                                                                           or {})})
+
+
+def request_message(data):
+    """A ProvisionRequest, with its VM and service as the VM and flow APIs give them."""
+    message = fill(request_pb2.ProvisionRequest(),
+                   {k: v for k, v in data.items() if k not in ("vm", "service", "history")})
+    if data.get("vm"):
+        message.vm.CopyFrom(vm_message(data["vm"]))
+    if data.get("service"):
+        message.service.CopyFrom(flow_message(data["service"]))
+    message.history.extend(audit_record(e) for e in data.get("history") or ())
+    return message
+
+
+class UserServicer(Servicer, user_pb2_grpc.UserServiceServicer):
+    def user(self, context, name, method, *args):
+        return fill(user_pb2.UserInfo(), self.call(context, name)(method, *args))
+
+    def Create(self, request, context):
+        return self.user(context, "Create", "create_user", request.name, request.password,
+                         request.role or "user", list(request.groups))
+
+    def List(self, request, context):
+        return fill(user_pb2.ListUsersResponse(),
+                    {"users": self.call(context, "List")("list_users")})
+
+    def Get(self, request, context):
+        return self.user(context, "Get", "get_user", ref_value(request.ref))
+
+    def Delete(self, request, context):
+        return self.user(context, "Delete", "delete_user", ref_value(request.ref))
+
+    def SetPassword(self, request, context):
+        return self.user(context, "SetPassword", "set_password", ref_value(request.ref),
+                         request.password)
+
+    def SetRole(self, request, context):
+        return self.user(context, "SetRole", "set_user_role", ref_value(request.ref),
+                         request.role)
+
+
+class GroupServicer(Servicer, user_pb2_grpc.GroupServiceServicer):
+    def group(self, context, name, method, *args):
+        return fill(user_pb2.GroupInfo(), self.call(context, name)(method, *args))
+
+    def Create(self, request, context):
+        return self.group(context, "Create", "create_group", request.name)
+
+    def List(self, request, context):
+        return fill(user_pb2.ListGroupsResponse(),
+                    {"groups": self.call(context, "List")("list_groups")})
+
+    def Get(self, request, context):
+        return self.group(context, "Get", "get_group", ref_value(request.ref))
+
+    def Delete(self, request, context):
+        return self.group(context, "Delete", "delete_group", ref_value(request.ref))
+
+    def AddUser(self, request, context):
+        return self.group(context, "AddUser", "group_add_user", ref_value(request.group),
+                          ref_value(request.user))
+
+    def DelUser(self, request, context):
+        return self.group(context, "DelUser", "group_del_user", ref_value(request.group),
+                          ref_value(request.user))
+
+
+class QuotaServicer(Servicer, user_pb2_grpc.QuotaServiceServicer):
+    def Set(self, request, context):
+        quota = self.call(context, "Set")("set_quota", request.scope, ref_value(request.ref),
+                                          quota_limits(request.limits))
+        return fill(user_pb2.QuotaInfo(), quota)
+
+    def Get(self, request, context):
+        quota = self.call(context, "Get")("get_quota", request.scope, ref_value(request.ref))
+        return fill(user_pb2.QuotaInfo(), quota)
+
+
+class RequestServicer(Servicer, request_pb2_grpc.RequestServiceServicer):
+    def SubmitVm(self, request, context):
+        call = self.call(context, "SubmitVm")
+        vm = request.vm
+        spec = {**{name: optional(vm, name) for name in ("name", "cpu", "vcpu", "memory",
+                                                        "requirements", "rank", "vmgroup")},
+                "template": vm.template or None, "hold": vm.hold,
+                "template_id": optional(request, "template_id"),
+                "request_id": call.request_id}
+        return request_message(call("submit_vm", spec))
+
+    def SubmitFlow(self, request, context):
+        return request_message(self.call(context, "SubmitFlow")(
+            "submit_flow", request.template_id, name=optional(request, "name"),
+            custom_attrs=dict(request.custom_attrs), networks=dict(request.networks)))
+
+    def List(self, request, context):
+        found = self.call(context, "List")(
+            "list_requests", waiting_for=optional(request, "waiting_for"),
+            state=optional(request, "state"), mine=request.mine)
+        return request_pb2.ListRequestsResponse(requests=[request_message(r) for r in found])
+
+    def Get(self, request, context):
+        return request_message(self.call(context, "Get")("get_request", request.id))
+
+    def Approve(self, request, context):
+        return request_message(self.call(context, "Approve")(
+            "decide_request", request.id, True, request.reason))
+
+    def Reject(self, request, context):
+        return request_message(self.call(context, "Reject")(
+            "decide_request", request.id, False, request.reason))
+
+    def Stats(self, request, context):
+        return fill(request_pb2.RequestStats(), self.call(context, "Stats")("request_stats"))
+
+    def LoadProcess(self, request, context):
+        return fill(request_pb2.ProcessInfo(),
+                    self.call(context, "LoadProcess")("load_process", request.bpmn))
+
+    def GetProcess(self, request, context):
+        return fill(request_pb2.ProcessInfo(), self.call(context, "GetProcess")("get_process"))
+
+
+class AuditServicer(Servicer, audit_pb2_grpc.AuditServiceServicer):
+    def List(self, request, context):
+        entries = self.call(context, "List")(
+            "list_audit", object_kind=optional(request, "object_kind"),
+            object_id=optional(request, "object_id"), actor=optional(request, "actor"),
+            after_id=optional(request, "after_id"), limit=optional(request, "limit") or 1000)
+        return audit_pb2.ListAuditResponse(entries=[audit_record(e) for e in entries])
+
+
 # ----------------------------------------------------------------- server
 
 class Gateway:
@@ -963,6 +1119,7 @@ class Gateway:
             FlowTemplateServicer(self.requests), self.server)
         flow_pb2_grpc.add_FlowServiceServicer_to_server(
             FlowServicer(self.requests, self.flow_hub, self.watches), self.server)
+        self.add_request_management(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [s.full_name for s in API_SERVICES]
         reflection.enable_server_reflection(
@@ -971,6 +1128,15 @@ class Gateway:
         self.port = self.server.add_insecure_port(self.address)
         if not self.port:
             raise RuntimeError(f"cannot listen on {self.address}")
+
+    def add_request_management(self, server):
+        """Issue 8's services: users, groups, quotas, requests, audit."""
+        user_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(self.requests), server)
+        user_pb2_grpc.add_GroupServiceServicer_to_server(GroupServicer(self.requests), server)
+        user_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(self.requests), server)
+        request_pb2_grpc.add_RequestServiceServicer_to_server(RequestServicer(self.requests),
+                                                              server)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self.requests), server)
 
     def start(self):
         self.hub.start()
