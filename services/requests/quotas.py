@@ -83,7 +83,7 @@ def _ensure_rows(session, scopes):
 def label_of(session, scope, subject_id):
     model = User if scope == "user" else Group
     name = session.scalar(select(model.name).where(model.id == subject_id))
-    return f"{scope} {name or subject_id!r}'s" if name else f"{scope} {subject_id}'s"
+    return f"{scope} {name or subject_id}'s"
 
 
 def charge(session, kind, scopes, need, request_id=None, resource_id=None):
