@@ -794,14 +794,21 @@ class RequestsService:
     def user_admin(self, credentials):
         return self.admin(credentials, "user and group management")
 
-    @api
-    def create_user(self, credentials, name, password, role="user", groups=None):
+    def managed(self, credentials, action, kind, change, **details):
+        """An administrator's change of users or groups: ``change(session)``
+        returns the user or group dict, audited as ``action`` with its name."""
         caller = self.user_admin(credentials)
         with self.relay.transaction() as session:
-            user = users.create_user(session, name, password, role or "user", groups or ())
-            audit.record(session, caller, "user.created", "user", user["id"], name=name,
-                         role=user["role"])
-        return user
+            out = change(session)
+            audit.record(session, caller, action, kind, out["id"], name=out["name"], **details)
+        return out
+
+    @api
+    def create_user(self, credentials, name, password, role="user", groups=None):
+        return self.managed(credentials, "user.created", "user",
+                            lambda session: users.create_user(session, name, password,
+                                                              role or "user", groups or ()),
+                            role=role or "user")
 
     @api
     def list_users(self, credentials):
@@ -825,11 +832,9 @@ class RequestsService:
 
     @api
     def delete_user(self, credentials, ref):
-        caller = self.user_admin(credentials)
-        with self.relay.transaction() as session:
-            gone = users.delete_user(session, ref, caller["id"])
-            audit.record(session, caller, "user.deleted", "user", gone["id"], name=gone["name"])
-        return gone
+        caller_id = self.user(credentials)["id"]
+        return self.managed(credentials, "user.deleted", "user",
+                            lambda session: users.delete_user(session, ref, caller_id))
 
     @api
     def set_password(self, credentials, ref, password):
@@ -845,20 +850,13 @@ class RequestsService:
 
     @api
     def set_user_role(self, credentials, ref, role):
-        caller = self.user_admin(credentials)
-        with self.relay.transaction() as session:
-            out = users.set_role(session, ref, role)
-            audit.record(session, caller, "user.role", "user", out["id"], name=out["name"],
-                         role=role)
-        return out
+        return self.managed(credentials, "user.role", "user",
+                            lambda session: users.set_role(session, ref, role), role=role)
 
     @api
     def create_group(self, credentials, name):
-        caller = self.user_admin(credentials)
-        with self.relay.transaction() as session:
-            group = users.create_group(session, name)
-            audit.record(session, caller, "group.created", "group", group["id"], name=name)
-        return group
+        return self.managed(credentials, "group.created", "group",
+                            lambda session: users.create_group(session, name))
 
     @api
     def list_groups(self, credentials):
@@ -876,28 +874,18 @@ class RequestsService:
 
     @api
     def delete_group(self, credentials, ref):
-        caller = self.user_admin(credentials)
-        with self.relay.transaction() as session:
-            gone = users.delete_group(session, ref)
-            audit.record(session, caller, "group.deleted", "group", gone["id"],
-                         name=gone["name"])
-        return gone
+        return self.managed(credentials, "group.deleted", "group",
+                            lambda session: users.delete_group(session, ref))
 
     @api
     def group_add_user(self, credentials, group, user):
-        caller = self.user_admin(credentials)
-        with self.relay.transaction() as session:
-            out = users.add_member(session, group, user)
-            audit.record(session, caller, "group.user_added", "group", out["id"], user=user)
-        return out
+        return self.managed(credentials, "group.user_added", "group",
+                            lambda session: users.add_member(session, group, user), user=user)
 
     @api
     def group_del_user(self, credentials, group, user):
-        caller = self.user_admin(credentials)
-        with self.relay.transaction() as session:
-            out = users.remove_member(session, group, user)
-            audit.record(session, caller, "group.user_removed", "group", out["id"], user=user)
-        return out
+        return self.managed(credentials, "group.user_removed", "group",
+                            lambda session: users.remove_member(session, group, user), user=user)
 
     # quotas
 
