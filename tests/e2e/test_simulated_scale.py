@@ -3,7 +3,10 @@ process serves 500 hosts (registered by itself), 2,000 VMs are created through
 the SDK, all run, spread so that every host is exactly full, and all are
 terminated to DONE with every host's capacity given back.
 
-CIRRUS_SIM_HOSTS and CIRRUS_SIM_VMS change the sizes (VMs a multiple of hosts)."""
+CIRRUS_SIM_HOSTS and CIRRUS_SIM_VMS change the sizes (VMs a multiple of hosts).
+At 500/2,000 it takes 4.5 to 7 minutes on the shared 2-core machine: the
+simulator uses under a tenth of a core; the time goes to lifecycle's creates
+and terminates (gateway Create 0.3-1.7 s, Terminate ~0.7 s at 8 clients)."""
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -50,7 +53,7 @@ def wait_all(client, ids, status, timeout):
     def reached():
         vms = {vm["id"]: vm["status"] for vm in client.list_vms(include_done=True)}
         return all(vms.get(i) == status for i in ids)
-    wait_until(reached, timeout, interval=2, what=f"{len(ids)} VMs {status}")
+    wait_until(reached, timeout, interval=3, what=f"{len(ids)} VMs {status}")
 
 
 def test_500_simulated_hosts_run_2000_vms_and_give_everything_back(sim_cluster):
