@@ -72,12 +72,16 @@ class Lifecycle:
             raise errors.from_remote(exc) from None
 
     def allocate_many(self, requests):
-        """allocate for each kwargs of ``requests``, ALLOCATE_WINDOW in flight
-        at once; returns a VM dict or the error for each, in order."""
+        """allocate for each kwargs of ``requests``; see call_many."""
+        return self.call_many("allocate", [((), kwargs) for kwargs in requests])
+
+    def call_many(self, method, calls):
+        """``method`` for each (args, kwargs) of ``calls``, ALLOCATE_WINDOW in
+        flight at once; returns the answer or the error of each, in order."""
         out = []
-        for start in range(0, len(requests), ALLOCATE_WINDOW):
-            replies = [self.proxy.allocate.call_async(**kwargs)
-                       for kwargs in requests[start:start + ALLOCATE_WINDOW]]
+        for start in range(0, len(calls), ALLOCATE_WINDOW):
+            replies = [getattr(self.proxy, method).call_async(*args, **kwargs)
+                       for args, kwargs in calls[start:start + ALLOCATE_WINDOW]]
             for reply in replies:
                 try:
                     out.append(reply.result())
@@ -105,13 +109,17 @@ def checked_body(lifecycle, body):
     """A template body validated, with each role's VM template id known to lifecycle."""
     body = templates.validate(body)
     for index, role in enumerate(body["roles"]):
-        if "vm_template" in role:
-            try:
-                lifecycle.call("get_template", role["vm_template"])
-            except NotFound:
-                raise InvalidArgument(f"service template: roles/{index}/vm_template: VM "
-                                      f"template {role['vm_template']} does not exist") from None
+        check_vm_template(lifecycle, role, f"service template: roles/{index}/vm_template")
     return body
+
+
+def check_vm_template(lifecycle, role, where):
+    if "vm_template" in role:
+        try:
+            lifecycle.call("get_template", role["vm_template"])
+        except NotFound:
+            raise InvalidArgument(f"{where}: VM template {role['vm_template']} does not "
+                                  f"exist") from None
 
 
 def create_template(session, lifecycle, owner_id, body):
@@ -377,23 +385,32 @@ class Pass:
             "shutdown_action") or "terminate"
         return action.endswith("-hard")
 
-    def dispose(self, role, node, hard=None):
-        """Ask lifecycle to end a node's VM (the role's shutdown_action). A VM
-        whose driver is busy is asked later, when its next event comes."""
-        node.disposing = True
-        if node.dispose_seq is not None or node.status in VM_TRANSIENT:
-            return
-        hard = self.shutdown_action(role) if hard is None else hard
-        try:
-            vm = self.lifecycle.call("vm_action", node.vm_id, "terminate", {"hard": hard})
-        except FailedPrecondition as exc:
-            add_log(self.session, self.service, "W", f"VM {node.vm_id}: {exc}")
-            return
-        except NotFound:
-            return
-        node.dispose_seq = vm["seq"]
-        node.status = vm["status"]
-        self.acted = True
+    def dispose(self, role, nodes):
+        """Ask lifecycle to end the nodes' VMs (the role's shutdown_action). A
+        VM whose driver is busy is asked later, when its next event comes."""
+        for node in nodes:
+            node.disposing = True
+        self.ask_vms([n for n in nodes if n.dispose_seq is None and n.status not in VM_TRANSIENT],
+                     "terminate", {"hard": self.shutdown_action(role)})
+
+    def ask_vms(self, nodes, action, args):
+        """vm_action on the nodes' VMs, many in flight at once (a service of
+        hundreds of VMs is undeployed in a few round trips, not hundreds); each
+        node asked remembers the VM's seq right after. A VM that cannot do it
+        now is logged and asked again later; one already gone is left to its
+        DONE row."""
+        answers = self.lifecycle.call_many(
+            "vm_action", [((node.vm_id, action, args), {}) for node in nodes])
+        for node, answer in zip(nodes, answers):
+            if isinstance(answer, FailedPrecondition):
+                add_log(self.session, self.service, "W", f"VM {node.vm_id}: {answer}")
+            elif isinstance(answer, NotFound):
+                continue
+            elif isinstance(answer, Exception):
+                raise answer
+            else:
+                node.dispose_seq, node.status = answer["seq"], answer["status"]
+                self.acted = True
 
     def dispose_failed(self, node):
         """The service asked this VM gone and it came back (a failed shutdown)."""
@@ -466,12 +483,10 @@ class Pass:
                 return
         elif len(active) > role.cardinality:
             # scale down: the newest VMs go first
-            for node in sorted(active, key=lambda n: n.vm_id)[role.cardinality:]:
-                self.dispose(role, node)
+            self.dispose(role, sorted(active, key=lambda n: n.vm_id)[role.cardinality:])
             active = self.active(role)
         disposing = [n for n in self.nodes[role.id] if n.disposing]
-        for node in disposing:
-            self.dispose(role, node)
+        self.dispose(role, disposing)
         failed = [n for n in active if is_failure(n.status)] + \
             [n for n in disposing if self.dispose_failed(n)]
         if failed:
@@ -506,11 +521,10 @@ class Pass:
     def undeploy_step(self, role):
         if not self.children_done(role):
             return
-        for node in self.nodes[role.id]:
-            if self.service.deleting:
-                self.delete_vm(node)
-            else:
-                self.dispose(role, node)
+        if self.service.deleting:
+            self.delete_vms(self.nodes[role.id])
+        else:
+            self.dispose(role, self.nodes[role.id])
         failed = [n for n in self.nodes[role.id] if self.dispose_failed(n)
                   or (is_failure(n.status) and n.dispose_seq is not None)]
         if not self.nodes[role.id]:
@@ -525,17 +539,12 @@ class Pass:
             self.move_role(role, "undeploy_failure", message)
             add_log(self.session, self.service, "E", f"role {role.name}: {message}")
 
-    def delete_vm(self, node):
-        """recover --delete: drop the VM wherever it is (flow recover --delete)."""
-        node.disposing = True
-        if node.dispose_seq is not None:
-            return
-        try:
-            vm = self.lifecycle.call("vm_action", node.vm_id, "recover", {"operation": "delete"})
-            node.dispose_seq, node.status = vm["seq"], vm["status"]
-            self.acted = True
-        except (FailedPrecondition, NotFound) as exc:
-            add_log(self.session, self.service, "W", f"VM {node.vm_id}: {exc}")
+    def delete_vms(self, nodes):
+        """recover --delete: drop the VMs wherever they are (flow recover --delete)."""
+        for node in nodes:
+            node.disposing = True
+        self.ask_vms([n for n in nodes if n.dispose_seq is None], "recover",
+                     {"operation": "delete"})
 
     def serve(self, role):
         """A deployed role: WARNING on a troubled VM and back, cooldown's end,
@@ -641,7 +650,7 @@ class Pass:
         service = self.service
         if service.state == "PENDING":
             self.move_service("deploy")
-        for role in self.roles:
+        for role in list(self.roles):       # a removed role leaves the list
             run_role_actions(self, role)
             self.step(role)
         if service.state == "UNDEPLOYING":
@@ -669,9 +678,24 @@ class Pass:
         elif role.state == "SCALING":
             self.converge(role, "scale_failure", "scaled")
             if role.state == "COOLDOWN":
-                self.serve(role)
+                self.step(role)
+        elif role.state == "COOLDOWN" and (role.policy_state or {}).get("removing"):
+            self.drop_role(role)
         elif role.state in states.SERVING:
             self.serve(role)
+
+    def drop_role(self, role):
+        """A role being removed whose VMs are all gone leaves the service and
+        its template."""
+        self.session.flush()        # its nodes' rows go first
+        self.session.delete(role)
+        self.roles.remove(role)
+        del self.by_name[role.name], self.nodes[role.id]
+        body = self.service.body
+        self.service.body = {**body, "roles": [r for r in body["roles"]
+                                               if r["name"] != role.name]}
+        add_log(self.session, self.service, "I", f"role {role.name} removed")
+        self.changed = True
 
     def after_deployed(self, role):
         add_log(self.session, self.service, "I", f"role {role.name} is RUNNING")
@@ -826,6 +850,55 @@ def scale(session, lifecycle, service_id, role_name, cardinality, force=False):
         if not allows("service", one.service.state, "scale"):
             raise FlowTransitionError("service", "scale", one.service.state)
         one.scale(role, cardinality, "asked" + (" (forced)" if force else ""))
+    return act(session, lifecycle, service_id, do)
+
+
+def add_role(session, lifecycle, service_id, role_body):
+    """Add a role to a deployed service. It is checked as the template's last
+    role (a unique name, parents that exist, its VM template), then deployed
+    like any role: the service is DEPLOYING until it runs, and with
+    ``straight`` it waits for its parents."""
+    def do(one):
+        if not allows("service", one.service.state, "add_role"):
+            raise FailedPrecondition(f"service {service_id} is {one.service.state}: a role can "
+                                     f"be added only to a service in one of: "
+                                     f"{', '.join(states.allowed_sources('service', 'add_role'))}")
+        body = templates.validate_added_role(one.service.body, role_body)
+        check_vm_template(lifecycle, body, "role: vm_template")
+        role = FlowRole(service_id=one.service.id, name=body["name"],
+                        position=max((r.position for r in one.roles), default=-1) + 1,
+                        body=body, state="PENDING", cardinality=int(body.get("cardinality", 1)),
+                        vm_count=0, released=False, message="", policy_state={})
+        session.add(role)
+        session.flush()
+        one.roles.append(role)
+        one.by_name[role.name], one.nodes[role.id] = role, []
+        one.service.body = {**one.service.body, "roles": [*one.service.body["roles"], body]}
+        add_log(session, one.service, "I", f"role {role.name} added")
+        one.move_service("add_role")
+    return act(session, lifecycle, service_id, do)
+
+
+def remove_role(session, lifecycle, service_id, role_name):
+    """Remove a role from a deployed service: its VMs are ended first (a scale
+    to 0 with its shutdown_action: SCALING, FAILED_SCALING if one does not go,
+    and recover retries it), then it leaves the service. Refused while
+    another role names it as a parent, and for the last role."""
+    def do(one):
+        role = get_role(session, one.service, role_name)
+        dependents = [r.name for r in one.roles if role_name in r.body.get("parents", [])]
+        if dependents:
+            raise FailedPrecondition(f"role {role_name}: role(s) {', '.join(dependents)} "
+                                     f"depend on it (parents); remove them first")
+        if len(one.roles) == 1:
+            raise FailedPrecondition(f"role {role_name} is the only role of service "
+                                     f"{service_id}; delete the service instead")
+        if not allows("service", one.service.state, "scale"):
+            raise FailedPrecondition(f"service {service_id} is {one.service.state}: a role can "
+                                     f"be removed only from a service in one of: "
+                                     f"{', '.join(states.allowed_sources('service', 'scale'))}")
+        role.policy_state = {**(role.policy_state or {}), "removing": True, "action": None}
+        one.scale(role, 0, "the role is removed")
     return act(session, lifecycle, service_id, do)
 
 

@@ -140,6 +140,14 @@ class FlowService:
     def role_action(self, service_id, role, action, period=0, number=0):
         return self.act(service_id, engine.role_action, role, action, period, number)
 
+    @api
+    def add_role(self, service_id, role_body):
+        return self.act(service_id, engine.add_role, role_body)
+
+    @api
+    def remove_role(self, service_id, role):
+        return self.act(service_id, engine.remove_role, role)
+
     def act(self, service_id, action, *args):
         with self.relay.transaction() as session:
             action(session, self.lifecycle, service_id, *args)

@@ -85,6 +85,8 @@ SERVICE_TRANSITIONS = [
     _t("hold", "PENDING DEPLOYING", "HOLD"),
     _t("release", "HOLD", "DEPLOYING"),
     _t("deployed", "DEPLOYING", "RUNNING"),
+    # a role added to a deployed service deploys like the others did
+    _t("add_role", "RUNNING WARNING COOLDOWN", "DEPLOYING"),
     _t("deploy_failure", "DEPLOYING HOLD", "FAILED_DEPLOYING"),
     _t("warning", "RUNNING COOLDOWN", "WARNING"),
     _t("recovered", "WARNING", "RUNNING"),

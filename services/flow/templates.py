@@ -138,6 +138,27 @@ def validate(body):
     return body
 
 
+def validate_added_role(body, role):
+    """A role (dict or JSON text) to add to a service made from ``body``,
+    checked as its last role; returns the dict. Problems are named by their
+    path in the role (``role: cardinality: ...``)."""
+    if isinstance(role, (str, bytes)):
+        try:
+            role = json.loads(role)
+        except ValueError as exc:
+            raise InvalidArgument(f"role is not JSON: {exc}") from None
+    if not isinstance(role, dict):
+        raise InvalidArgument(f"role must be a JSON object, got {type(role).__name__}")
+    where = f"roles/{len(body['roles'])}"
+    try:
+        validate({**body, "roles": [*body["roles"], role]})
+    except InvalidArgument as exc:
+        text = str(exc).removeprefix("service template: ")
+        raise InvalidArgument("role: " + text.replace(f"{where}/", "").replace(
+            f"{where}: ", "")) from None
+    return role
+
+
 def _rule_problems(body):
     problems = []
     roles = body["roles"]

@@ -337,3 +337,141 @@ def test_a_scale_whose_vms_cannot_be_placed_says_so_on_the_role(flow):
     for one in (service["id"], big):
         flow.undeploy(one)
         wait_state(flow, one, "DONE")
+
+
+def log_of(flow, service_id):
+    return [e["message"] for e in flow.get_service(service_id)["log"]]
+
+
+def test_a_role_is_added_to_a_running_service_and_removed_again(flow, lifecycle):
+    made = flow.create_template(1, template("grow", [role("db")]))
+    sid = flow.instantiate(made["id"], 1)["id"]
+    wait_state(flow, sid, "RUNNING")
+
+    # bad roles are named and change nothing
+    for bad, problem in (({"name": "db", "vm_template_contents": SMALL_VM},
+                          "role: name: role 'db' is defined twice"),
+                         (role("web", ["nope"]), "role: parents: no role named 'nope'"),
+                         ({"name": "web", "vm_template": 99999},
+                          "role: vm_template: VM template 99999 does not exist"),
+                         ("{not json", "role is not JSON")):
+        with pytest.raises(RemoteError) as err:
+            flow.add_role(sid, bad)
+        assert err.value.exc_type == "InvalidArgument"
+        assert problem in err.value.value
+    assert list(roles_of(flow, sid)) == ["db"]
+
+    answer = flow.add_role(sid, json.dumps(role("web", ["db"], cardinality=2)))
+    assert [r["name"] for r in answer["roles"]] == ["db", "web"]
+    assert "RUNNING -> DEPLOYING" in [e["message"] for e in answer["log"]]
+    service = wait_state(flow, sid, "RUNNING")
+    web_vms = vm_ids(flow, sid, "web")
+    assert len(web_vms) == 2
+    assert lifecycle.get_vm(web_vms[0])["template"]["CONTEXT"]["ROLE_NAME"] == "web"
+
+    with pytest.raises(RemoteError) as err:
+        flow.remove_role(sid, "db")
+    assert err.value.exc_type == "FailedPrecondition"
+    assert "role db: role(s) web depend on it" in err.value.value
+
+    flow.remove_role(sid, "web")
+    wait_until(lambda: list(roles_of(flow, sid)) == ["db"]
+               and flow.get_service(sid)["state"] == "RUNNING", what="web removed")
+    assert {lifecycle.get_vm(v)["status"] for v in web_vms} == {"DONE"}
+    assert "role web removed" in log_of(flow, sid)
+    with pytest.raises(RemoteError) as err:
+        flow.remove_role(sid, "db")
+    assert "only role of service" in err.value.value
+    # a role of the same name can come back (its VMs' request ids are new)
+    flow.add_role(sid, role("web", ["db"]))
+    wait_until(lambda: len(vm_ids(flow, sid, "web")) == 1
+               and flow.get_service(sid)["state"] == "RUNNING", what="web again")
+    assert service["id"] == sid
+    flow.undeploy(sid)
+    wait_state(flow, sid, "DONE")
+
+
+def test_a_role_action_with_period_and_number_acts_in_spaced_batches(flow, lifecycle):
+    made = flow.create_template(1, template("batches", [role("web", cardinality=3)]))
+    sid = flow.instantiate(made["id"], 1)["id"]
+    wait_state(flow, sid, "RUNNING")
+    ids = vm_ids(flow, sid, "web")
+    flow.role_action(sid, "web", "poweroff-hard", period=2, number=1)
+    # one VM at once, the others wait their turn (the backstop runs the batches)
+    assert [lifecycle.get_vm(v)["status"] for v in ids].count("RUNNING") >= 2
+    wait_until(lambda: all(lifecycle.get_vm(v)["status"] == "POWEROFF" for v in ids), 30,
+               what="every VM POWEROFF")
+    asked = sorted(next(h["at"] for h in lifecycle.get_vm(v)["history"]
+                        if h["action"].startswith("poweroff")) for v in ids)
+    from datetime import datetime
+    gaps = [(datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds()
+            for a, b in zip(asked, asked[1:])]
+    assert all(gap >= 1.9 for gap in gaps), gaps
+    assert wait_state(flow, sid, "WARNING")
+    flow.role_action(sid, "web", "resume")
+    wait_state(flow, sid, "RUNNING")
+    flow.undeploy(sid)
+    wait_state(flow, sid, "DONE")
+
+
+def scale_times(flow, service_id):
+    """(from, to, when) of each scale in the service's log."""
+    import re
+    from datetime import datetime
+    out = []
+    for entry in flow.get_service(service_id)["log"]:
+        found = re.search(r"scale (\d+) -> (\d+)", entry["message"])
+        if found:
+            out.append((int(found[1]), int(found[2]), datetime.fromisoformat(entry["at"])))
+    return out
+
+
+def test_a_policy_that_holds_waits_for_the_cooldown_before_scaling_again(flow, lifecycle):
+    policy = {"type": "CHANGE", "adjust": 1, "expression": "MAX(LOAD) > 5", "period": 1,
+              "period_number": 1, "cooldown": 3}
+    made = flow.create_template(1, template("cooldown", [
+        role("web", min_vms=1, max_vms=3, elasticity_policies=[policy])]))
+    sid = flow.instantiate(made["id"], 1)["id"]
+    wait_state(flow, sid, "RUNNING")
+    lifecycle.update_vm_template(vm_ids(flow, sid, "web")[0], {"LOAD": "9"})
+    wait_until(lambda: len(scale_times(flow, sid)) == 2, 30, what="two scales")
+    (one, two, first), (_, three, second) = scale_times(flow, sid)
+    assert (one, two, three) == (1, 2, 3)
+    assert (second - first).total_seconds() >= 3     # the policy held all along
+    flow.undeploy(sid)
+    wait_state(flow, sid, "DONE")
+
+
+def test_percentage_change_adds_at_least_min_adjust_step(flow, lifecycle):
+    policy = {"type": "PERCENTAGE_CHANGE", "adjust": 50, "min_adjust_step": 2,
+              "expression": "LOAD > 5", "period": 1, "period_number": 1, "cooldown": 600}
+    made = flow.create_template(1, template("percent", [
+        role("web", cardinality=2, min_vms=1, max_vms=10, elasticity_policies=[policy])]))
+    sid = flow.instantiate(made["id"], 1)["id"]
+    wait_state(flow, sid, "RUNNING")
+    for vm_id in vm_ids(flow, sid, "web"):
+        lifecycle.update_vm_template(vm_id, {"LOAD": "9"})
+    # 50% of 2 is 1, below the step of 2
+    wait_until(lambda: len(vm_ids(flow, sid, "web")) == 4, 30, what="4 VMs")
+    assert [(a, b) for a, b, _ in scale_times(flow, sid)] == [(2, 4)]
+    wait_state(flow, sid, "COOLDOWN")
+    flow.undeploy(sid)
+    wait_state(flow, sid, "DONE")
+
+
+def test_a_scheduled_policy_fires_at_its_start_time(flow):
+    from datetime import datetime, timedelta, timezone
+    start = datetime.now(timezone.utc) + timedelta(seconds=3)
+    policy = {"type": "CARDINALITY", "adjust": 2, "start_time": start.isoformat()}
+    made = flow.create_template(1, template("scheduled", [
+        role("web", min_vms=1, max_vms=2, scheduled_policies=[policy])]))
+    sid = flow.instantiate(made["id"], 1)["id"]
+    wait_state(flow, sid, "RUNNING")
+    assert roles_of(flow, sid)["web"]["cardinality"] == 1
+    wait_until(lambda: len(vm_ids(flow, sid, "web")) == 2
+               and flow.get_service(sid)["state"] == "RUNNING", 30, what="2 VMs")
+    [(one, two, when)] = scale_times(flow, sid)
+    assert (one, two) == (1, 2) and when >= start
+    assert "scheduled policy 0" in " ".join(log_of(flow, sid))
+    flow.undeploy(sid)
+    wait_state(flow, sid, "DONE")
