@@ -1615,6 +1615,14 @@ def flow_action(method, verb, **options):
     return run
 
 
+def cmd_flow_add_role(args):
+    body = read_json_file(args.file)
+    api = client(args)
+    service = api.add_flow_role(api.flow_id(args.id), body)
+    emit(args, service, lambda s: f"service {s['id']} ({s['name']}): role "
+                                  f"{json.loads(body).get('name')} added; now {s['state']}")
+
+
 def cmd_flow_deploy_wait(args):
     """Follow a service until it is RUNNING, drawing its roles at each change
     (in place on a terminal); exits 1 when it fails or ends instead."""
@@ -1711,6 +1719,15 @@ def add_flow_commands(groups, command):
                         help="seconds between batches (with --number)")
     action.add_argument("--number", type=number(int), default=0, metavar="N",
                         help="VMs per batch (default: all at once)")
+    add_role = command(flow, "add-role", cmd_flow_add_role,
+                       "add a role (OneFlow JSON of one role) to a running service")
+    add_role.add_argument("id", **service_id)
+    add_role.add_argument("file", metavar="FILE", help="the role's JSON ('-' for stdin)")
+    remove_role = command(flow, "remove-role", flow_action(
+        "remove_flow_role", "remove role {role}", role="role"),
+        "remove a role: its VMs end first; refused while other roles have it as a parent")
+    remove_role.add_argument("id", **service_id)
+    remove_role.add_argument("role", metavar="ROLE")
     wait = command(flow, "deploy-wait", cmd_flow_deploy_wait,
                    "a live view of a service's roles until it is RUNNING; fails if it reaches "
                    "a FAILED state")

@@ -617,6 +617,17 @@ class Client:
                                                  period=period or 0, number=number or 0)
         return to_dict(self._call(self.flows.RoleAction, request))
 
+    def add_flow_role(self, service_id, body):
+        """Add a role (OneFlow JSON of one role, as text or a dict) to a
+        deployed service; it deploys after its parents."""
+        request = flow_pb2.AddFlowRoleRequest(id=service_id, body=_json_text(body))
+        return to_dict(self._call(self.flows.AddRole, request))
+
+    def remove_flow_role(self, service_id, role):
+        """Remove a role: its VMs end first, then it leaves the service."""
+        request = flow_pb2.RemoveFlowRoleRequest(id=service_id, role=role)
+        return to_dict(self._call(self.flows.RemoveRole, request))
+
     def watch_flows(self, service_id=None, timeout=None):
         """Yield {"flow": service, "current": bool}: first the current state(s),
         then the whole service again at each change, until the caller stops."""

@@ -805,11 +805,6 @@ class VirtualNetworkServicer(Servicer, vnet_pb2_grpc.VirtualNetworkServiceServic
 
 # (issue 6) OneFlow: service templates and services
 
-# the flow service's Nameko events: a service's new state, roles and nodes
-FLOW = "flow"
-FLOW_SERVICE_EVENT = "flow.service"
-
-
 def flow_template_message(data):
     """A FlowTemplate from a template dict; its body travels as JSON text."""
     body = data.get("body")
@@ -928,6 +923,12 @@ class FlowServicer(Servicer, flow_pb2_grpc.FlowServiceServicer):
     def RoleAction(self, request, context):
         return self.flow(context, "RoleAction", "flow_role_action", request.id, request.role,
                          request.action, period=request.period, number=request.number)
+
+    def AddRole(self, request, context):
+        return self.flow(context, "AddRole", "add_flow_role", request.id, request.body)
+
+    def RemoveRole(self, request, context):
+        return self.flow(context, "RemoveRole", "remove_flow_role", request.id, request.role)
 
     def Watch(self, request, context):
         call = self.call(context, "Watch")
@@ -1092,7 +1093,7 @@ class Gateway:
         workers = int(gw.get("workers", 16))
         self.requests = Requests(cfg["amqp"]["uri"], float(gw.get("rpc_timeout", 30)))
         self.hub = EventHub(cfg["amqp"]["uri"], messages.LIFECYCLE, messages.VM_STATE)
-        self.flow_hub = EventHub(cfg["amqp"]["uri"], FLOW, FLOW_SERVICE_EVENT)
+        self.flow_hub = EventHub(cfg["amqp"]["uri"], messages.FLOW, messages.FLOW_SERVICE)
         self.watches = Watches(max(1, workers // 2))
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,

@@ -38,8 +38,6 @@ STUCK_AFTER = timedelta(seconds=float(SETTINGS["stuck_after"]))
 
 # VM actions that choose a host: administrators only, as in OpenNebula
 ADMIN_ACTIONS = frozenset({"deploy", "migrate"})
-# the OneFlow service (services/flow)
-FLOW = "flow"
 # what a Watch may filter on: a status word, or a state word (ACTIVE) for all its statuses
 WATCH_STATUSES = sorted(set(states.ALL_STATUSES) | {s.value for s in states.VmState})
 
@@ -108,7 +106,7 @@ class RequestsService:
 
     db = Database()
     lifecycle = Rpc(messages.LIFECYCLE)
-    flow = Rpc(FLOW)
+    flow = Rpc(messages.FLOW)
 
     def user(self, credentials):
         with self.db() as session:
@@ -588,6 +586,17 @@ class RequestsService:
                 raise InvalidArgument(f"{key}: must be 0 or more, got {value}")
         return self.flow_after(service_id, self.flow.role_action(service_id, role, action,
                                                                  period=period, number=number))
+
+    @api
+    def add_flow_role(self, credentials, service_id, body):
+        self.get_flow(credentials, service_id)
+        return self.flow_after(service_id, self.flow.add_role(service_id,
+                                                              flow_template_body(body)))
+
+    @api
+    def remove_flow_role(self, credentials, service_id, role):
+        check_role(self.get_flow(credentials, service_id), role)
+        return self.flow_after(service_id, self.flow.remove_role(service_id, role))
 
     def flow_after(self, service_id, result):
         """The service as an action left it: what the flow service answered,

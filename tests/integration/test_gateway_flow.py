@@ -252,6 +252,47 @@ def test_a_role_action_reaches_every_vm_of_the_role(gateway, api, cli_env, vm_te
     wait_state(api, service["id"], "DONE")
 
 
+def test_a_role_is_added_from_a_json_file_and_removed_through_the_cli(
+        gateway, api, ann, cli_env, tmp_path, vm_template):
+    service = running_service(api, vm_template)
+    sid = str(service["id"])
+    cache = {"name": "cache", "cardinality": 1, "vm_template": vm_template,
+             "parents": ["master"]}
+    done = cirrus(gateway, cli_env, "flow", "add-role", sid, json_file(tmp_path, cache))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"service {sid} ({service['name']}): role cache added; now ")
+    service = api.wait_flow(service["id"], timeout=60)
+    assert [n["status"] for n in roles_of(service)["cache"]["nodes"]] == ["RUNNING"]
+
+    # bad input is named; nothing changes
+    not_json = json_file(tmp_path, '{"name": "x",')
+    done = cirrus(gateway, cli_env, "flow", "add-role", sid, not_json)
+    assert (done.returncode, done.stderr) == (
+        1, f"cirrus: INVALID_ARGUMENT: '{not_json}' is not JSON: Expecting property name "
+           "enclosed in double quotes at line 1 column 14\n")
+    err = refused(api.add_flow_role, service["id"], {**cache, "cardinality": -1})
+    assert (err.code, err.details) == (
+        "INVALID_ARGUMENT", "role: cardinality: -1 is less than the minimum of 0")
+    assert refused(ann.add_flow_role, service["id"], {**cache, "name": "x"}).code == "NOT_FOUND"
+    done = cirrus(gateway, cli_env, "flow", "remove-role", sid, "master")
+    assert (done.returncode, done.stderr) == (
+        1, "cirrus: FAILED_PRECONDITION: role master: role(s) slave, cache depend on it "
+           "(parents); remove them first\n")
+    err = refused(api.remove_flow_role, service["id"], "nope")
+    assert err.code == "INVALID_ARGUMENT" and "its roles are master, slave, cache" in err.details
+
+    [cache_vm] = [n["vm_id"] for n in roles_of(service)["cache"]["nodes"]]
+    done = cirrus(gateway, cli_env, "flow", "remove-role", sid, "cache")
+    assert done.returncode == 0, done.stderr
+    assert "remove role cache accepted" in done.stdout
+    wait_until(lambda: list(roles_of(api.get_flow(service["id"]))) == ["master", "slave"]
+               and api.get_flow(service["id"])["state"] == "RUNNING", timeout=30,
+               what="cache removed")
+    assert api.get_vm(cache_vm)["status"] == "DONE"
+    api.delete_flow(service["id"])
+    wait_state(api, service["id"], "DONE")
+
+
 # ----------------------------------------------------------------- who sees what
 
 def test_users_see_their_own_templates_and_services_and_admins_all(api, ann, user, vm_template):

@@ -58,6 +58,10 @@ def test_flow_commands():
     assert parse("flow", "recover", "7", "--delete").delete is True
     assert parse("flow", "recover", "7").delete is False
     assert parse("flow", "deploy-wait", "blog").timeout == 600.0
+    args = parse("flow", "add-role", "blog", "cache.json")
+    assert (args.id, args.file) == ("blog", "cache.json")
+    args = parse("flow", "remove-role", "7", "cache")
+    assert (args.id, args.role) == (7, "cache")
     assert parse("flow", "show", "7", "--json").json is True
 
 
@@ -69,6 +73,8 @@ def test_flow_commands():
     (("flow", "scale", "7", "slave", "two"), "invalid number 'two'"),
     (("flow", "action", "7", "slave"), "ACTION"),
     (("flow", "deploy-wait", "7", "--timeout", "0"), "must be greater than 0"),
+    (("flow", "add-role", "7"), "FILE"),
+    (("flow", "remove-role", "7"), "ROLE"),
     (("flow", "show", " "), "invalid service: give its name or id"),
     (("flow", "explode", "7"), "invalid choice: 'explode'"),
 ])
@@ -90,7 +96,8 @@ def test_a_template_file_that_is_not_json_is_named_before_any_call(capsys, tmp_p
     bad.write_text('{"name": "blog",\n "roles": [}\n')
     # no gateway listens there: the file is refused before anything is sent
     for argv in (("flow-template", "create", str(bad)),
-                 ("flow-template", "update", "3", str(bad))):
+                 ("flow-template", "update", "3", str(bad)),
+                 ("flow", "add-role", "3", str(bad))):
         code, err = run_main(capsys, "--address", "127.0.0.1:9", *argv)
         assert (code, err) == (1, f"cirrus: INVALID_ARGUMENT: '{bad}' is not JSON: "
                                   "Expecting value at line 2 column 12")
