@@ -31,10 +31,14 @@ class CliError(AssertionError):
 
 
 class Cluster:
+    """A whole Cirrus started by ``cirrus-launch``: libvirt nodes, or with
+    ``simulate=N`` one ``cirrus-node --simulate N --prefix sim`` and no others."""
+
     def __init__(self, tmp_path, nodes=("node-1",), uri="test:///default", scale=None,
-                 node_args=None):
+                 node_args=None, simulate=None):
         self.id = uuid.uuid4().hex[:8]
-        self.nodes, self.uri, self.scale = list(nodes), uri, scale
+        self.nodes = [] if simulate else list(nodes)
+        self.uri, self.scale, self.simulate = uri, scale, simulate
         self.node_args = node_args
         self.tmp = tmp_path
         self.db_url = BASE_DB.rstrip("/") + f"/cirrus_e2e_{self.id}"
@@ -61,13 +65,16 @@ class Cluster:
     def start(self):
         rabbitmqctl("add_vhost", self.vhost)
         rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
-        args = ["cirrus-launch", "--nodes", ",".join(self.nodes), "--uri", self.uri]
+        if self.simulate:
+            args = ["cirrus-launch", "--simulate", str(self.simulate), "--prefix", "sim"]
+        else:
+            args = ["cirrus-launch", "--nodes", ",".join(self.nodes), "--uri", self.uri]
         if self.scale:
             args += ["--scale", self.scale]
         if self.node_args:
             args += ["--node-args", self.node_args]
         self.proc = Proc(args, self.env, self.tmp / "cluster.log").start()
-        self.proc.wait_for("cirrus: cluster ready", timeout=120)
+        self.proc.wait_for("cirrus: cluster ready", timeout=180 if self.simulate else 120)
         return self
 
     def stop(self):

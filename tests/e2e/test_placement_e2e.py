@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.e2e.test_simulated_scale import SimulatedCluster
+from tests.e2e.conftest import Cluster
 from tests.procs import Proc, wait_until
 
 HOSTS = 30
@@ -26,7 +26,7 @@ def in_parallel(function, items, threads=4):
 
 @pytest.fixture
 def sim_cluster(tmp_path):
-    cluster = SimulatedCluster(tmp_path, HOSTS)
+    cluster = Cluster(tmp_path, simulate=HOSTS)
     cluster.env["CIRRUS_SCHEDULER_SWEEP_INTERVAL"] = str(SWEEP_INTERVAL)
     cluster.start()
     late_nodes = []

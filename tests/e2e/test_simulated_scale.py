@@ -12,34 +12,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import rabbitmqctl
 from tests.e2e.conftest import Cluster
-from tests.procs import Proc, wait_until
+from tests.procs import wait_until
 
 HOSTS = int(os.environ.get("CIRRUS_SIM_HOSTS", 500))
 VMS = int(os.environ.get("CIRRUS_SIM_VMS", 2000))
 CORES, MEMORY_MB = 16, 32768            # cirrus-node's --sim-cores and --sim-memory defaults
 
 
-class SimulatedCluster(Cluster):
-    """A cluster whose only node process is ``cirrus-node --simulate``."""
-
-    def __init__(self, tmp_path, hosts):
-        super().__init__(tmp_path, nodes=())
-        self.hosts = hosts
-
-    def start(self):
-        rabbitmqctl("add_vhost", self.vhost)
-        rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
-        self.proc = Proc(["cirrus-launch", "--simulate", str(self.hosts), "--prefix", "sim"],
-                         self.env, self.tmp / "cluster.log").start()
-        self.proc.wait_for("cirrus: cluster ready", timeout=180)
-        return self
-
-
 @pytest.fixture
 def sim_cluster(tmp_path):
-    cluster = SimulatedCluster(tmp_path, HOSTS).start()
+    cluster = Cluster(tmp_path, simulate=HOSTS).start()
     yield cluster
     cluster.stop()
 
