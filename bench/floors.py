@@ -45,3 +45,79 @@ def nameko_rpc_round_trip(amqp_uri, n):
     finally:
         echo.terminate()
         echo.wait(10)
+
+
+def reservation_floor(url, n):
+    """Seconds for n raw conditional UPDATEs (the reservation alone) in one transaction."""
+    from sqlalchemy import text
+    from cirrus import db
+    engine = db.engine(url)
+    with engine.connect() as conn:
+        ids = [r[0] for r in conn.execute(text("SELECT id FROM hosts ORDER BY id"))]
+        conn.rollback()
+        tx = conn.begin()
+        start = time.perf_counter()
+        for i in range(n):
+            conn.execute(text(
+                "UPDATE hosts SET cpu_usage = cpu_usage + 100, mem_usage = mem_usage + 1024, "
+                "running_vms = running_vms + 1 WHERE id = :id AND state = 'MONITORED' "
+                "AND max_cpu - reserved_cpu - cpu_usage >= 100 "
+                "AND max_mem - reserved_mem - mem_usage >= 1024 RETURNING id"),
+                {"id": ids[i % len(ids)]}).scalar()
+        elapsed = time.perf_counter() - start
+        tx.rollback()
+    return elapsed
+
+
+def confirmed_publish_floor(amqp_uri, n=2000):
+    """Seconds per persistent message published with a publisher confirm, as
+    the outbox relay publishes each event and command (2 per placed VM)."""
+    from kombu import Connection, Exchange, Queue
+    exchange = Exchange("bench.floor", type="direct", durable=True, delivery_mode=2)
+    queue = Queue("bench.floor", exchange, routing_key="floor", durable=True)
+    with Connection(amqp_uri, transport_options={"confirm_publish": True}) as conn:
+        with conn.Producer() as producer:
+            producer.publish({"warm": True}, exchange=exchange, routing_key="floor",
+                             declare=[queue], serializer="json")
+            start = time.perf_counter()
+            for i in range(n):
+                producer.publish({"i": i, "vm": {"id": i, "template": {"CPU": "1"}}},
+                                 exchange=exchange, routing_key="floor", serializer="json",
+                                 delivery_mode=2)
+            elapsed = time.perf_counter() - start
+        queue(conn.default_channel).delete()
+    return elapsed / n
+
+
+def set_reservation_floor(url, n, batch=500):
+    """Seconds for n VMs reserved set-based, as deploy_many does and nothing
+    else: per batch of ``batch`` VMs spread over the hosts, one conditional
+    UPDATE ... FROM unnest(arrays) taking each host's share; rolled back."""
+    from collections import Counter
+    from sqlalchemy import text
+    from cirrus import db
+    engine = db.engine(url)
+    with engine.connect() as conn:
+        ids = [r[0] for r in conn.execute(text("SELECT id FROM hosts ORDER BY id"))]
+        conn.rollback()
+        tx = conn.begin()
+        start = time.perf_counter()
+        for first in range(0, n, batch):
+            shares = sorted(Counter(ids[i % len(ids)] for i in range(first, min(n, first + batch)))
+                            .items())
+            conn.execute(text(
+                "UPDATE hosts SET cpu_usage = cpu_usage + need.cpu, "
+                "mem_usage = mem_usage + need.memory, running_vms = running_vms + need.vms "
+                "FROM unnest(CAST(:hosts AS integer[]), CAST(:cpus AS integer[]), "
+                "CAST(:memories AS integer[]), CAST(:counts AS integer[])) "
+                "AS need(host_id, cpu, memory, vms) WHERE hosts.id = need.host_id "
+                "AND hosts.state = 'MONITORED' "
+                "AND hosts.max_cpu - hosts.reserved_cpu - hosts.cpu_usage >= need.cpu "
+                "AND hosts.max_mem - hosts.reserved_mem - hosts.mem_usage >= need.memory "
+                "RETURNING hosts.id"),
+                {"hosts": [h for h, _ in shares], "cpus": [100 * c for _, c in shares],
+                 "memories": [1024 * c for _, c in shares], "counts": [c for _, c in shares]}
+            ).all()
+        elapsed = time.perf_counter() - start
+        tx.rollback()
+    return elapsed

@@ -8,36 +8,35 @@ pending VMs (mixed sizes, a few SCHED_REQUIREMENTS and SCHED_RANK, some
 USER_PRIORITY) straight into the database, starts `lifecycle` and one
 `scheduler` as processes, and wakes the scheduler once. The figure is the
 time from that wake-up until no VM is PENDING: reading the hosts and VMs,
-planning, and lifecycle's reservation of every VM (deploy_many: row locks, the
-conditional UPDATE, the state change, history, events and driver commands
-through the outbox) all in the loop.
+planning, and lifecycle's reservation of every VM (deploy_many: row locks, one
+conditional UPDATE per batch for the hosts' shares, the state changes, history,
+events and driver commands written to the outbox) all in the loop. The outbox
+sends the events and commands after each commit, concurrently.
 
 In the same run it measures:
 - planning alone: the same Planner over the same rows, in this process;
-- the floors: raw SQL reservation throughput (one conditional UPDATE per VM in
-  one transaction, nothing else), a bare Nameko RPC round trip, and one
-  persistent publish with a publisher confirm (the outbox relay sends each
-  VM's event and driver command that way).
+- the floors: raw SQL reservation throughput, one conditional UPDATE per VM
+  and set-based (one UPDATE per 500 VMs, as deploy_many), nothing else; a
+  bare Nameko RPC round trip; and one persistent publish with a publisher
+  confirm (what each of the outbox's messages cost before it batched them);
+- the CPU seconds lifecycle and the scheduler used while placing (this
+  machine's 2 cores are shared, so wall time swings with other load).
 It checks no host is over-committed and every placed VM satisfies its
 requirements. The last line printed is one JSON object.
 """
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cluster  # noqa: E402
 import floors  # noqa: E402
 
-BIN = Path(sys.executable).parent
-BASE_DB = os.environ.get("CIRRUS_BENCH_DATABASE", "postgresql+psycopg2://postgres@127.0.0.1:5432/")
-BASE_AMQP = os.environ.get("CIRRUS_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
 
 REQUIREMENTS = [None, None, None, 'SSD = "yes"', 'ZONE = "z1" | ZONE = "z2"',
                 'RACK = "r1*"', 'MAX_CPU > 1600 & HYPERVISOR = "kvm"',
@@ -88,7 +87,6 @@ def populate(url, n_hosts, n_vms, seed):
     from sqlalchemy import insert, select
     from cirrus import db
     from cirrus.db.models import Cluster, Host, User, VirtualMachine
-    db.upgrade(url)
     rng = random.Random(seed)
     with db.session_factory(url)() as s, s.begin():
         owner = s.scalar(select(User.id).where(User.name == "admin"))
@@ -114,48 +112,6 @@ def plan_in_process(url):
     steps = list(planner.plan(vms))
     planned = time.perf_counter() - start
     return read, planned, sum(1 for _, host, _ in steps if host is not None)
-
-
-def reservation_floor(url, n):
-    """Seconds for n raw conditional UPDATEs (the reservation alone) in one transaction."""
-    from sqlalchemy import text
-    from cirrus import db
-    engine = db.engine(url)
-    with engine.connect() as conn:
-        ids = [r[0] for r in conn.execute(text("SELECT id FROM hosts ORDER BY id"))]
-        conn.rollback()
-        tx = conn.begin()
-        start = time.perf_counter()
-        for i in range(n):
-            conn.execute(text(
-                "UPDATE hosts SET cpu_usage = cpu_usage + 100, mem_usage = mem_usage + 1024, "
-                "running_vms = running_vms + 1 WHERE id = :id AND state = 'MONITORED' "
-                "AND max_cpu - reserved_cpu - cpu_usage >= 100 "
-                "AND max_mem - reserved_mem - mem_usage >= 1024 RETURNING id"),
-                {"id": ids[i % len(ids)]}).scalar()
-        elapsed = time.perf_counter() - start
-        tx.rollback()
-    return elapsed
-
-
-def confirmed_publish_floor(amqp_uri, n=2000):
-    """Seconds per persistent message published with a publisher confirm, as
-    the outbox relay publishes each event and command (2 per placed VM)."""
-    from kombu import Connection, Exchange, Queue
-    exchange = Exchange("bench.floor", type="direct", durable=True, delivery_mode=2)
-    queue = Queue("bench.floor", exchange, routing_key="floor", durable=True)
-    with Connection(amqp_uri, transport_options={"confirm_publish": True}) as conn:
-        with conn.Producer() as producer:
-            producer.publish({"warm": True}, exchange=exchange, routing_key="floor",
-                             declare=[queue], serializer="json")
-            start = time.perf_counter()
-            for i in range(n):
-                producer.publish({"i": i, "vm": {"id": i, "template": {"CPU": "1"}}},
-                                 exchange=exchange, routing_key="floor", serializer="json",
-                                 delivery_mode=2)
-            elapsed = time.perf_counter() - start
-        queue(conn.default_channel).delete()
-    return elapsed / n
 
 
 def check(url):
@@ -194,66 +150,45 @@ def main():
     parser.add_argument("--hosts", type=int, default=2500)
     parser.add_argument("--vms", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=500,
+                        help="placements per deploy_many call (scheduler.batch)")
     parser.add_argument("--lifecycles", type=int, default=1,
                         help="lifecycle processes sharing the work (default 1)")
     args = parser.parse_args()
 
-    run = uuid.uuid4().hex[:8]
-    db_name, vhost = f"cirrus_bench_{run}", f"cirrus-bench-{run}"
-    url = BASE_DB.rstrip("/") + "/" + db_name
-    amqp_uri = BASE_AMQP.rstrip("/") + "/" + vhost
-    env = {**os.environ, "CIRRUS_DATABASE_URL": url, "CIRRUS_AMQP_URI": amqp_uri,
-           "CIRRUS_SCHEDULER_SWEEP_INTERVAL": "3600", "CIRRUS_LIFECYCLE_HOST_TIMEOUT": "36000"}
-    os.environ.update({"CIRRUS_DATABASE_URL": url, "CIRRUS_AMQP_URI": amqp_uri})
-    for cmd in (["add_vhost", vhost], ["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]):
-        subprocess.run(["rabbitmqctl", "-q", *cmd], check=True, capture_output=True)
-    procs = []
-    try:
+    with cluster.BenchCluster(scheduler_sweep_interval=3600, scheduler_batch=args.batch,
+                              lifecycle_host_timeout=36000) as bench:
+        url, amqp_uri = bench.url, bench.amqp_uri
         start = time.perf_counter()
         populate(url, args.hosts, args.vms, args.seed)
         print(f"wrote {args.hosts} hosts and {args.vms} pending VMs in "
               f"{time.perf_counter() - start:.1f} s", flush=True)
         read, planned, plannable = plan_in_process(url)
-        sql_floor = reservation_floor(url, args.vms)
+        sql_floor = floors.reservation_floor(url, args.vms)
+        set_floor = floors.set_reservation_floor(url, args.vms)
         rpc_floor = floors.nameko_rpc_round_trip(amqp_uri, 200)
-        publish_floor = confirmed_publish_floor(amqp_uri)
-
-        logs = Path(f"/tmp/{vhost}")
-        logs.mkdir()
-        names = [f"lifecycle-{i}" for i in range(args.lifecycles)] + ["scheduler"]
-        for name in names:
-            procs.append(subprocess.Popen(
-                [str(BIN / "cirrus-service"), name.split("-")[0]], env=env,
-                stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT,
-                start_new_session=True))
-        for name in names:
-            deadline = time.monotonic() + 60
-            while f"{name.split('-')[0]} started" not in (logs / f"{name}.log").read_text():
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{name} did not start; see {logs}")
-                time.sleep(0.1)
+        publish_floor = floors.confirmed_publish_floor(amqp_uri)
+        for i in range(args.lifecycles):
+            bench.service(f"lifecycle-{i}", "lifecycle")
+        bench.service("scheduler")
+        cpu_before = bench.cpu_seconds()
         placement, placed = wake_and_wait(url, amqp_uri, args.vms)
+        cpu = {name: used - cpu_before[name] for name, used in bench.cpu_seconds().items()}
         over, wrong = check(url)
-        commands = commands_queued(vhost)
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(30)
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True)
-        from cirrus import db
-        db.engine.cache_clear()
-        subprocess.run(["dropdb", "-h", "127.0.0.1", "-U", "postgres", "--force", db_name],
-                       capture_output=True)
+        commands = commands_queued(bench.vhost)
 
     ms = lambda s: round(s * 1000, 1)  # noqa: E731
-    print(f"scheduler + {args.lifecycles} lifecycle: {placed} of {args.vms} VMs placed on "
-          f"{args.hosts} hosts in "
+    print(f"scheduler + {args.lifecycles} lifecycle, batches of {args.batch}: {placed} of "
+          f"{args.vms} VMs placed on {args.hosts} hosts in "
           f"{placement:.2f} s ({placed / placement:.0f} VMs/s); goal < 2 s")
     print(f"  planning alone: read {ms(read)} ms, plan {ms(planned)} ms "
           f"({plannable} VMs plannable)")
     print(f"  floor: raw SQL reservation {args.vms / sql_floor:.0f} UPDATEs/s "
           f"({sql_floor:.2f} s for {args.vms}); bare Nameko RPC round trip {ms(rpc_floor)} ms")
+    print(f"  floor: set-based SQL reservation (one UPDATE per 500 VMs, as deploy_many) "
+          f"{args.vms / set_floor:.0f} VMs/s ({set_floor:.2f} s for {args.vms})")
+    print(f"  CPU used while placing: " + ", ".join(f"{name} {used:.2f} s"
+                                                      for name, used in cpu.items()))
     print(f"  floor: one confirmed persistent publish {ms(publish_floor)} ms; the outbox sends "
           f"2 per placed VM, so {2 * placed * publish_floor:.1f} s for {placed} VMs one by one")
     print(f"  checks: over-committed hosts {0 if over is None else 'host ' + str(over)}, "
@@ -261,11 +196,13 @@ def main():
           f"{commands} for {placed} VMs")
     print(json.dumps({
         "bench": "scheduler_scale", "hosts": args.hosts, "vms": args.vms, "placed": placed,
-        "lifecycles": args.lifecycles,
+        "lifecycles": args.lifecycles, "batch": args.batch,
         "placement_s": round(placement, 3), "placement_vms_per_s": round(placed / placement, 1),
         "goal_s": 2.0, "plan_only_ms": ms(planned), "read_only_ms": ms(read),
         "floor_sql_reservations_per_s": round(args.vms / sql_floor, 1),
-        "floor_sql_reservation_s": round(sql_floor, 3), "floor_nameko_rpc_ms": ms(rpc_floor),
+        "floor_sql_reservation_s": round(sql_floor, 3),
+        "floor_set_reservation_s": round(set_floor, 3), "floor_nameko_rpc_ms": ms(rpc_floor),
+        "cpu_s": {name: round(used, 2) for name, used in cpu.items()},
         "floor_confirmed_publish_ms": round(publish_floor * 1000, 3),
         "over_committed_hosts": 0 if over is None else 1, "requirement_violations": wrong,
         "driver_commands_sent": commands}))
