@@ -238,8 +238,13 @@ class Relay:
             try:
                 self.publish_ids(ids)
             except Exception:
-                log.warning("outbox publish after commit failed; the sweep will retry",
-                            exc_info=True)
+                # once more on a fresh connection (the broker may have closed
+                # an idle one), else the sweep sends them
+                try:
+                    self.publish_ids(ids)
+                except Exception:
+                    log.warning("outbox publish after commit failed; the sweep will retry",
+                                exc_info=True)
 
     def wait_sent(self, timeout=None):
         """Until the sender has handed every queued row to the broker (or

@@ -96,16 +96,18 @@ def test_a_sweep_leaves_young_rows_to_their_own_relay(factory, amqp_uri):
 
 
 class DroppingPublisher(outbox.ConfirmingPublisher):
-    """Its broker connection dies after ``after`` messages of a batch."""
+    """Its broker connection dies after ``after`` messages of a batch, on
+    each of its first ``drops`` connections."""
 
-    def __init__(self, amqp_uri, after):
+    def __init__(self, amqp_uri, after, drops=1000):
         super().__init__(amqp_uri)
-        self.after = after
+        self.after, self.drops = after, drops
 
     def _open(self):
         fresh = self.channel is None
         super()._open()
-        if fresh and self.after is not None:
+        if fresh and self.drops > 0:
+            self.drops -= 1
             publish, count = self.channel.basic_publish, [0]
 
             def dropping(*args, **kwargs):
@@ -124,7 +126,7 @@ def test_a_connection_dropped_mid_batch_keeps_every_row_for_the_next_try(factory
     with pytest.raises(Exception):
         relay.publish_ids(ids)
     assert left_in_outbox(factory) == 200     # the claim rolled back: nothing deleted
-    relay.publisher.after = None                # the broker is back
+    relay.publisher.drops = 0                   # the broker is back
     relay.publish_ids(ids)
     got = received(node)
     # at least once: every command arrives; none is lost
@@ -141,10 +143,23 @@ def test_a_failed_send_after_commit_is_left_to_the_sweep(factory, amqp_uri):
                                "args": {}})
     assert relay.wait_sent(30)
     assert left_in_outbox(factory) == 1 and received(node) == []
-    relay.publisher.after = None
+    relay.publisher.drops = 0
     age(factory)
     assert relay.flush() == 1
     assert received(node) == [7]
+
+
+def test_a_send_after_commit_tries_once_more_on_a_fresh_connection(factory, amqp_uri):
+    node = FakeNodeTransport(amqp_uri, "outbox-again")
+    relay = outbox.Relay(amqp_uri, factory)
+    relay.publisher = DroppingPublisher(amqp_uri, after=2, drops=1)
+    with relay.transaction() as s:
+        for vm_id in range(5):
+            outbox.add_command(s, {"id": f"a{vm_id}", "action": "poll", "vm_id": vm_id,
+                                   "host": "outbox-again", "args": {}})
+    assert relay.wait_sent(30)
+    assert received(node) == list(range(5))
+    assert left_in_outbox(factory) == 0
 
 
 def test_a_transaction_publishes_its_rows_after_commit_and_none_on_rollback(factory, amqp_uri):
