@@ -1,0 +1,145 @@
+"""``cirrus-gate``: the OneGate HTTP server.
+
+One listening socket, ``gate.processes`` processes accepting on it (forked
+after the bind), each an eventlet WSGI server: a green thread per
+connection, psycopg2 made cooperative, ``gate.db_pool`` database
+connections. Reads are SQL on that pool; user template writes commit
+through the process's outbox relay; scaling and VM actions are Nameko RPCs
+to flow and lifecycle through a small pool of standalone proxies (one per
+call in flight, reused).
+"""
+import cirrus  # noqa: F401  (silences eventlet's deprecation warning before the import)
+import eventlet
+
+eventlet.monkey_patch()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+from psycogreen.eventlet import patch_psycopg  # noqa: E402
+
+patch_psycopg()
+
+log = logging.getLogger("cirrus.gate")
+
+
+class RpcPool:
+    """flow.scale and lifecycle.vm_action through standalone Nameko proxies,
+    at most ``size`` at once; a remote CirrusError comes back as itself."""
+
+    def __init__(self, amqp_uri, size=4, timeout=30):
+        from eventlet import pools
+        self.config = {"AMQP_URI": amqp_uri, "serializer": "json"}
+        self.timeout = timeout
+        self.pool = pools.Pool(max_size=size, create=self._make)
+        self.made = []
+
+    def _make(self):
+        from nameko.standalone.rpc import ClusterRpcProxy
+        runner = ClusterRpcProxy(self.config, timeout=self.timeout)
+        self.made.append(runner)
+        return runner.start()
+
+    def call(self, service, method, *args):
+        from nameko.exceptions import RemoteError
+        from cirrus import errors
+        with self.pool.item() as proxy:
+            try:
+                return getattr(getattr(proxy, service), method)(*args)
+            except RemoteError as exc:
+                raise errors.from_remote(exc) from None
+
+    def scale(self, service_id, role, cardinality):
+        return self.call("flow", "scale", service_id, role, cardinality, False)
+
+    def vm_action(self, vm_id, action, options):
+        return self.call("lifecycle", "vm_action", vm_id, action, options)
+
+    def close(self):
+        for runner in self.made:
+            try:
+                runner.stop()
+            except Exception:
+                log.debug("stopping a proxy failed", exc_info=True)
+
+
+def make_app(cfg):
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+    from cirrus.db import raise_unavailable
+    from cirrus.outbox import Relay
+    from services.gate.app import Gate
+    from services.gate.security import Settings
+    from sqlalchemy import event
+
+    gate = cfg.get("gate") or {}
+    database = cfg["database"]
+    engine = create_engine(database["url"], pool_size=int(gate.get("db_pool", 4)),
+                           max_overflow=2, pool_pre_ping=True, pool_timeout=30,
+                           connect_args={"connect_timeout": database.get("connect_timeout", 5)})
+    event.listen(engine, "handle_error", raise_unavailable)
+    sessions = sessionmaker(bind=engine, expire_on_commit=False)
+    relay = Relay(cfg["amqp"]["uri"], sessions)
+    rpc = RpcPool(cfg["amqp"]["uri"])
+    return Gate(Settings.from_config(gate), engine, relay, sessions, rpc), rpc
+
+
+def serve(sock, cfg, name, children=()):
+    """Answer on ``sock`` until SIGTERM/SIGINT, which stops ``children`` first."""
+    from eventlet import wsgi
+    app, rpc = make_app(cfg)
+    log.info("%s listening on %s:%s", name, *sock.getsockname()[:2])
+
+    def stop(signum, frame):
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        rpc.close()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    wsgi.server(sock, app, log=None, log_output=False, max_size=2000, keepalive=True,
+                socket_timeout=60)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="cirrus-gate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--address", help="listen here (default gate.address)")
+    parser.add_argument("--port", type=int, help="listen on this port (default gate.port)")
+    parser.add_argument("--processes", type=int, help="server processes (default gate.processes)")
+    args = parser.parse_args(argv)
+
+    from cirrus import config
+    from cirrus.logs import setup_logging
+    setup_logging("gate")
+    cfg = config.get()
+    gate = cfg.get("gate") or {}
+    address = args.address or gate.get("address", "127.0.0.1")
+    port = args.port if args.port is not None else int(gate.get("port", 5030))
+    processes = max(1, args.processes or int(gate.get("processes", 1)))
+    try:
+        sock = eventlet.listen((address, port), backlog=1024)
+    except OSError as exc:
+        print(f"cirrus-gate: cannot listen on {address}:{port}: {exc.strerror}", file=sys.stderr)
+        return 2
+    children = []
+    for index in range(1, processes):
+        pid = os.fork()
+        if pid == 0:
+            serve(sock, cfg, f"gate process {index + 1}/{processes}")
+            os._exit(0)
+        children.append(pid)
+
+    log.info("gate started on %s:%s (%d process(es))", address, port, processes)
+    serve(sock, cfg, f"gate process 1/{processes}", children)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
