@@ -25,7 +25,7 @@ from amqp import spec
 from kombu import Connection
 from sqlalchemy import Text, cast, select
 
-from cirrus import messages
+from cirrus import bulk, messages
 from cirrus.db.models import Outbox, utcnow
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ CONFIRM_TIMEOUT = 30
 JSON = "application/json"
 
 _outbox = Outbox.__table__
-_INSERT = _outbox.insert().returning(_outbox.c.id)
+_INSERT = bulk.insert(_outbox, ("exchange", "routing_key", "payload", "headers"), returning="id")
 
 
 def add_many(session, rows):
@@ -48,7 +48,7 @@ def add_many(session, rows):
     relay to publish after commit."""
     if not rows:
         return
-    ids = session.execute(_INSERT, rows).scalars().all()
+    ids = session.execute(_INSERT, bulk.params(rows)).scalars().all()
     session.info.setdefault("outbox", []).extend(ids)
 
 

@@ -7,13 +7,10 @@ keeps hosts' capacity in step (both hosts while a migration runs). User
 actions come in through ``vm_action`` (and ``recover``); placements and
 migrations reserve capacity first with ``reserve``'s conditional UPDATE.
 """
-import json
-
 from sqlalchemy import bindparam, or_, select, text, update
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import aliased
 
-from cirrus import messages, outbox
+from cirrus import bulk, messages, outbox
 from cirrus.db.models import (Host, Template, User, VirtualMachine, VmDevices, VmHistory,
                                utcnow)
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -123,13 +120,14 @@ def step(session, vm, action, message=None):
     return history, rows
 
 
-_HISTORY_INSERT = VmHistory.__table__.insert()
+HISTORY_COLUMNS = ("vm_id", "seq", "action", "from_status", "to_status", "host_id", "message")
+_HISTORY_INSERT = bulk.insert(VmHistory.__table__, HISTORY_COLUMNS)
 
 
 def write_steps(session, steps):
     """The history and outbox rows of ``steps``, in one INSERT each."""
     if steps:
-        session.execute(_HISTORY_INSERT, [history for history, _ in steps])
+        session.execute(_HISTORY_INSERT, bulk.params([history for history, _ in steps]))
         outbox.add_many(session, [row for _, rows in steps for row in rows])
 
 
@@ -171,23 +169,13 @@ def lock_records(session, vm_ids):
 
 
 def write_records(session, vms):
-    """Write the WRITTEN_COLUMNS of ``vms`` in one UPDATE, the new values
-    passed as one JSON array (one statement, compiled once, whatever the count)."""
+    """Write the WRITTEN_COLUMNS of ``vms`` in one UPDATE."""
     if vms:
-        rows = [{name: getattr(vm, name) for name in ("id", *WRITTEN_COLUMNS)} for vm in vms]
-        session.execute(_WRITE_RECORDS, {"rows": json.dumps(rows, default=iso)})
+        session.execute(_WRITE_RECORDS, bulk.params(
+            [{name: getattr(vm, name) for name in ("id", *WRITTEN_COLUMNS)} for vm in vms]))
 
 
-def _write_records_sql():
-    dialect = postgresql.dialect()
-    names = ("id", *WRITTEN_COLUMNS)
-    types = ", ".join(f"{name} {_vms.c[name].type.compile(dialect=dialect)}" for name in names)
-    sets = ", ".join(f"{name} = new.{name}" for name in WRITTEN_COLUMNS)
-    return text(f"UPDATE vms SET {sets} FROM jsonb_to_recordset(CAST(:rows AS jsonb)) "
-                f"AS new({types}) WHERE vms.id = new.id")
-
-
-_WRITE_RECORDS = _write_records_sql()
+_WRITE_RECORDS = bulk.update(_vms, WRITTEN_COLUMNS)
 
 
 def move_capacity(session, vm, current, transition):
