@@ -54,12 +54,26 @@ class Reconciles(DependencyProvider):
             self.busy.discard(service_id)
 
 
+class ServiceOfVm(DependencyProvider):
+    """Which service each VM belongs to, remembered once known: a VM never
+    changes service, so a VM event of a service's VM costs no query (a 500-VM
+    service's deploy brings 2,000 of them); only VMs in no service (yet) are
+    looked up each time. Forgotten when the VM is DONE."""
+
+    def setup(self):
+        self.known = {}
+
+    def get_dependency(self, worker_ctx):
+        return self
+
+
 class FlowService:
     name = messages.FLOW
 
     relay = OutboxRelay()
     lifecycle_rpc = RpcProxy(messages.LIFECYCLE)
     reconciles = Reconciles()
+    services_of_vms = ServiceOfVm()
 
     @property
     def lifecycle(self):
@@ -159,14 +173,21 @@ class FlowService:
     @event_handler(messages.LIFECYCLE, messages.VM_STATE)
     def on_vm_state(self, event):
         self.vm_changed(event["id"])
+        if event.get("status") == "DONE":
+            self.services_of_vms.known.pop(event["id"], None)
 
     @event_handler(messages.LIFECYCLE, messages.VM_UPDATED)
     def on_vm_updated(self, event):
         self.vm_changed(event["id"])
 
     def vm_changed(self, vm_id):
-        with self.relay.session_factory() as session:
-            service_id = engine.service_of_vm(session, vm_id)
+        known = self.services_of_vms.known
+        service_id = known.get(vm_id)
+        if service_id is None:
+            with self.relay.session_factory() as session:
+                service_id = engine.service_of_vm(session, vm_id)
+            if service_id is not None:
+                known[vm_id] = service_id
         if service_id is not None:
             self.reconcile(service_id)
 
