@@ -2,7 +2,8 @@
 import pytest
 
 from services.flow.states import (ALL_STATES, ROLE_TRANSITIONS, SERVICE_TRANSITIONS,
-                                  FlowTransitionError, allows, next_state, service_action)
+                                  FlowTransitionError, allowed_sources, allows, next_state,
+                                  service_action)
 
 
 def test_the_states_are_opennebulas():
@@ -69,3 +70,11 @@ def test_the_service_follows_its_roles(service, roles, action):
     assert service_action(service, roles) == action
     if action:
         assert allows("service", service, action)
+
+
+def test_a_role_is_added_only_to_a_deployed_service():
+    assert allowed_sources("service", "add_role") == ["COOLDOWN", "RUNNING", "WARNING"]
+    assert next_state("service", "WARNING", "add_role") == "DEPLOYING"
+    # the new role PENDING keeps the service DEPLOYING until it runs
+    assert service_action("DEPLOYING", ["RUNNING", "PENDING"]) is None
+    assert service_action("DEPLOYING", ["RUNNING", "COOLDOWN", "RUNNING"]) == "deployed"

@@ -119,3 +119,26 @@ def test_a_roles_vm_gets_the_service_role_and_attributes_in_its_context():
     assert made["CONTEXT"] == {"GREETING": "hello", "SERVICE_ID": "42", "ROLE_NAME": "web",
                                "TITLE": "hello"}
     assert (made["SERVICE_ID"], made["ROLE_NAME"]) == ("42", "web")
+
+
+@pytest.mark.parametrize("role, message", [
+    ({"name": "db", "vm_template_contents": "CPU = 1"}, "role: name: role 'db' is defined twice"),
+    ({"name": "web", "parents": ["nope"], "vm_template_contents": "CPU = 1"},
+     "role: parents: no role named 'nope'"),
+    ({"name": "web", "cardinality": -1, "vm_template_contents": "CPU = 1"},
+     "role: cardinality: -1 is less than the minimum of 0"),
+    ({"name": "web"}, "role: a role needs vm_template"),
+    ('{"name": ', "role is not JSON: Expecting value"),
+    ('["web"]', "role must be a JSON object, got list"),
+])
+def test_a_role_to_add_is_named_by_its_own_path(role, message):
+    body = {"name": "svc", "roles": [{"name": "db", "vm_template_contents": "CPU = 1"}]}
+    with pytest.raises(InvalidArgument) as err:
+        templates.validate_added_role(body, role)
+    assert str(err.value).startswith(message)
+
+
+def test_a_role_to_add_comes_back_as_given_from_json_text():
+    body = {"name": "svc", "roles": [{"name": "db", "vm_template_contents": "CPU = 1"}]}
+    text = '{"name": "web", "parents": ["db"], "vm_template_contents": "CPU = 1", "x": [1]}'
+    assert templates.validate_added_role(body, text) == json.loads(text)
