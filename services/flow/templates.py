@@ -110,16 +110,16 @@ def _schema_error(error):
     return f"{_path(error.path)}: {error.message}"
 
 
-def load(body):
-    """A template body from a dict or JSON text; InvalidArgument if neither."""
+def load(body, what="service template"):
+    """A template body (or ``what`` else) from a dict or JSON text;
+    InvalidArgument if neither."""
     if isinstance(body, (str, bytes)):
         try:
             body = json.loads(body)
         except ValueError as exc:
-            raise InvalidArgument(f"service template is not JSON: {exc}") from None
+            raise InvalidArgument(f"{what} is not JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise InvalidArgument(f"service template must be a JSON object, got "
-                              f"{type(body).__name__}")
+        raise InvalidArgument(f"{what} must be a JSON object, got {type(body).__name__}")
     return body
 
 
@@ -142,13 +142,7 @@ def validate_added_role(body, role):
     """A role (dict or JSON text) to add to a service made from ``body``,
     checked as its last role; returns the dict. Problems are named by their
     path in the role (``role: cardinality: ...``)."""
-    if isinstance(role, (str, bytes)):
-        try:
-            role = json.loads(role)
-        except ValueError as exc:
-            raise InvalidArgument(f"role is not JSON: {exc}") from None
-    if not isinstance(role, dict):
-        raise InvalidArgument(f"role must be a JSON object, got {type(role).__name__}")
+    role = load(role, "role")
     where = f"roles/{len(body['roles'])}"
     try:
         validate({**body, "roles": [*body["roles"], role]})
