@@ -47,16 +47,26 @@ def nameko_rpc_round_trip(amqp_uri, n):
         echo.wait(10)
 
 
-def reservation_floor(url, n):
-    """Seconds for n raw conditional UPDATEs (the reservation alone) in one transaction."""
+def rolled_back_seconds(url, work):
+    """Seconds ``work(conn, host_ids)`` takes in a transaction that is then rolled back."""
     from sqlalchemy import text
     from cirrus import db
-    engine = db.engine(url)
-    with engine.connect() as conn:
+    with db.engine(url).connect() as conn:
         ids = [r[0] for r in conn.execute(text("SELECT id FROM hosts ORDER BY id"))]
         conn.rollback()
         tx = conn.begin()
         start = time.perf_counter()
+        work(conn, ids)
+        elapsed = time.perf_counter() - start
+        tx.rollback()
+    return elapsed
+
+
+def reservation_floor(url, n):
+    """Seconds for n raw conditional UPDATEs (the reservation alone) in one transaction."""
+    from sqlalchemy import text
+
+    def work(conn, ids):
         for i in range(n):
             conn.execute(text(
                 "UPDATE hosts SET cpu_usage = cpu_usage + 100, mem_usage = mem_usage + 1024, "
@@ -64,9 +74,7 @@ def reservation_floor(url, n):
                 "AND max_cpu - reserved_cpu - cpu_usage >= 100 "
                 "AND max_mem - reserved_mem - mem_usage >= 1024 RETURNING id"),
                 {"id": ids[i % len(ids)]}).scalar()
-        elapsed = time.perf_counter() - start
-        tx.rollback()
-    return elapsed
+    return rolled_back_seconds(url, work)
 
 
 def confirmed_publish_floor(amqp_uri, n=2000):
@@ -95,13 +103,8 @@ def set_reservation_floor(url, n, batch=500):
     UPDATE ... FROM unnest(arrays) taking each host's share; rolled back."""
     from collections import Counter
     from sqlalchemy import text
-    from cirrus import db
-    engine = db.engine(url)
-    with engine.connect() as conn:
-        ids = [r[0] for r in conn.execute(text("SELECT id FROM hosts ORDER BY id"))]
-        conn.rollback()
-        tx = conn.begin()
-        start = time.perf_counter()
+
+    def work(conn, ids):
         for first in range(0, n, batch):
             shares = sorted(Counter(ids[i % len(ids)] for i in range(first, min(n, first + batch)))
                             .items())
@@ -118,6 +121,4 @@ def set_reservation_floor(url, n, batch=500):
                 {"hosts": [h for h, _ in shares], "cpus": [100 * c for _, c in shares],
                  "memories": [1024 * c for _, c in shares], "counts": [c for _, c in shares]}
             ).all()
-        elapsed = time.perf_counter() - start
-        tx.rollback()
-    return elapsed
+    return rolled_back_seconds(url, work)

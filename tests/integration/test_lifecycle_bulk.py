@@ -8,21 +8,11 @@ import uuid
 import pytest
 from sqlalchemy import func, select
 
-from cirrus import db, messages
-from cirrus.db.models import Host, Outbox, User, VirtualMachine, VmHistory
+from cirrus import messages
+from cirrus.db.models import Host, Outbox, VirtualMachine, VmHistory
 from cirrus.errors import InvalidArgument
 from services.lifecycle import logic, monitoring
-
-
-@pytest.fixture
-def factory(cirrus_env):
-    return db.session_factory()
-
-
-@pytest.fixture
-def admin_id(factory):
-    with factory() as s:
-        return s.scalar(select(User.id).where(User.name == "admin"))
+from tests.vm_devices import admin_id, factory  # noqa: F401 (fixtures)
 
 
 def make_host(factory, cpu=400, mem=4096):
