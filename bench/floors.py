@@ -122,3 +122,75 @@ def set_reservation_floor(url, n, batch=500):
                  "memories": [1024 * c for _, c in shares], "counts": [c for _, c in shares]}
             ).all()
     return rolled_back_seconds(url, work)
+
+
+# ---------------------------------------------------------------- HTTP
+
+HELLO_SERVER = """
+import warnings; warnings.simplefilter("ignore")
+import eventlet; eventlet.monkey_patch()
+import os, sys
+from eventlet import wsgi
+from werkzeug.wrappers import Request, Response
+def app(environ, start_response):
+    Request(environ).get_data()
+    return Response('{"hello": "world"}', content_type='application/json')(environ, start_response)
+sock = eventlet.listen(('127.0.0.1', 0), backlog=1024)
+for _ in range(int(sys.argv[1]) - 1):
+    if os.fork() == 0:
+        break
+print(sock.getsockname()[1], flush=True)
+wsgi.server(sock, app, log=None, log_output=False, max_size=2000)
+"""
+
+
+def http_load(port, requests, seconds, connections=32, host="127.0.0.1"):
+    """Requests per second over ``connections`` keep-alive connections for
+    ``seconds``, cycling through ``requests`` (raw HTTP/1.1 bytes); returns
+    (rate, {status: count})."""
+    import asyncio
+    from collections import Counter
+
+    async def one(index, stop_at, counts):
+        reader, writer = await asyncio.open_connection(host, port)
+        i = index
+        while time.perf_counter() < stop_at:
+            writer.write(requests[i % len(requests)])
+            i += connections
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while True:
+                line = await reader.readline()
+                if line in (b"\r\n", b""):
+                    break
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            counts[status] += 1
+        writer.close()
+
+    async def run():
+        counts = Counter()
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i, start + seconds, counts) for i in range(connections)))
+        return sum(counts.values()) / (time.perf_counter() - start), dict(counts)
+
+    return asyncio.run(run())
+
+
+def werkzeug_hello_rps(seconds=5, processes=1, connections=32):
+    """Requests per second of a bare Werkzeug hello world on eventlet's WSGI
+    server (the gate's server, with nothing behind it), ``processes`` forked
+    on one socket as the gate runs them."""
+    import os
+    import signal
+    server = subprocess.Popen([sys.executable, "-c", HELLO_SERVER, str(processes)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        port = int(server.stdout.readline())
+        request = b"GET / HTTP/1.1\r\nHost: floor\r\n\r\n"
+        http_load(port, [request], 1, connections)        # warm up
+        return http_load(port, [request], seconds, connections)[0]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(10)
