@@ -4,8 +4,8 @@
                   [--uri test:///default] [--node-args "--backend simulated"] [--no-migrate]
                   [--simulate N [--prefix sim]]
 
-It migrates the database, starts the Nameko services, the gRPC gateway and one
-driver worker per node, waits for the gateway, makes sure each node's host
+It migrates the database, starts the Nameko services, the gRPC gateway, the
+OneGate HTTP server (``cirrus-gate``) and one driver worker per node, waits for the gateway, makes sure each node's host
 exists, prints ``cirrus: cluster ready`` and then supervises: a child that dies
 is restarted with backoff, and Ctrl-C or SIGTERM stops every child (SIGTERM,
 then SIGKILL after 10 s).
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCALABLE = ("requests", "scheduler", "lifecycle", "flow")
-SERVICES = SCALABLE + ("gateway",)
+SERVICES = SCALABLE + ("gateway", "gate")
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 COLOURS = ("36", "33", "32", "35", "34", "96", "93", "92", "95", "94")
 READY_LINE = "cluster ready"
@@ -63,6 +63,9 @@ def parse_scale(text):
             raise LaunchError(f"{where}: count {count!r} is not a whole number >= 0")
         if name == "gateway" and int(count) != 1:
             raise LaunchError(f"{where}: the gateway listens on one fixed port, so its count must be 1")
+        if name == "gate" and int(count) > 1:
+            raise LaunchError(f"{where}: the gate listens on one fixed port (gate.processes "
+                              "sets its processes), so its count must be 0 or 1")
         counts[name] = int(count)
     return counts
 
@@ -342,6 +345,7 @@ def cluster_specs(scale=None, nodes=("node-1",), uri="test:///default", node_arg
     scale = {name: 1 for name in SERVICES} | dict(scale or {})
     specs = [ProcessSpec(name, [program("cirrus-service"), name], scale[name]) for name in SCALABLE]
     specs.append(ProcessSpec("gateway", [program("cirrus-gateway")], scale["gateway"]))
+    specs.append(ProcessSpec("gate", [program("cirrus-gate")], scale["gate"]))
     specs += [ProcessSpec(node, [program("cirrus-node"), "--host", node, "--uri", uri,
                                  *node_arguments(node_args, node)])
               for node in nodes]

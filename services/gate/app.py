@@ -65,6 +65,7 @@ class Gate:
     def __init__(self, settings, engine, relay, session_factory, rpc):
         self.settings, self.engine, self.relay = settings, engine, relay
         self.session_factory, self.rpc = session_factory, rpc
+        self.writes = store.Writes(relay)
         self.limiter = security.RateLimiter(settings.rate, settings.burst)
 
     def __call__(self, environ, start_response):
@@ -167,10 +168,9 @@ class Gate:
             target = me if raw_id is None else self.target(conn, me, raw_id)
         security.check_attributes(self.settings, names)
         where = f"PUT {route}"
-        if kind == "erase":
-            after = store.erase_attributes(self.relay, me["id"], target["id"], names, where)
-        else:
-            after = store.set_attributes(self.relay, me["id"], target["id"], names, where)
+        after = self.writes.run(store.Write(
+            me["id"], target["id"], where, **({"names": names} if kind == "erase"
+                                             else {"attrs": names})))
         return json_response(protocol.vm_document({**target, "template": {
             **(target["template"] or {}), "USER_TEMPLATE": after}}))
 

@@ -77,14 +77,22 @@ def make_app(cfg):
 
     gate = cfg.get("gate") or {}
     database = cfg["database"]
-    engine = create_engine(database["url"], pool_size=int(gate.get("db_pool", 4)),
-                           max_overflow=2, pool_pre_ping=True, pool_timeout=30,
-                           connect_args={"connect_timeout": database.get("connect_timeout", 5)})
-    event.listen(engine, "handle_error", raise_unavailable)
-    sessions = sessionmaker(bind=engine, expire_on_commit=False)
+    connect = {"connect_timeout": database.get("connect_timeout", 5)}
+    pool = int(gate.get("db_pool", 8))
+    # reads are single statements on connections kept in autocommit: no
+    # BEGIN, and nothing to roll back when a connection goes back to the pool
+    reads = create_engine(database["url"], pool_size=pool, max_overflow=2, pool_timeout=30,
+                          isolation_level="AUTOCOMMIT", pool_reset_on_return=None,
+                          connect_args=connect)
+    # writes: transactions of the outbox relay (gathered by store.Writes)
+    writes = create_engine(database["url"], pool_size=max(2, pool // 4), max_overflow=2,
+                           pool_timeout=30, connect_args=connect)
+    for engine in (reads, writes):
+        event.listen(engine, "handle_error", raise_unavailable)
+    sessions = sessionmaker(bind=writes, expire_on_commit=False)
     relay = Relay(cfg["amqp"]["uri"], sessions)
     rpc = RpcPool(cfg["amqp"]["uri"])
-    return Gate(Settings.from_config(gate), engine, relay, sessions, rpc), rpc
+    return Gate(Settings.from_config(gate), reads, relay, sessions, rpc), rpc
 
 
 def serve(sock, cfg, name, children=()):

@@ -1,16 +1,23 @@
-"""What the gate reads from PostgreSQL and writes through lifecycle's own
-functions, as plain functions over a connection or a session.
+"""What the gate reads and writes in PostgreSQL, as plain functions over a
+connection or a session.
 
 Reads are a few indexed queries in SQL (the gate answers a guest's request
 with one connection checkout and no ORM objects). Writes of a VM's user
-template go through ``services.lifecycle.user_template.update`` in a
-transaction of the gate's outbox relay, so the change, its ``vm.updated``
-event and the audit row commit together or not at all.
+template go in a transaction of the gate's outbox relay, so the change, its
+``vm.updated`` event and the audit row commit together or not at all. ``Writes`` gathers
+the writes of concurrent requests into one such transaction, applied
+set-wise by ``apply_writes`` (lifecycle's ``user_template`` checks the
+names and values; the event is the one its ``update`` sends).
 """
+import json
+from dataclasses import dataclass
+
 from sqlalchemy import Integer, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from cirrus.db.models import VirtualMachine
+from cirrus import messages, outbox
+from cirrus.db.models import utcnow
+from cirrus.errors import FailedPrecondition
 from services.gate.protocol import Conflict
 from services.lifecycle import user_template
 from services.requests import audit
@@ -22,12 +29,13 @@ WHERE v.id = :id"""
 CALLER = text(_VM.format(
     extra=",\n       (SELECT value FROM settings WHERE key = 'gate.secret') AS secret"))
 VM = text(_VM.format(extra=""))
-SERVICE = text("SELECT id, name, state FROM flow_services WHERE id = :id")
-ROLES = text("SELECT id, name, state, cardinality FROM flow_roles WHERE service_id = :id "
-             "ORDER BY position")
+# a service, its roles in order and their nodes, in one query (a role without nodes once)
+SERVICE = text("""SELECT s.id, s.name, s.state, r.id AS role_id, r.name AS role_name,
+       r.state AS role_state, r.cardinality, n.vm_id, n.status, v.name AS vm_name
+FROM flow_services s JOIN flow_roles r ON r.service_id = s.id
+LEFT JOIN flow_nodes n ON n.role_id = r.id LEFT JOIN vms v ON v.id = n.vm_id
+WHERE s.id = :id ORDER BY r.position, n.vm_id""")
 ROLE_NAMES = text("SELECT name FROM flow_roles WHERE service_id = :id ORDER BY position")
-NODES = text("""SELECT n.vm_id, n.role_id, n.status, v.name FROM flow_nodes n
-JOIN vms v ON v.id = n.vm_id WHERE n.service_id = :id ORDER BY n.vm_id""")
 VMS = text("""SELECT v.id, v.name, v.state, v.lcm_state, v.template, d.nics
 FROM vms v LEFT JOIN vm_devices d ON d.vm_id = v.id WHERE v.id = ANY(:ids)""").bindparams(
     bindparam("ids", type_=ARRAY(Integer)))
@@ -46,19 +54,24 @@ def vm(conn, vm_id):
 
 
 def service(conn, service_id, extended=False):
-    """(service, roles, {role id: [node...]}, {vm id: vm} or None)."""
-    found = conn.execute(SERVICE, {"id": service_id}).mappings().first()
-    if found is None:
+    """(service, roles, {role id: [node...]}, {vm id: vm} or None); None if
+    there is no such service (or it has no roles)."""
+    rows = conn.execute(SERVICE, {"id": service_id}).mappings().all()
+    if not rows:
         return None
-    roles = conn.execute(ROLES, {"id": service_id}).mappings().all()
-    nodes = {}
-    for node in conn.execute(NODES, {"id": service_id}).mappings():
-        nodes.setdefault(node["role_id"], []).append(node)
+    roles, nodes = {}, {}
+    for row in rows:
+        roles.setdefault(row["role_id"], {"id": row["role_id"], "name": row["role_name"],
+                                          "state": row["role_state"],
+                                          "cardinality": row["cardinality"]})
+        if row["vm_id"] is not None:
+            nodes.setdefault(row["role_id"], []).append(
+                {"vm_id": row["vm_id"], "status": row["status"], "name": row["vm_name"]})
     vms = None
     if extended:
         ids = [n["vm_id"] for group in nodes.values() for n in group]
         vms = {row["id"]: row for row in conn.execute(VMS, {"ids": ids}).mappings()}
-    return found, roles, nodes, vms
+    return rows[0], list(roles.values()), nodes, vms
 
 
 def role_names(conn, service_id):
@@ -70,30 +83,109 @@ def actor(caller_id):
     return {"name": f"vm:{caller_id}", "role": "guest"}
 
 
-def set_attributes(relay, caller_id, target_id, attrs, route):
-    """Merge ``attrs`` into the target VM's user template; audited. Returns
-    the user template after."""
-    with relay.transaction() as session:
-        changed = user_template.update(session, target_id, attrs)
-        audit.record(session, actor(caller_id), "gate.vm.update", "vm", target_id,
-                     route=route, set=attrs)
-        return dict(changed.template[user_template.KEY])
+LOCK_VMS = text("""SELECT id, owner_id, seq, state, template -> 'USER_TEMPLATE' AS user_template
+FROM vms WHERE id = ANY(:ids) ORDER BY id FOR UPDATE""").bindparams(
+    bindparam("ids", type_=ARRAY(Integer)))
+SET_USER_TEMPLATES = text("""UPDATE vms SET template = jsonb_set(vms.template, '{USER_TEMPLATE}',
+       changed.user_template), updated_at = :at
+FROM (SELECT unnest(CAST(:ids AS integer[])) AS id,
+             unnest(CAST(:templates AS jsonb[])) AS user_template) AS changed
+WHERE vms.id = changed.id""")
 
 
-def erase_attributes(relay, caller_id, target_id, names, route):
-    """Erase ``names`` from the target VM's user template (those it has);
-    audited with what was there. Returns the user template after."""
-    with relay.transaction() as session:
-        found = session.get(VirtualMachine, target_id, with_for_update=True)
-        if found is None:
-            raise Conflict(f"VM {target_id} no longer exists")
-        current = user_template.user_template(found)
-        erased = {name: current[name] for name in names if name in current}
-        kept = {key: value for key, value in current.items() if key not in erased}
-        changed = user_template.update(session, target_id, kept, replace=True)
-        audit.record(session, actor(caller_id), "gate.vm.erase", "vm", target_id,
-                     route=route, erased=erased)
-        return dict(changed.template[user_template.KEY])
+@dataclass
+class Write:
+    """One guest's change of a VM's user template: ``attrs`` merged in, or
+    ``names`` erased."""
+    caller_id: int
+    vm_id: int
+    route: str
+    attrs: dict = None
+    names: list = None
+
+
+def apply_writes(session, writes):
+    """Apply ``writes`` (in order) in the session's transaction with a
+    fixed number of statements, whatever their number: the VMs are locked
+    in id order, each write is applied to its VM's user template in
+    memory, then one UPDATE stores them, one INSERT queues a ``vm.updated``
+    event per VM changed (the payload of lifecycle's user_template.update)
+    and one INSERT the audit rows, one per write. Returns, for each write,
+    its VM's user template after it, or the GateError/CirrusError that
+    refused it (the others still apply)."""
+    ids = sorted({w.vm_id for w in writes})
+    vms = {row["id"]: dict(row) for row in session.execute(LOCK_VMS, {"ids": ids}).mappings()}
+    templates, outcomes = {}, []
+    for write in writes:
+        vm = vms.get(write.vm_id)
+        if vm is None:
+            outcomes.append(Conflict(f"VM {write.vm_id} no longer exists"))
+            continue
+        if vm["state"] == "DONE":
+            outcomes.append(FailedPrecondition(f"VM {write.vm_id} is DONE: its template can "
+                                               "no longer change"))
+            continue
+        current = templates.setdefault(write.vm_id, dict(vm["user_template"] or {}))
+        if write.names is not None:
+            erased = {name: current.pop(name) for name in write.names if name in current}
+            audit.record(session, actor(write.caller_id), "gate.vm.erase", "vm", write.vm_id,
+                         route=write.route, erased=erased)
+        else:
+            current.update(user_template.checked_attributes(write.attrs))
+            audit.record(session, actor(write.caller_id), "gate.vm.update", "vm", write.vm_id,
+                         route=write.route, set=write.attrs)
+        outcomes.append(dict(current))
+    if templates:
+        at = utcnow()
+        changed = sorted(templates)
+        session.execute(SET_USER_TEMPLATES, {
+            "ids": changed, "templates": [json.dumps(templates[i]) for i in changed], "at": at})
+        outbox.add_many(session, [outbox.event_row(messages.LIFECYCLE, messages.VM_UPDATED, {
+            "id": i, "owner_id": vms[i]["owner_id"], "seq": vms[i]["seq"],
+            "user_template": templates[i], "at": at.isoformat()}) for i in changed])
+    session.flush()
+    return outcomes
+
+
+class Writes:
+    """Group commit of user template writes: a request hands its ``Write``
+    over and waits; one green thread applies what has gathered with
+    ``apply_writes`` in one transaction of the outbox relay. So one commit,
+    a handful of statements and one wait for the broker's confirms serve
+    many requests."""
+
+    def __init__(self, relay, batch=500):
+        self.relay, self.batch = relay, batch
+        self.waiting, self.running = [], False
+
+    def run(self, write):
+        import eventlet.event
+        done = eventlet.event.Event()
+        self.waiting.append((write, done))
+        if not self.running:
+            self.running = True
+            eventlet.spawn_n(self.drain)
+        return done.wait()
+
+    def drain(self):
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting[:self.batch], self.waiting[self.batch:]
+                self.commit(batch)
+        finally:
+            self.running = False
+
+    def commit(self, batch):
+        try:
+            with self.relay.transaction() as session:
+                outcomes = apply_writes(session, [write for write, _ in batch])
+        except Exception as exc:             # the transaction failed: so did every write
+            outcomes = [exc] * len(batch)
+        for (_write, done), outcome in zip(batch, outcomes):
+            if isinstance(outcome, Exception):
+                done.send_exception(outcome)
+            else:
+                done.send(outcome)
 
 
 def record(session_factory, caller_id, action, kind, object_id, **details):

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-CIRRUS = {"migrate", "requests", "scheduler", "lifecycle", "gateway", "node-1", "node-2", "hosts"}
+CIRRUS = {"migrate", "requests", "scheduler", "lifecycle", "gateway", "gate", "node-1", "node-2",
+          "hosts"}
 SCALABLE = {"requests", "scheduler", "lifecycle"}
 ENV = {
     "CIRRUS_AMQP_URI": "amqp://guest:guest@rabbitmq:5672/",
@@ -69,6 +70,8 @@ def test_scalable_services_have_no_fixed_name_or_host_port(compose):
 def test_gateway_is_published_and_the_nodes_run_the_embedded_driver(compose):
     services = compose["services"]
     assert [(p["published"], p["target"]) for p in services["gateway"]["ports"]] == [(50051, 50051)]
+    assert [(p["published"], p["target"]) for p in services["gate"]["ports"]] == [(5030, 5030)]
+    assert services["gate"]["environment"]["CIRRUS_GATE_ADDRESS"] == "0.0.0.0"
     for node in ("node-1", "node-2"):
         assert services[node]["command"] == [
             "cirrus-node", "--host", node, "--uri", "test:///default"]

@@ -71,6 +71,7 @@ def test_parse_scale_reads_counts():
     ("lifecycle=-1", r"count '-1' is not a whole number >= 0"),
     ("scheduler=1,scheduler=2", r"scheduler is given twice"),
     ("gateway=2", r"'gateway=2': the gateway .* count must be 1"),
+    ("gate=2", r"'gate=2': the gate .* count must be 0 or 1"),
     ("scheduler=2,", r"empty entry"),
 ])
 def test_parse_scale_names_the_bad_part(text, message):
@@ -91,7 +92,9 @@ def test_parse_nodes():
 def test_cluster_specs_scale_services_and_run_one_worker_per_node():
     specs = {s.name: s for s in cluster_specs({"scheduler": 2}, ["n1", "n2"], "test:///default")}
     assert {n: s.count for n, s in specs.items()} == {
-        "requests": 1, "scheduler": 2, "lifecycle": 1, "flow": 1, "gateway": 1, "n1": 1, "n2": 1}
+        "requests": 1, "scheduler": 2, "lifecycle": 1, "flow": 1, "gateway": 1, "gate": 1,
+        "n1": 1, "n2": 1}
+    assert specs["gate"].argv[0].endswith("cirrus-gate")
     assert specs["scheduler"].argv[1:] == ["scheduler"]
     assert specs["n2"].argv[1:] == ["--host", "n2", "--uri", "test:///default"]
 
