@@ -10,8 +10,11 @@
 #                      "CONTEXT64 KEY=<base64 of the value>" (exact bytes, even
 #                      with newlines), then "CONTEXT APPLIED eth0 <addresses>",
 #                      "DISK vda <its first line>" for each virtio disk, then
-#                      "CIRRUS GUEST READY" when it has said all that, and
-#                      otherwise idles.
+#                      "CIRRUS GUEST READY" when it has said all that; with
+#                      REPORT_READY=YES in its context it then pushes READY=YES
+#                      through OneGate (/bin/onegate, deploy/guest/onegate.sh,
+#                      as OpenNebula's context packages do) and prints
+#                      "ONEGATE READY=YES sent" (or why not), and otherwise idles.
 #   OUTDIR/disk.qcow2  a 1 MiB disk image whose first line is "CIRRUS TINY DISK",
 #                      to register as an image: the guest prints that line when
 #                      it finds the disk (made with qemu-img).
@@ -21,6 +24,7 @@
 set -eu
 
 OUT=${1:?usage: build-tiny-guest.sh OUTDIR}
+HERE=$(cd "$(dirname "$0")" && pwd)
 MARKER="CIRRUS GUEST UP"
 # Each module follows the ones it depends on: the virtio network first, then
 # what a context CD needs (IDE or virtio-scsi CD-ROM, ISO 9660), then the ACPI
@@ -30,7 +34,7 @@ virtio_pci virtio_net virtio_blk scsi_common scsi_mod cdrom sr_mod isofs libata 
 virtio_scsi button evdev"
 
 # bump when the guest changes, so that caches of older builds are rebuilt
-VERSION=5
+VERSION=6
 DISK_MARKER="CIRRUS TINY DISK"
 if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] && [ -s "$OUT/disk.qcow2" ] \
         && [ "$(cat "$OUT/version" 2>/dev/null)" = "$VERSION" ]; then
@@ -64,6 +68,8 @@ kver=$(ls "$WORK/kernel/lib/modules")
 root="$WORK/initramfs"
 mkdir -p "$root/bin" "$root/dev" "$root/proc" "$root/sys" "$root/tmp" "$root/lib/modules"
 cp /bin/busybox "$root/bin/busybox"
+cp "$HERE/onegate.sh" "$root/bin/onegate"
+chmod 755 "$root/bin/onegate"
 for module in $MODULES; do
     file=$(find "$WORK/kernel/lib/modules/$kver" -name "$module.ko*" | head -n 1)
     [ -n "$file" ] || { echo "build-tiny-guest: module $module not in $image" >&2; exit 1; }
@@ -140,6 +146,17 @@ for disk in /dev/vd?; do
     [ -b "\$disk" ] && echo "DISK \${disk#/dev/} \$(head -c 256 \$disk | tr -d '\\000' | head -n 1)"
 done
 echo "CIRRUS GUEST READY"
+# OneGate: tell the platform we are ready (OneFlow's READY gate waits for it)
+if [ "\${REPORT_READY:-NO}" = "YES" ]; then
+    sent=""
+    for try in 1 2 3 4 5 6 7 8 9 10; do
+        if ONEGATE_CONTEXT=\$ctx /bin/onegate vm update --data READY=YES >/dev/null; then
+            sent=yes; break
+        fi
+        sleep 1
+    done
+    if [ -n "\$sent" ]; then echo "ONEGATE READY=YES sent"; else echo "ONEGATE READY=YES failed"; fi
+fi
 while :; do sleep 3600; done
 INIT
 chmod 755 "$root/init"

@@ -4,7 +4,11 @@ services and a lone VM written as flow keeps them, and guests' requests
 over HTTP. Tokens, reach, restrictions, limits, audit, and 200 concurrent
 updates from 20 VMs."""
 import concurrent.futures
+import json
+import shutil
+import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 import requests
@@ -352,3 +356,52 @@ def test_200_concurrent_updates_from_20_vms_lose_nothing(gate, world):
         for vm_id in many:
             user = s.get(VirtualMachine, vm_id).template["USER_TEMPLATE"]
             assert {f"K{n}": f"{vm_id}-{n}" for n in range(10)}.items() <= user.items(), vm_id
+
+
+# ---------------------------------------------------------------- the guest's client
+
+ONEGATE_SH = Path(__file__).resolve().parents[2] / "deploy" / "guest" / "onegate.sh"
+
+
+@pytest.fixture
+def onegate_sh(gate, world, tmp_path):
+    """deploy/guest/onegate.sh run by busybox sh with busybox wget, reading a
+    context directory as the guest's CD holds it."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox is not installed")
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "wget").symlink_to(busybox)
+
+    def run(name, *args):
+        vm_id = world["ids"][name]
+        context = tmp_path / f"context-{name}"
+        context.mkdir(exist_ok=True)
+        (context / "context.sh").write_text(f"VMID='{vm_id}'\nONEGATE_ENDPOINT='{gate}'\n"
+                                            "NAME='it''s'\n")
+        (context / "token.txt").write_text(world["tokens"][vm_id])
+        env = {"PATH": f"{tools}:/usr/bin:/bin", "ONEGATE_CONTEXT": str(context)}
+        return subprocess.run([busybox, "sh", str(ONEGATE_SH), *args], env=env,
+                              capture_output=True, text=True, timeout=30)
+    return run
+
+
+def test_onegate_sh_shows_updates_erases_and_scales(onegate_sh, world):
+    shown = onegate_sh("a2", "vm", "show")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["VM"]["NAME"] == "a2"
+    done = onegate_sh("a2", "vm", "update", "--data", 'MOTD=say "hi" \\ bye', "--data", "LOAD=3")
+    assert done.returncode == 0, done.stderr
+    user = json.loads(done.stdout)["VM"]["USER_TEMPLATE"]
+    assert (user["MOTD"], user["LOAD"]) == ('say "hi" \\ bye', "3")
+    other = onegate_sh("a2", "vm", "update", str(world["ids"]["a3"]), "--data", "FROM=a2")
+    assert json.loads(other.stdout)["VM"]["USER_TEMPLATE"]["FROM"] == "a2"
+    erased = json.loads(onegate_sh("a2", "vm", "update", "--erase", "LOAD").stdout)
+    assert "LOAD" not in erased["VM"]["USER_TEMPLATE"]
+    service = json.loads(onegate_sh("a2", "service", "show").stdout)["SERVICE"]
+    assert [r["name"] for r in service["roles"]] == ["master", "slave"]
+    refused = onegate_sh("a2", "vm", "update", "--data", "SERVICE_ID=1")
+    assert refused.returncode == 1 and "403" in refused.stderr
+    bad = onegate_sh("a2", "service", "scale", "--role", "slave", "--cardinality", "two")
+    assert bad.returncode == 2 and "--cardinality must be a whole number" in bad.stderr
