@@ -44,6 +44,7 @@ class Cluster:
         self.db_url = BASE_DB.rstrip("/") + f"/cirrus_e2e_{self.id}"
         self.vhost = f"cirrus-e2e-{self.id}"
         self.port = free_port()
+        self.gate_port = free_port()    # clusters running at once must not share 5030
         (tmp_path / "home").mkdir(exist_ok=True)
         # outside root's private tmp dirs: qemu runs as its own user
         self.datastore = Path("/var/tmp/cirrus") / f"e2e-{self.id}"
@@ -54,6 +55,8 @@ class Cluster:
                     "CIRRUS_DATABASE_URL": self.db_url,
                     "CIRRUS_AMQP_URI": BASE_AMQP.rstrip("/") + "/" + self.vhost,
                     "CIRRUS_GATEWAY_PORT": str(self.port),
+                    "CIRRUS_GATE_PORT": str(self.gate_port),
+                    "CIRRUS_GATE_ENDPOINT": f"http://127.0.0.1:{self.gate_port}",
                     "CIRRUS_DRIVERS_DATASTORE": str(self.datastore),
                     "CIRRUS_DRIVERS_PARKING": str(self.parking),
                     "CIRRUS_DRIVERS_MONITOR_INTERVAL": "1",

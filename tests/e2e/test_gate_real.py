@@ -10,7 +10,7 @@ import time
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.e2e.conftest import Cluster, free_port
+from tests.e2e.conftest import Cluster
 from tests.e2e.test_real_guests import remove_domains_under, tiny_guest, tiny_template  # noqa: F401
 from tests.procs import wait_until
 
@@ -25,8 +25,7 @@ def gate_cluster(tmp_path_factory):
     """A qemu:///system cluster whose gate listens on a port of its own,
     which the guests reach as 10.0.2.2."""
     cluster = Cluster(tmp_path_factory.mktemp("cluster"), nodes=("qemu-1",), uri="qemu:///system")
-    port = free_port()
-    cluster.env.update(CIRRUS_GATE_PORT=str(port), CIRRUS_GATE_ENDPOINT=f"http://10.0.2.2:{port}")
+    cluster.env["CIRRUS_GATE_ENDPOINT"] = f"http://10.0.2.2:{cluster.gate_port}"
     cluster.start().isolate_vm_ids()
     try:
         yield cluster
