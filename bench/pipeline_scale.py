@@ -1,6 +1,6 @@
 """The whole pipeline at scale: create to RUNNING for 2,000 VMs on simulated hosts.
 
-    .venv/bin/python bench/pipeline_scale.py [--vms 2000] [--hosts 250] [--clients 8]
+    .venv/bin/python bench/pipeline_scale.py [--vms 2000] [--hosts 250] [--clients 16]
 
 Makes a fresh database and RabbitMQ vhost and starts `lifecycle`, one
 `scheduler` and one `cirrus-node --simulate HOSTS` (every driver action
@@ -144,7 +144,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vms", type=int, default=2000)
     parser.add_argument("--hosts", type=int, default=250)
-    parser.add_argument("--clients", type=int, default=8, help="threads creating VMs")
+    parser.add_argument("--clients", type=int, default=16, help="threads creating VMs")
     parser.add_argument("--lifecycles", type=int, default=1,
                         help="lifecycle processes sharing the work (default 1)")
     parser.add_argument("--timeout", type=float, default=300)

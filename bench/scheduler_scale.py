@@ -139,10 +139,10 @@ def commands_queued(vhost, settle=7):
     """Driver commands waiting in the hosts' queues once the outbox has had
     time to sweep (5 s grace): one per placed VM, unless some were sent twice."""
     time.sleep(settle)
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages"],
-                         capture_output=True, text=True, check=True).stdout
-    return sum(int(line.split()[-1]) for line in out.splitlines()
-               if line.startswith("cirrus.node."))
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages",
+                          "--formatter", "json"], capture_output=True, text=True, check=True)
+    return sum(queue["messages"] for queue in json.loads(out.stdout)
+               if queue["name"].startswith("cirrus.node."))
 
 
 def main():

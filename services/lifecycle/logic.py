@@ -331,13 +331,15 @@ def deployed(session, vm, host_id):
     return answer
 
 
-def take_devices(session, vm, host_id):
+def take_devices(session, vm, host_id, reserved=True):
     """What a deploy does before its transition: take the VM's leases and
-    images; without them the reservation on ``host_id`` is given back and
-    the VM waits (``vm_waits``, the reason in sched_message)."""
+    images; without them the VM waits (``vm_waits``, the reason in
+    sched_message), and the capacity ``reserved`` for it on ``host_id`` is
+    given back."""
     shortage = devices.take(session, vm)
     if shortage:
-        add_usage(session, vm, host_id, -1)
+        if reserved:
+            add_usage(session, vm, host_id, -1)
         vm.sched_message = shortage
         return {"outcome": "vm_waits", "reason": shortage}
     vm.host_id = host_id
@@ -366,19 +368,40 @@ def deploy_many(session, placements):
     """``deploy`` for a batch of [vm_id, host_id], in one transaction; returns
     each answer with its vm_id, in the order given.
 
-    Set-based, for the scheduler's batches: the VM rows are locked first, in
-    id order, as plain records; then the hosts, in id order, so that two
-    batches (two schedulers) never wait for each other in a cycle. One
-    UPDATE ... FROM (VALUES ...) reserves each host's share of the batch,
-    checking in SQL that the host fits all of it; the VMs of a host that does
-    not are tried one by one. The transitions are ``apply_many``'s: the same
-    table as ``apply``, and one statement each for the VM rows, the history
-    and the outbox."""
+    Set-based, for the scheduler's batches. The VM rows are locked first, in
+    id order, as plain records. The batch is first made as if every host had
+    room: devices taken, transitions made (``apply_many``: the same table as
+    ``apply``, one statement each for the VM rows, history and outbox); only
+    then are the hosts locked, in id order, and one conditional UPDATE
+    reserves every host's share, checking in SQL that each fits all of it.
+    So a host stays locked only from there to commit, and concurrent batches
+    sharing a host (several schedulers, or one scheduler's batches in flight)
+    hardly wait for each other. If a host no longer takes its whole share
+    (another scheduler filled it), all that is undone (a savepoint) and the
+    batch is made again reserving first, its hosts' VMs one by one."""
     placements = parse_placements(placements)
-    vms = lock_records(session, {vm_id for vm_id, _ in placements})
+    vm_ids = {vm_id for vm_id, _ in placements}
     # held in the session for step() and driver_command(), which read the host's name
-    hosts = session.scalars(select(Host).where(Host.id.in_({h for _, h in placements}))
-                            .order_by(Host.id).with_for_update()).all()
+    hosts = session.scalars(select(Host).where(Host.id.in_({h for _, h in placements}))).all()
+    with session.no_autoflush:
+        attempt = session.begin_nested()
+        answers = deploy_batch(session, placements, lock_records(session, vm_ids),
+                               reserve_last=True)
+        if answers is None:
+            attempt.rollback()
+            answers = deploy_batch(session, placements, lock_records(session, vm_ids),
+                                   reserve_last=False)
+        else:
+            attempt.commit()
+    del hosts
+    return [{"vm_id": vm_id, **answers[vm_id]} for vm_id, _ in placements]
+
+
+def deploy_batch(session, placements, vms, reserve_last):
+    """The answers of ``deploy_many``, reserving the hosts' shares after the
+    rest (None if a host does not take its whole share: the caller undoes
+    the batch) or, with ``reserve_last`` false, before it, a host that does
+    not take its whole share then taking its VMs one by one."""
     answers, by_host = {}, {}
     for vm_id, host_id in placements:
         vm = vms.get(vm_id)
@@ -388,28 +411,50 @@ def deploy_many(session, placements):
             answers[vm_id] = refusal
         else:
             by_host.setdefault(host_id, []).append(vm)
-    with session.no_autoflush:
-        whole = reserve_shares(session, [
-            (host_id, sum(cpu_percent(vm.cpu) for vm in group), sum(vm.memory for vm in group),
-             len(group)) for host_id, group in sorted(by_host.items())])
-        moves, waiting = [], []
-        for host_id, group in sorted(by_host.items()):
-            fitting = group if host_id in whole else [
-                vm for vm in group if reserve(session, vm, host_id)]
-            for vm in group:
-                if vm not in fitting:
-                    answers[vm.id] = {"outcome": "host_unfit",
-                                      "reason": unfit_reason(session, vm, host_id)}
-                    continue
-                answers[vm.id] = take_devices(session, vm, host_id)
-                if answers[vm.id]["outcome"] == "deployed":
-                    moves.append((vm, DEPLOY_ACTIONS[vm.resume_from], None))
-                else:
-                    waiting.append(vm)
-        apply_many(session, moves)
-        write_records(session, waiting)     # their sched_message
-    del hosts
-    return [{"vm_id": vm_id, **answers[vm_id]} for vm_id, _ in placements]
+    if reserve_last:
+        fitting = by_host
+    else:
+        lock_hosts(session, by_host)
+        whole = reserve_shares(session, shares(by_host))
+        fitting = {host_id: group if host_id in whole else
+                   [vm for vm in group if reserve(session, vm, host_id)]
+                   for host_id, group in by_host.items()}
+    moves, waiting, placed = [], [], {}
+    for host_id, group in sorted(by_host.items()):
+        for vm in group:
+            if vm not in fitting[host_id]:
+                answers[vm.id] = {"outcome": "host_unfit",
+                                  "reason": unfit_reason(session, vm, host_id)}
+                continue
+            answers[vm.id] = take_devices(session, vm, host_id, reserved=not reserve_last)
+            if answers[vm.id]["outcome"] == "deployed":
+                moves.append((vm, DEPLOY_ACTIONS[vm.resume_from], None))
+                placed.setdefault(host_id, []).append(vm)
+            else:
+                waiting.append(vm)
+    apply_many(session, moves)
+    write_records(session, waiting)     # their sched_message
+    if reserve_last:
+        session.flush()     # the devices' rows too: from here to commit the hosts are locked
+        lock_hosts(session, placed)
+        if reserve_shares(session, shares(placed)) != set(placed):
+            return None
+    return answers
+
+
+def shares(by_host):
+    """[(host_id, cpu, memory, vms)] of {host_id: [VMs]}, in host order."""
+    return [(host_id, sum(cpu_percent(vm.cpu) for vm in group), sum(vm.memory for vm in group),
+             len(group)) for host_id, group in sorted(by_host.items())]
+
+
+def lock_hosts(session, host_ids):
+    """Lock the hosts' rows in id order, so that two transactions reserving on
+    several hosts never wait for each other in a cycle. FOR NO KEY UPDATE,
+    the lock the reservation's UPDATE takes: it does not wait for the key
+    share locks that writing rows pointing at a host (history, VMs) takes."""
+    session.execute(select(Host.id).where(Host.id.in_(sorted(host_ids))).order_by(Host.id)
+                    .with_for_update(key_share=True))
 
 
 def reserve_shares(session, shares):
