@@ -301,13 +301,19 @@ def _nodes_from_db(service_id, role_name):
                                 FlowRole.name == role_name)).all()
 
 
+def running_elastic(flow, name, policy, **role_more):
+    """A RUNNING service of one role, web, with one elasticity policy."""
+    made = flow.create_template(1, template(name, [
+        role("web", min_vms=1, elasticity_policies=[policy], **role_more)]))
+    sid = flow.instantiate(made["id"], 1)["id"]
+    wait_state(flow, sid, "RUNNING")
+    return sid
+
+
 def test_an_elasticity_policy_scales_after_its_periods_hold(flow, lifecycle):
     policy = {"type": "CHANGE", "adjust": 1, "expression": "MAX(LOAD) > 5", "period": 1,
               "period_number": 2, "cooldown": 0}
-    made = flow.create_template(1, template("elastic", [
-        role("web", min_vms=1, max_vms=2, elasticity_policies=[policy])]))
-    sid = flow.instantiate(made["id"], 1)["id"]
-    wait_state(flow, sid, "RUNNING")
+    sid = running_elastic(flow, "elastic", policy, max_vms=2)
     [vm_id] = vm_ids(flow, sid, "web")
     lifecycle.update_vm_template(vm_id, {"LOAD": "9"})
     wait_until(lambda: len(vm_ids(flow, sid, "web")) == 2
@@ -429,10 +435,7 @@ def scale_times(flow, service_id):
 def test_a_policy_that_holds_waits_for_the_cooldown_before_scaling_again(flow, lifecycle):
     policy = {"type": "CHANGE", "adjust": 1, "expression": "MAX(LOAD) > 5", "period": 1,
               "period_number": 1, "cooldown": 3}
-    made = flow.create_template(1, template("cooldown", [
-        role("web", min_vms=1, max_vms=3, elasticity_policies=[policy])]))
-    sid = flow.instantiate(made["id"], 1)["id"]
-    wait_state(flow, sid, "RUNNING")
+    sid = running_elastic(flow, "cooldown", policy, max_vms=3)
     lifecycle.update_vm_template(vm_ids(flow, sid, "web")[0], {"LOAD": "9"})
     wait_until(lambda: len(scale_times(flow, sid)) == 2, 30, what="two scales")
     (one, two, first), (_, three, second) = scale_times(flow, sid)
@@ -445,10 +448,7 @@ def test_a_policy_that_holds_waits_for_the_cooldown_before_scaling_again(flow, l
 def test_percentage_change_adds_at_least_min_adjust_step(flow, lifecycle):
     policy = {"type": "PERCENTAGE_CHANGE", "adjust": 50, "min_adjust_step": 2,
               "expression": "LOAD > 5", "period": 1, "period_number": 1, "cooldown": 600}
-    made = flow.create_template(1, template("percent", [
-        role("web", cardinality=2, min_vms=1, max_vms=10, elasticity_policies=[policy])]))
-    sid = flow.instantiate(made["id"], 1)["id"]
-    wait_state(flow, sid, "RUNNING")
+    sid = running_elastic(flow, "percent", policy, cardinality=2, max_vms=10)
     for vm_id in vm_ids(flow, sid, "web"):
         lifecycle.update_vm_template(vm_id, {"LOAD": "9"})
     # 50% of 2 is 1, below the step of 2
