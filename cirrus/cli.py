@@ -1066,7 +1066,20 @@ def build_parser():
     add_storage_and_network_commands(groups, command)
     add_flow_commands(groups, command)
     add_request_management_commands(groups, command)
+    add_gate_commands(groups, command)
     return parser
+
+
+def add_gate_commands(groups, command):
+    """OneGate (issue 7): the platform side of the guests' HTTP API."""
+    gate = groups.add_parser("gate", help="OneGate, the HTTP API of the guests") \
+        .add_subparsers(dest="action", metavar="ACTION", required=True)
+    command(gate, "rotate-secret",
+            lambda a: emit(a, client(a).rotate_gate_secret(),
+                           lambda r: f"OneGate secret rotated at {r['rotated_at']}: tokens of "
+                                     "VMs deployed before no longer work; new deploys get "
+                                     "new ones"),
+            "a new OneGate secret (administrators): old tokens stop working at once")
 
 
 DATASTORE_TYPES = ("IMAGE", "SYSTEM")

@@ -31,6 +31,7 @@ from cirrus.v1 import (
 )
 from cirrus.v1 import cluster_pb2, cluster_pb2_grpc, vmgroup_pb2, vmgroup_pb2_grpc
 from cirrus.v1 import flow_pb2, flow_pb2_grpc
+from cirrus.v1 import gate_pb2, gate_pb2_grpc
 from cirrus.v1 import (
     audit_pb2, audit_pb2_grpc, request_pb2, request_pb2_grpc, user_pb2, user_pb2_grpc,
 )
@@ -173,6 +174,7 @@ class Client:
         self.quotas = user_pb2_grpc.QuotaServiceStub(self.channel)
         self.requests = request_pb2_grpc.RequestServiceStub(self.channel)
         self.audit = audit_pb2_grpc.AuditServiceStub(self.channel)
+        self.gate = gate_pb2_grpc.GateServiceStub(self.channel)
 
     def close(self):
         self.channel.close()
@@ -793,6 +795,13 @@ class Client:
             if len(page) < 1000:
                 return
             after_id = int(page[-1]["id"])
+
+    # -------------------------------------------------------------- OneGate
+
+    def rotate_gate_secret(self):
+        """A new OneGate secret (administrators): every VM's token made
+        before stops working, new deploys get new ones. {"rotated_at"}."""
+        return to_dict(self._call(self.gate.RotateSecret, gate_pb2.RotateSecretRequest()))
 
 
 def deployed(service):

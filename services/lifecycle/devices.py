@@ -147,26 +147,47 @@ def vm_token(secret, vm_id, started_at):
 
 # ---------------------------------------------------------------- the platform secret
 
-_secrets = {}
+SECRET = text("SELECT value FROM settings WHERE key = 'gate.secret'")
 
 
 def platform_secret(session):
     """``gate.secret`` from the configuration, else the one kept in
-    ``settings`` (made by whichever process needs it first)."""
+    ``settings`` (made by whichever process needs it first). Read once per
+    transaction of ``session``, never kept longer: after ``cirrus gate
+    rotate-secret`` the next deploy makes tokens of the new secret."""
     configured = gate_setting("secret")
     if configured:
         return str(configured)
-    engine = session.get_bind()
-    url = str(engine.url)
-    if url not in _secrets:
-        # in a transaction of its own: a deploy that rolls back must not take
-        # away the secret this process then keeps using
-        with engine.begin() as conn:
+    transaction = session.get_transaction()
+    held = session.info.get("gate.secret")
+    if held is not None and held[0] is transaction:
+        return held[1]
+    secret = session.execute(SECRET).scalar()
+    if secret is None:
+        # made in a transaction of its own: a deploy that rolls back must not
+        # take away a secret other processes may already be using
+        with session.get_bind().begin() as conn:
             conn.execute(text("INSERT INTO settings (key, value) VALUES ('gate.secret', :value) "
                               "ON CONFLICT (key) DO NOTHING"), {"value": secrets.token_hex(32)})
-            _secrets[url] = conn.execute(
-                text("SELECT value FROM settings WHERE key = 'gate.secret'")).scalar_one()
-    return _secrets[url]
+            secret = conn.execute(SECRET).scalar_one()
+    session.info["gate.secret"] = (transaction, secret)
+    return secret
+
+
+def rotate_platform_secret(session):
+    """Replace the kept secret (``cirrus gate rotate-secret``) in the
+    session's transaction: every token made with the old one fails at the
+    gate from the commit on. FailedPrecondition if the configuration fixes
+    it. Returns when the new one took over."""
+    if gate_setting("secret"):
+        raise FailedPrecondition("gate.secret is set in the configuration: change it there "
+                                 "and restart lifecycle and the gate to rotate it")
+    at = utcnow()
+    session.execute(text("INSERT INTO settings (key, value) VALUES ('gate.secret', :value) "
+                         "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"),
+                    {"value": secrets.token_hex(32)})
+    session.info.pop("gate.secret", None)
+    return at
 
 
 # ---------------------------------------------------------------- at create

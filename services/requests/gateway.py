@@ -55,6 +55,7 @@ from cirrus.v1 import (  # noqa: E402
     cluster_pb2, cluster_pb2_grpc, vmgroup_pb2, vmgroup_pb2_grpc,
 )
 from cirrus.v1 import flow_pb2, flow_pb2_grpc  # noqa: E402
+from cirrus.v1 import gate_pb2, gate_pb2_grpc  # noqa: E402
 from cirrus.v1 import (  # noqa: E402
     audit_pb2, audit_pb2_grpc, request_pb2, request_pb2_grpc, user_pb2, user_pb2_grpc,
 )
@@ -79,6 +80,7 @@ API_SERVICES = [
     user_pb2.DESCRIPTOR.services_by_name["QuotaService"],
     request_pb2.DESCRIPTOR.services_by_name["RequestService"],
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
+    gate_pb2.DESCRIPTOR.services_by_name["GateService"],
 ]
 LOGIN_METHOD = "/cirrus.v1.SessionService/Login"
 # callable without credentials, so grpcurl and load balancers can probe
@@ -1084,6 +1086,14 @@ class AuditServicer(Servicer, audit_pb2_grpc.AuditServiceServicer):
         return audit_pb2.ListAuditResponse(entries=[audit_record(e) for e in entries])
 
 
+class GateServicer(Servicer, gate_pb2_grpc.GateServiceServicer):
+    """OneGate's platform side (issue 7): the secret's rotation."""
+
+    def RotateSecret(self, request, context):
+        return fill(gate_pb2.RotateSecretResponse(),
+                    self.call(context, "RotateSecret")("rotate_gate_secret"))
+
+
 # ----------------------------------------------------------------- server
 
 class Gateway:
@@ -1121,6 +1131,7 @@ class Gateway:
         flow_pb2_grpc.add_FlowServiceServicer_to_server(
             FlowServicer(self.requests, self.flow_hub, self.watches), self.server)
         self.add_request_management(self.server)
+        gate_pb2_grpc.add_GateServiceServicer_to_server(GateServicer(self.requests), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [s.full_name for s in API_SERVICES]
         reflection.enable_server_reflection(

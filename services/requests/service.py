@@ -21,6 +21,7 @@ from cirrus.dependencies import Database, OutboxRelay, Rpc
 from cirrus.errors import (CirrusError, FailedPrecondition, InvalidArgument, NotFound,
                            PermissionDenied, Unauthenticated)
 from cirrus.template import vm_resources as template_resources
+from services.lifecycle import devices
 from services.requests import approvals, audit, cmdb, provisioning, quotas, users
 from cirrus.expressions import ExpressionError, compile_rank, compile_requirements
 from cirrus.template import parse, vm_resources
@@ -797,6 +798,18 @@ class RequestsService:
         self.see_all(credentials, "the audit log")
         with self.db() as session:
             return audit.entries(session, object_kind, object_id, actor, after_id, limit)
+
+    # OneGate (issue 7)
+
+    @api
+    def rotate_gate_secret(self, credentials):
+        """A new OneGate secret (administrators): old tokens fail at once,
+        new deploys get new ones. Audited; the secret is never returned."""
+        caller = self.admin(credentials, "rotating the OneGate secret")
+        with self.relay.transaction() as session:
+            at = devices.rotate_platform_secret(session)
+            audit.record(session, caller, "gate.secret.rotated", "setting", "gate.secret")
+        return {"rotated_at": at.isoformat()}
 
     # users and groups
 
