@@ -96,6 +96,20 @@ class FailureScript:
             return {action: count for action, (count, _message) in self._left.items()}
 
 
+# the states a domain can be changed to behind the platform's back (change)
+CHANGES = (backend.RUNNING, backend.PAUSED, backend.POWEROFF, backend.GONE)
+
+
+def libvirt_reason(before, after):
+    """The "EVENT/DETAIL" libvirt's lifecycle callback gives (libvirt_backend.
+    event_state) when a domain goes from ``before`` to ``after`` on its own:
+    an operator's virsh destroy, suspend, resume, start or undefine."""
+    if after == backend.RUNNING:
+        return "RESUMED/UNPAUSED" if before == backend.PAUSED else "STARTED/BOOTED"
+    return {backend.PAUSED: "SUSPENDED/PAUSED", backend.POWEROFF: "STOPPED/DESTROYED",
+            backend.GONE: "UNDEFINED/REMOVED"}[after]
+
+
 def guest_load(vm_id, now):
     """The share of its CPU a simulated guest uses at ``now`` (0.05 .. 0.95): a
     slow wave, each VM at its own phase, so hosts' usage differs and moves."""
@@ -370,14 +384,34 @@ class SimulatedBackend(Backend):
     def watch(self, callback):
         self._watcher = callback
 
-    def change(self, deploy_id, state, reason):
+    def change(self, deploy_id, state, reason=None):
         """The simulated hypervisor changes a domain on its own (a guest powers off,
-        an operator destroys it): as libvirt would, it tells the watcher."""
+        an operator destroys it): as libvirt would, it tells the watcher, with
+        libvirt's own reason unless ``reason`` is given. Returns what changed, in
+        words. A state it cannot go to, or a domain it does not have, raises
+        ValueError naming it and changes nothing."""
+        if state not in CHANGES:
+            raise ValueError(f"state: must be one of {', '.join(CHANGES)}, got {state!r}")
+        if reason is not None and (not isinstance(reason, str) or not reason.strip()):
+            raise ValueError(f"reason: must be a non-empty string or left out, got {reason!r}")
         with self._lock:
+            domain = self._domains.get(deploy_id)
+            if domain is None:
+                raise ValueError(f"no domain {deploy_id} on this host: VM "
+                                 f"{vm_id_of(deploy_id)} is not here")
+            before = domain["state"]
+            if before == state:
+                raise ValueError(f"{deploy_id} is already {state}: libvirt would report "
+                                 f"no change")
+            if state == backend.PAUSED and before != backend.RUNNING:
+                raise ValueError(f"{deploy_id} is {before}: only a running domain can be "
+                                 f"paused")
             if state == backend.GONE:
-                self._domains.pop(deploy_id, None)
-            elif deploy_id in self._domains:
-                self._domains[deploy_id]["state"] = state
+                del self._domains[deploy_id]
+            else:
+                domain["state"] = state
             self._changed()
+        reason = reason or libvirt_reason(before, state)
         if self._watcher is not None:
             self._watcher(deploy_id, state, reason)
+        return f"{deploy_id} {before} -> {state} ({reason})"

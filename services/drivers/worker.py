@@ -25,7 +25,8 @@ their commands, whose deliveries died with the old channel, come back and
 are answered again (lifecycle takes only the first result of a command id).
 
 A message in a host's queue carrying ``"control"`` is not a command but a
-request to the worker (``cirrus-node simulate-fail``), answered on its reply_to.
+request to the worker (``cirrus-node simulate-fail``, ``simulate-change``),
+answered on its reply_to.
 """
 import argparse
 import collections
@@ -410,9 +411,10 @@ class NodeWorker:
         future.add_done_callback(lambda done: self.on_done(message, done))
 
     def on_control(self, agent, request, message):
-        """A control request in a host's queue (``cirrus-node simulate-fail``), done
-        here in the main thread, so it takes effect before any command queued
-        after it. Answered on its reply_to queue, if it gave one."""
+        """A control request in a host's queue (``cirrus-node simulate-fail``,
+        ``simulate-change``), done here in the main thread, so it takes effect
+        before any command queued after it. Answered on its reply_to queue, if it
+        gave one, after the vm.event a change made is published (flush)."""
         try:
             answer = {"ok": True, "host": agent.name, **control(agent.backend, request)}
             log.info("%s: %s", agent.name, answer["done"])
@@ -543,7 +545,31 @@ class NodeWorker:
 # ---------------------------------------------------------------- control requests
 
 CONTROL_KEY = "control"     # a message with this key in a host queue is not a command
-CONTROL_TIMEOUT = 10        # seconds simulate-fail waits for the simulator's answer
+CONTROL_TIMEOUT = 10        # seconds simulate-fail/-change wait for the worker's answer
+
+
+def control_fail(backend, request):
+    failures = getattr(backend, "failures", None)
+    if failures is None:
+        raise ValueError(f"the {type(backend).__name__} cannot script failures; "
+                         f"only simulated hosts can")
+    return failures.add(request.get("action"), request.get("count"), request.get("message"))
+
+
+def control_change(backend, request):
+    """Change a simulated domain behind the platform's back; the backend tells its
+    watcher, so the node publishes a vm.event as for libvirt's callback."""
+    change = getattr(backend, "change", None)
+    if change is None:
+        raise ValueError(f"the {type(backend).__name__} cannot change domains behind the "
+                         f"platform's back; only simulated hosts can")
+    vm_id = request.get("vm_id")
+    if isinstance(vm_id, bool) or not isinstance(vm_id, int) or vm_id < 0:
+        raise ValueError(f"vm_id: must be a VM id (a whole number), got {vm_id!r}")
+    return change(domain_name(vm_id), request.get("state"), request.get("reason"))
+
+
+CONTROLS = {"fail": control_fail, "change": control_change}
 
 
 def control(backend, request):
@@ -551,15 +577,10 @@ def control(backend, request):
     Bad requests raise ValueError naming the field."""
     if not isinstance(request, dict):
         raise ValueError(f"a control request must be an object, got {type(request).__name__}")
-    if request.get("what") != "fail":
+    if request.get("what") not in CONTROLS:
         raise ValueError(f"what: unknown control request {request.get('what')!r}; "
-                         f"expected 'fail'")
-    failures = getattr(backend, "failures", None)
-    if failures is None:
-        raise ValueError(f"the {type(backend).__name__} cannot script failures; "
-                         f"only simulated hosts can")
-    return {"done": failures.add(request.get("action"), request.get("count"),
-                                 request.get("message"))}
+                         f"expected one of {', '.join(map(repr, CONTROLS))}")
+    return {"done": CONTROLS[request["what"]](backend, request)}
 
 
 def send_control(amqp_uri, host, request, timeout=CONTROL_TIMEOUT):
@@ -588,11 +609,25 @@ def send_control(amqp_uri, host, request, timeout=CONTROL_TIMEOUT):
     return answers[0]
 
 
+def run_control(prog, host, request, timeout):
+    """Send a control request for a command line and print its answer; the exit status."""
+    try:
+        answer = send_control(config.get()["amqp"]["uri"], host, request, timeout)
+    except TimeoutError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    if not answer["ok"]:
+        print(f"{prog}: {host}: {answer['error']}", file=sys.stderr)
+        return 1
+    print(f"{answer['host']}: {answer['done']}")
+    return 0
+
+
 def simulate_fail_main(argv):
     """``cirrus-node simulate-fail``: script failures on a running simulated host."""
+    prog = "cirrus-node simulate-fail"
     parser = argparse.ArgumentParser(
-        prog="cirrus-node simulate-fail",
-        description="Make the next COUNT ACTION commands on a simulated host fail.")
+        prog=prog, description="Make the next COUNT ACTION commands on a simulated host fail.")
     parser.add_argument("--host", required=True, help="the simulated host, e.g. sim-0003")
     parser.add_argument("--action", required=True, choices=messages.DRIVER_ACTIONS)
     parser.add_argument("--count", type=int, default=1,
@@ -604,16 +639,32 @@ def simulate_fail_main(argv):
         parser.error(f"--count: must be 0 or more, got {args.count}")
     request = {"what": "fail", "action": args.action, "count": args.count,
                "message": args.message}
-    try:
-        answer = send_control(config.get()["amqp"]["uri"], args.host, request, args.timeout)
-    except TimeoutError as exc:
-        print(f"cirrus-node simulate-fail: {exc}", file=sys.stderr)
-        return 1
-    if not answer["ok"]:
-        print(f"cirrus-node simulate-fail: {args.host}: {answer['error']}", file=sys.stderr)
-        return 1
-    print(f"{answer['host']}: {answer['done']}")
-    return 0
+    return run_control(prog, args.host, request, args.timeout)
+
+
+def simulate_change_main(argv):
+    """``cirrus-node simulate-change``: change a simulated domain behind the platform's back."""
+    from services.drivers.simulated import CHANGES
+    prog = "cirrus-node simulate-change"
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Change a VM's domain on a simulated host behind the platform's "
+                               "back; the node reports it as a vm.event, as libvirt would.")
+    parser.add_argument("--host", required=True, help="the simulated host, e.g. sim-0003")
+    parser.add_argument("--vm", type=int, required=True, help="the VM id, e.g. 42")
+    parser.add_argument("--state", required=True, choices=CHANGES)
+    parser.add_argument("--reason", help="the event's reason (default: libvirt's, such as "
+                                         "STOPPED/DESTROYED)")
+    parser.add_argument("--timeout", type=float, default=CONTROL_TIMEOUT)
+    args = parser.parse_args(argv)
+    if args.vm < 0:
+        parser.error(f"--vm: must be a VM id (0 or more), got {args.vm}")
+    if args.reason is not None and not args.reason.strip():
+        parser.error("--reason: must not be empty")
+    request = {"what": "change", "vm_id": args.vm, "state": args.state, "reason": args.reason}
+    return run_control(prog, args.host, request, args.timeout)
+
+
+CONTROL_COMMANDS = {"simulate-fail": simulate_fail_main, "simulate-change": simulate_change_main}
 
 
 # ---------------------------------------------------------------- registering hosts
@@ -676,7 +727,9 @@ def make_backend(args, settings, host=None):
 def parse_args(argv, settings, host_timeout=None):
     parser = argparse.ArgumentParser(prog="cirrus-node", description=__doc__.split("\n")[0],
                                      epilog="cirrus-node simulate-fail --help: script failures "
-                                            "on a running simulated host")
+                                            "on a running simulated host; cirrus-node "
+                                            "simulate-change --help: change one of its "
+                                            "domains behind the platform's back")
     parser.add_argument("--host", help="the host name this node serves")
     parser.add_argument("--simulate", type=int, metavar="N",
                         help="serve N simulated hosts PREFIX-0001 .. PREFIX-N in this process")
@@ -756,8 +809,8 @@ SIM_JITTER = 0.1
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["simulate-fail"]:
-        return simulate_fail_main(argv[1:])
+    if argv[:1] and argv[0] in CONTROL_COMMANDS:
+        return CONTROL_COMMANDS[argv[0]](argv[1:])
     cfg = config.get()
     settings = cfg.get("drivers", {})
     args = parse_args(argv, settings, cfg.get("lifecycle", {}).get("host_timeout"))

@@ -1,7 +1,8 @@
 """``cirrus-node --simulate``: many simulated hosts in one process, on the real broker.
 
 Each host answers on its own queue; failures scripted at runtime for one host
-and one action hit exactly that many of its commands; a command the process
+and one action hit exactly that many of its commands; a domain changed behind
+the platform's back is reported as a vm.event, as libvirt's would be; a command the process
 dies on is done again when it comes back (late ack), as for one host."""
 import signal
 import subprocess
@@ -91,14 +92,18 @@ def test_scripted_failures_hit_the_next_deploys_of_one_host_only(start_simulator
     run_ok(bus, host(sim, 2), vm, "clone")
 
 
+def node_command(cirrus_env, *args):
+    return subprocess.run([sys.executable, "-m", "services.drivers.worker", *args],
+                          env=cirrus_env, capture_output=True, text=True, cwd=config.REPO_ROOT,
+                          timeout=60)
+
+
 def test_simulate_fail_command_line_and_its_bad_input(start_simulator, bus, cirrus_env):
     sim = start_simulator(2)
     bus.wait_for(lambda k, b: k == messages.HOST_MONITOR and b["host"] == host(sim, 2))
 
     def simulate_fail(*args):
-        return subprocess.run([sys.executable, "-m", "services.drivers.worker", "simulate-fail",
-                               *args], env=cirrus_env, capture_output=True, text=True,
-                              cwd=config.REPO_ROOT, timeout=60)
+        return node_command(cirrus_env, "simulate-fail", *args)
     done = simulate_fail("--host", host(sim, 1), "--action", "shutdown", "--count", "1")
     assert done.returncode == 0
     assert done.stdout.strip() == f"{host(sim, 1)}: the next shutdown fails"
@@ -119,6 +124,51 @@ def test_simulate_fail_command_line_and_its_bad_input(start_simulator, bus, cirr
     assert nobody.returncode == 1 and "no worker answered" in nobody.stderr
 
 
+def test_simulate_change_powers_a_domain_off_behind_the_platforms_back(start_simulator, bus,
+                                                                        cirrus_env):
+    sim = start_simulator(2)
+    bus.wait_for(lambda k, b: k == messages.HOST_MONITOR and b["host"] == host(sim, 2))
+    vm = a_vm()
+    run_ok(bus, host(sim, 2), vm, "deploy")
+
+    def vm_events():
+        return [(b["host"], b["deploy_id"], b["state"], b["reason"]) for k, b in bus.received
+                if k == messages.VM_EVENT and b["vm_id"] == vm["id"]]
+
+    def change(*args, on=host(sim, 2)):
+        return node_command(cirrus_env, "simulate-change", "--host", on, "--vm", str(vm["id"]),
+                            *args)
+    since = now_iso()
+    off = change("--state", "POWEROFF")
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.strip() == \
+        f"{host(sim, 2)}: cirrus-{vm['id']} RUNNING -> POWEROFF (STOPPED/DESTROYED)"
+    bus.wait_for(lambda k, b: k == messages.VM_EVENT and b["vm_id"] == vm["id"])
+    assert vm_events() == [(host(sim, 2), f"cirrus-{vm['id']}", "POWEROFF", "STOPPED/DESTROYED")]
+    # the host's next report, made early since its domain changed, says so too
+    assert vm_states(bus.monitor_after(host(sim, 2), since)) == {vm["id"]: "POWEROFF"}
+
+    # bad input: named, and nothing changes
+    unknown = change("--state", "EXPLODED")
+    assert unknown.returncode == 2 and "--state: invalid choice: 'EXPLODED'" in unknown.stderr
+    elsewhere = change("--state", "RUNNING", on=host(sim, 1))
+    assert elsewhere.returncode == 1
+    assert elsewhere.stderr.strip() == (f"cirrus-node simulate-change: {host(sim, 1)}: no domain "
+                                        f"cirrus-{vm['id']} on this host: VM {vm['id']} is not "
+                                        f"here")
+    again = change("--state", "POWEROFF")
+    assert again.returncode == 1 and f"cirrus-{vm['id']} is already POWEROFF" in again.stderr
+    nobody = change("--state", "RUNNING", "--timeout", "1", on=f"nobody-{uuid.uuid4().hex[:4]}")
+    assert nobody.returncode == 1 and "no worker answered" in nobody.stderr
+
+    on = change("--state", "RUNNING", "--reason", "started by hand")
+    assert on.returncode == 0, on.stderr
+    bus.wait_for(lambda k, b: k == messages.VM_EVENT and b["vm_id"] == vm["id"]
+                 and b["state"] == "RUNNING")
+    assert vm_events() == [(host(sim, 2), f"cirrus-{vm['id']}", "POWEROFF", "STOPPED/DESTROYED"),
+                           (host(sim, 2), f"cirrus-{vm['id']}", "RUNNING", "started by hand")]
+
+
 def test_a_control_request_a_real_host_cannot_do_is_refused(start_node, bus, amqp_uri):
     node = start_node(f"node-{uuid.uuid4().hex[:6]}")
     bus.wait_for(lambda k, b: k == messages.HOST_MONITOR and b["host"] == node.host)
@@ -127,7 +177,11 @@ def test_a_control_request_a_real_host_cannot_do_is_refused(start_node, bus, amq
                       "error": "the LibvirtBackend cannot script failures; only simulated "
                                "hosts can"}
     assert send_control(amqp_uri, node.host, {"what": "reboot"})["error"] == \
-        "what: unknown control request 'reboot'; expected 'fail'"
+        "what: unknown control request 'reboot'; expected one of 'fail', 'change'"
+    assert send_control(amqp_uri, node.host, {"what": "change", "vm_id": 1, "state": "GONE"}) \
+        == {"ok": False, "host": node.host,
+            "error": "the LibvirtBackend cannot change domains behind the platform's back; "
+                     "only simulated hosts can"}
 
 
 def test_a_command_the_simulator_dies_on_is_done_after_a_restart(start_simulator, bus):
@@ -155,7 +209,5 @@ def test_a_command_the_simulator_dies_on_is_done_after_a_restart(start_simulator
     (["--simulate", "3", "--monitor-interval", "20"], "lifecycle.host_timeout"),
 ])
 def test_bad_simulator_arguments_are_named(args, named, cirrus_env):
-    done = subprocess.run([sys.executable, "-m", "services.drivers.worker", *args],
-                          env=cirrus_env, capture_output=True, text=True, cwd=config.REPO_ROOT,
-                          timeout=60)
+    done = node_command(cirrus_env, *args)
     assert done.returncode == 2 and named in done.stderr, done.stderr

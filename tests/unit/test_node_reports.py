@@ -1,15 +1,18 @@
 """When hosts report (the spread of many simulated hosts' reports), when a change
 is big enough to report early, failures scripted per host, and what a host
-report says about its network and datastore."""
+report says about its network and datastore, and domains changed behind the
+platform's back as libvirt would report them."""
 import os
 import random
 
+import libvirt
 import pytest
 
-from services.drivers import reports
-from services.drivers.libvirt_backend import datastore_space, parse_net_dev
+from services.drivers import backend, reports
+from services.drivers.libvirt_backend import datastore_space, event_state, parse_net_dev
 from services.drivers.reports import ReportSchedule, significant_change
-from services.drivers.simulated import FailureScript, SimulatedBackend, SimulatedFailure
+from services.drivers.simulated import (CHANGES, FailureScript, SimulatedBackend,
+                                       SimulatedFailure, libvirt_reason)
 from services.drivers.worker import control, simulated_hosts
 
 
@@ -126,10 +129,81 @@ def test_a_simulated_host_fails_its_scripted_actions_then_recovers():
     with pytest.raises(SimulatedFailure, match="scripted"):
         sim.deploy(vm)
     assert sim.deploy(vm) == "cirrus-7"
-    with pytest.raises(ValueError, match="what: unknown control request"):
+    with pytest.raises(ValueError, match="what: unknown control request 'explode'; expected "
+                                         "one of 'fail', 'change'"):
         control(sim, {"what": "explode"})
     with pytest.raises(ValueError, match="must be an object"):
         control(sim, ["fail"])
+
+
+def watched_host(*vm_ids):
+    """A simulated host running ``vm_ids``, and the list its watcher hears into."""
+    sim, heard = SimulatedBackend(), []
+    sim.watch(lambda *event: heard.append(event))
+    for vm_id in vm_ids:
+        sim.deploy({"id": vm_id, "memory": 64, "cpu": 1, "template": {}})
+    return sim, heard
+
+
+def domain_states(sim):
+    return {vm["DEPLOY_ID"]: vm["STATE"] for vm in sim.monitor()["VMS"]}
+
+
+def test_a_domain_changed_behind_the_platforms_back_is_heard_as_from_libvirt():
+    sim, heard = watched_host(7, 8)
+
+    def change(state, reason=None):
+        return control(sim, {"what": "change", "vm_id": 7, "state": state, "reason": reason})
+    assert change("POWEROFF") == {"done": "cirrus-7 RUNNING -> POWEROFF (STOPPED/DESTROYED)"}
+    assert domain_states(sim) == {"cirrus-7": "POWEROFF", "cirrus-8": "RUNNING"}
+    change("RUNNING")
+    change("PAUSED", "the operator paused it")
+    change("RUNNING")
+    assert domain_states(sim)["cirrus-7"] == "RUNNING"
+    change("GONE")
+    assert domain_states(sim) == {"cirrus-8": "RUNNING"}
+    assert heard == [("cirrus-7", "POWEROFF", "STOPPED/DESTROYED"),
+                     ("cirrus-7", "RUNNING", "STARTED/BOOTED"),
+                     ("cirrus-7", "PAUSED", "the operator paused it"),
+                     ("cirrus-7", "RUNNING", "RESUMED/UNPAUSED"),
+                     ("cirrus-7", "GONE", "UNDEFINED/REMOVED")]
+
+
+@pytest.mark.parametrize("request_, named", [
+    ({"vm_id": 7, "state": "EXPLODED"}, "state: must be one of RUNNING, PAUSED, POWEROFF, GONE, "
+                                        "got 'EXPLODED'"),
+    ({"vm_id": 9, "state": "POWEROFF"}, "no domain cirrus-9 on this host: VM 9 is not here"),
+    ({"vm_id": "7", "state": "POWEROFF"}, "vm_id: must be a VM id"),
+    ({"state": "POWEROFF"}, "vm_id: must be a VM id"),
+    ({"vm_id": 7, "state": "RUNNING"}, "cirrus-7 is already RUNNING"),
+    ({"vm_id": 8, "state": "PAUSED"}, "cirrus-8 is POWEROFF: only a running domain can be paused"),
+    ({"vm_id": 7, "state": "GONE", "reason": " "}, "reason: must be a non-empty string"),
+])
+def test_a_bad_change_is_refused_and_changes_nothing(request_, named):
+    sim, heard = watched_host(7, 8)
+    sim.change("cirrus-8", "POWEROFF")
+    heard.clear()
+    before = domain_states(sim)
+    with pytest.raises(ValueError, match=named):
+        control(sim, {"what": "change", **request_})
+    assert domain_states(sim) == before and heard == []
+
+
+def test_only_a_simulated_host_changes_domains_behind_the_platforms_back():
+    class RealHost:
+        pass
+    with pytest.raises(ValueError, match="the RealHost cannot change domains behind the "
+                                         "platform's back; only simulated hosts can"):
+        control(RealHost(), {"what": "change", "vm_id": 7, "state": "POWEROFF"})
+
+
+@pytest.mark.parametrize("before", [backend.RUNNING, backend.PAUSED, backend.POWEROFF])
+@pytest.mark.parametrize("after", CHANGES)
+def test_the_reason_of_a_change_is_the_libvirt_event_that_means_that_state(before, after):
+    event, detail = libvirt_reason(before, after).split("/")
+    assert event_state(getattr(libvirt, f"VIR_DOMAIN_EVENT_{event}"),
+                       getattr(libvirt, f"VIR_DOMAIN_EVENT_{event}_{detail}")) == \
+        (after, f"{event}/{detail}")
 
 
 def test_simulated_host_names():
