@@ -640,8 +640,12 @@ def handle_results(session, results):
     vms = lock_records(session, {result["vm_id"] for result in results})
     # in the session's identity map for driver_command: host names, the VMs' devices
     held = session.scalars(select(VmDevices).where(VmDevices.vm_id.in_(sorted(vms)))).all()
+    # locked in id order (as deploy_many locks them): a VM leaving its host
+    # changes the host's usage, and results for VMs of several hosts must not
+    # take those locks in an order that makes a cycle with another batch
     hosts = session.scalars(select(Host).where(Host.id.in_(
-        {h for vm in vms.values() for h in (vm.host_id, vm.target_host_id) if h}))).all()
+        {h for vm in vms.values() for h in (vm.host_id, vm.target_host_id) if h}))
+        .order_by(Host.id).with_for_update(key_share=True)).all()
     steps, moved = [], {}
     for result in results:
         vm = vms.get(result["vm_id"])

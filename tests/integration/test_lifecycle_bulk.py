@@ -175,3 +175,50 @@ def test_bad_placements_are_named_and_change_nothing(factory, admin_id, placemen
     with factory() as s:
         assert s.get(VirtualMachine, vm_id).state == "PENDING"
         assert usage(s, host) == (0, 0, 0)
+
+
+def to_epilog(factory, vm_id):
+    """Answer a placed VM's driver commands until it is RUNNING, then
+    terminate it and answer the shutdown: it waits in EPILOG for its delete."""
+    for info in ({"vm_dir": "/d"}, {"deploy_id": f"cirrus-{vm_id}"}):
+        with factory() as s, s.begin():
+            logic.handle_results(s, [messages.result(in_flight(s, vm_id), True, info)])
+    with factory() as s, s.begin():
+        logic.vm_action(s, vm_id, "terminate")
+    with factory() as s, s.begin():
+        logic.handle_results(s, [messages.result(in_flight(s, vm_id), True)])
+        assert s.get(VirtualMachine, vm_id).lcm_state == "EPILOG"
+
+
+def test_result_batches_freeing_several_hosts_at_once_do_not_deadlock(factory, admin_id):
+    """Two batches of results each free a VM on both hosts, listed in opposite
+    orders, while a deploy batch reserves on both: all three commit."""
+    hosts = [make_host(factory), make_host(factory)]
+    ids = make_vms(factory, admin_id, 6, name="free")
+    with factory() as s, s.begin():
+        logic.deploy_many(s, [[vm_id, hosts[i % 2]] for i, vm_id in enumerate(ids[:4])])
+    for vm_id in ids[:4]:
+        to_epilog(factory, vm_id)
+    with factory() as s:
+        deletes = [messages.result(in_flight(s, vm_id), True) for vm_id in ids[:4]]
+    errors, barrier = [], threading.Barrier(3)
+
+    def run(work):
+        try:
+            with factory() as s, s.begin():
+                barrier.wait()
+                work(s)
+        except Exception as exc:   # reported in the test's thread
+            errors.append(exc)
+
+    works = [lambda s: logic.handle_results(s, [deletes[1], deletes[0]]),     # host b, then a
+             lambda s: logic.handle_results(s, [deletes[2], deletes[3]]),     # host a, then b
+             lambda s: logic.deploy_many(s, [[ids[4], hosts[1]], [ids[5], hosts[0]]])]
+    threads = [threading.Thread(target=run, args=(work,)) for work in works]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert not errors
+    with factory() as s:
+        assert [s.get(VirtualMachine, v).state for v in ids[:4]] == ["DONE"] * 4
+        for host in hosts:
+            assert usage(s, host) == (100, 1024, 1)
