@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from nameko.exceptions import RemoteError
 
-from cirrus import messages
-from tests.broker import FakeNodeTransport, rpc_proxy
+from services.drivers.worker import send_control
+from tests.broker import rpc_proxy
 from tests.procs import Proc, start_services, wait_until
 from tests.scheduling import quiet_database, scheduler_env
 
@@ -176,12 +176,15 @@ def test_poweroff_behind_its_back_is_a_warning_and_running_again_recovers(flow, 
     sid = flow.instantiate(made["id"], 1)["id"]
     wait_state(flow, sid, "RUNNING")
     [vm_id] = vm_ids(flow, sid, "web")
-    node = FakeNodeTransport(amqp_uri, HOST)
-    node.publish(messages.VM_EVENT, {"host": HOST, "vm_id": vm_id, "state": "POWEROFF"})
+
+    def change(state):      # `cirrus-node simulate-change` on the simulated node
+        answer = send_control(amqp_uri, HOST, {"what": "change", "vm_id": vm_id, "state": state})
+        assert answer["ok"], answer
+    change("POWEROFF")
     service = wait_state(flow, sid, "WARNING")
     assert roles_of(flow, sid)["web"]["state"] == "WARNING"
     assert f"VM {vm_id} POWEROFF" in roles_of(flow, sid)["web"]["message"]
-    node.publish(messages.VM_EVENT, {"host": HOST, "vm_id": vm_id, "state": "RUNNING"})
+    change("RUNNING")
     wait_state(flow, sid, "RUNNING")
     assert any("POWEROFF" in entry["message"] for entry in service["log"])
     flow.undeploy(sid)
