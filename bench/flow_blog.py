@@ -6,18 +6,19 @@ OpenNebula 5.12's OneFlow rewrite (events instead of polling) brought a
 2-role straight service from instantiate to RUNNING in 11 s, a role's scale
 from 1 to 2 VMs in 5 s, and noticed a VM powered off behind its back in 1 s.
 This bench starts a cluster of its own (fresh database and RabbitMQ vhost)
-(bench/cluster.py) whose hosts are simulated (0 s per action) by this very
-process, with the same NodeWorker as `cirrus-node --simulate`: the bench is
-their hypervisor, so it can power a domain off behind the platform's back
-(SimulatedBackend.change, what a guest's own power-off or an operator's
-virsh destroy looks like to the node; `cirrus-node simulate-fail` has no
-such control yet). Everything goes through the SDK and gRPC; times run
+(bench/cluster.py) whose hosts are simulated (0 s per action) by one
+`cirrus-node --simulate` process, as in the other benches; it powers a domain
+off behind the platform's back with that node's control, `cirrus-node
+simulate-change` (what a guest's own power-off or an operator's virsh destroy
+looks like to the node). Everything goes through the SDK and gRPC; times run
 from the call until the change shows on a Watch stream. `tries` times each:
 - deploy: a 2-role straight service (master, then slave), instantiate -> RUNNING;
 - scale: a role from 1 to 2 VMs (cooldown 0, so excluded), until RUNNING with
   2 VMs; and back to 1;
 - warning: a VM's domain powered off behind the platform's back, until the
-  service shows WARNING; the domain running again, until RUNNING.
+  service shows WARNING; the domain running again, until RUNNING. Timed
+  from the node's vm.event (its "at"), which this bench also consumes, so
+  the control request's own trip to the node is not counted.
 The deploy is timed twice: through the API (the request manager makes a
 provisioning request of it, runs its approval process, then asks flow), and
 through flow's own RPC. Then `big-tries` times a straight chain of `chain` roles, and a service of
@@ -36,6 +37,7 @@ does, until all RUNNING. The last line printed is one JSON object.
 import argparse
 import json
 import signal
+import socket
 import statistics
 import sys
 import threading
@@ -58,14 +60,14 @@ ALLOCATE_WINDOW = 50
 
 
 class FlowBenchCluster(cluster.BenchCluster):
-    """A bench cluster (bench/cluster.py) with the services and the gateway as
-    processes, and HOSTS simulated hosts served by this process."""
+    """A bench cluster (bench/cluster.py) with the services, the gateway and
+    one `cirrus-node --simulate HOSTS` as processes."""
 
     def __init__(self, port=50153):
         super().__init__(flow_default_cooldown=0, gateway_port=port)
         self.address = f"127.0.0.1:{port}"
-        self.backends = {}
-        self.worker = None
+        from services.drivers.worker import simulated_hosts
+        self.hosts = simulated_hosts(HOSTS, PREFIX)
 
     def __enter__(self):
         super().__enter__()
@@ -73,30 +75,67 @@ class FlowBenchCluster(cluster.BenchCluster):
             for name in ("lifecycle", "scheduler", "flow", "requests"):
                 self.service(name)
             self.start("gateway", ["cirrus-gateway"], "gateway listening on")
-            self.serve_hosts()
+            self.start("node", ["cirrus-node", "--simulate", str(HOSTS), "--prefix", PREFIX,
+                                "--register", "--monitor-interval", "5"], "hosts registered")
         except BaseException:
             self.__exit__(*sys.exc_info())      # no process is left behind
             raise
         return self
 
-    def serve_hosts(self):
-        """HOSTS simulated hosts in this process, registered in lifecycle."""
-        from services.drivers.simulated import SimulatedBackend
-        from services.drivers.worker import NodeWorker, register_hosts, simulated_hosts
-        # imported before the worker's thread starts: eventlet's patcher is not
-        # safe to import from two threads at once
-        import nameko.standalone.rpc  # noqa: F401
-        names = simulated_hosts(HOSTS, PREFIX)
-        self.backends = {name: SimulatedBackend(delay=0.0) for name in names}
-        self.worker = NodeWorker(self.backends, self.amqp_uri, threads=64, monitor_interval=5,
-                                 prefetch=16, name=f"{PREFIX}x{HOSTS}")
-        threading.Thread(target=self.worker.run, name="simulator", daemon=True).start()
-        register_hosts(self.amqp_uri, names, self.worker)
 
-    def __exit__(self, *exc):
-        if self.worker is not None:
-            self.worker.stop()
-        return super().__exit__(*exc)
+def perf_counter_of(wall):
+    """The perf_counter reading of a time.time() ``wall`` (both clocks of this machine)."""
+    return time.perf_counter() - (time.time() - wall)
+
+
+class NodeEvents:
+    """The nodes' vm.events, as lifecycle gets them: {(VM id, state): [when the
+    node made each, as perf_counter]}, from the event's own "at"."""
+
+    def __init__(self, amqp_uri):
+        from kombu import Connection, Consumer, Queue, binding
+        from cirrus import messages
+        self.made = {}
+        self.lost = None        # what stopped the consumer, if anything did
+        self.changed = threading.Condition()
+        self.conn = Connection(amqp_uri)
+        events = messages.event_exchange(messages.NODE)
+        queue = Queue(f"bench-vm-events-{time.monotonic_ns()}", exclusive=True,
+                      bindings=[binding(events, routing_key=messages.VM_EVENT)])
+        self.consumer = Consumer(self.conn.channel(), queues=[queue], callbacks=[self._got],
+                                 accept=["json"])
+        self.consumer.consume()     # bound before any change is made
+        threading.Thread(target=self._drain, name="vm-events", daemon=True).start()
+
+    def _got(self, body, message):
+        at = perf_counter_of(datetime.fromisoformat(body["at"]).timestamp())
+        with self.changed:
+            self.made.setdefault((body["vm_id"], body["state"]), []).append(at)
+            self.changed.notify_all()
+        message.ack()
+
+    def _drain(self):
+        while True:
+            try:
+                self.conn.drain_events(timeout=1)
+            except socket.timeout:
+                pass
+            except Exception as exc:    # e.g. the bench's vhost deleted at the end of the run
+                self.lost = exc
+                return
+
+    def count(self, vm_id, state):
+        with self.changed:
+            return len(self.made.get((vm_id, state), ()))
+
+    def made_at(self, vm_id, state, count, timeout=30):
+        """When the node made its ``count``-th vm.event of ``vm_id`` in ``state``."""
+        with self.changed:
+            if not self.changed.wait_for(
+                    lambda: len(self.made.get((vm_id, state), ())) >= count, timeout):
+                raise SystemExit(f"no vm.event of VM {vm_id} {state} within {timeout} s"
+                                 + (f" (the consumer stopped: {self.lost})" if self.lost else ""))
+            return self.made[(vm_id, state)][count - 1]
 
 
 class Timeline:
@@ -158,8 +197,8 @@ class Timeline:
                     raise
             service = self.client.get_flow(service_id)
             if service["state"] == state:
-                changed = datetime.fromisoformat(service["updated_at"]).timestamp()
-                return time.perf_counter() - (time.time() - changed)
+                return perf_counter_of(
+                    datetime.fromisoformat(service["updated_at"]).timestamp())
 
     def vm(self, since, ids, status, timeout=300):
         """perf_counter when the last of ``ids`` showed ``status`` after ``since``."""
@@ -201,9 +240,10 @@ class Bench:
         self.client = Client(bench_cluster.address, token=login["token"], timeout=300)
         self.cluster = bench_cluster
         while sum(h["state"] == "MONITORED" for h in self.client.list_hosts()
-                  if h["name"] in bench_cluster.backends) < len(bench_cluster.backends):
+                  if h["name"] in bench_cluster.hosts) < len(bench_cluster.hosts):
             time.sleep(0.2)
         self.timeline = Timeline(self.client)
+        self.node_events = NodeEvents(bench_cluster.amqp_uri)
 
     def template(self, name, roles, **more):
         body = {"name": name, "deployment": "straight", "roles": roles, **more}
@@ -317,23 +357,30 @@ class Bench:
         return up, down
 
     def warning(self, tries):
-        """(warning, vm_poweroff, recovered): seconds from a domain's power-off
-        behind the platform's back until the service shows WARNING, until its VM
-        shows POWEROFF, and from the domain running again until RUNNING."""
-        from services.drivers import backend
+        """(warning, vm_poweroff, recovered): seconds from the node's vm.event of a
+        domain powered off behind the platform's back (`cirrus-node
+        simulate-change`) until the service shows WARNING, until its VM shows
+        POWEROFF, and from the vm.event of the domain running again until RUNNING."""
+        from services.drivers.worker import send_control
         template_id = self.template("blog-warning", [role("db"), role("web", ["db"])])
         service_id, _ = self.instantiate_running(template_id)
         vm_id = nodes_of(self.client.get_flow(service_id), "web")[0]["vm_id"]
-        host = self.cluster.backends[self.client.get_vm(vm_id)["host"]]
-        domain = backend.domain_name(vm_id)
+        host = self.client.get_vm(vm_id)["host"]
+
+        def change(state):
+            """The domain changed on its node; when the node's vm.event says it did."""
+            seen = self.node_events.count(vm_id, state)
+            answer = send_control(self.cluster.amqp_uri, host,
+                                  {"what": "change", "vm_id": vm_id, "state": state})
+            if not answer["ok"]:
+                raise SystemExit(f"simulate-change on {host}: {answer['error']}")
+            return self.node_events.made_at(vm_id, state, seen + 1)
         warn, poweroff, recovered = [], [], []
         for _ in range(tries):
-            began = time.perf_counter()
-            host.change(domain, backend.POWEROFF, "powered off behind the platform's back")
+            began = change("POWEROFF")
             warn.append(self.timeline.state(service_id, began, "WARNING") - began)
             poweroff.append(self.timeline.vm(began, [vm_id], "POWEROFF") - began)
-            began = time.perf_counter()
-            host.change(domain, backend.RUNNING, "started again behind the platform's back")
+            began = change("RUNNING")
             recovered.append(self.timeline.state(service_id, began, "RUNNING") - began)
         self.delete_done(service_id)
         return warn, poweroff, recovered
@@ -412,7 +459,8 @@ def main():
           f" ms, p90 {figures['scale_up_p90_ms']} ms (goal < {GOAL_MS['scale']} ms; OpenNebula "
           f"5.12: {OPENNEBULA_MS['scale']} ms); floor: 1 plain VM {ms(vm_p50)} ms; "
           f"2 -> 1: p50 {figures['scale_down_p50_ms']} ms")
-    print(f"warning after a power-off behind its back: p50 {figures['warning_p50_ms']} ms, "
+    print(f"warning after a power-off behind its back (from the node's vm.event): p50 "
+          f"{figures['warning_p50_ms']} ms, "
           f"p90 {figures['warning_p90_ms']} ms (goal < {GOAL_MS['warning']} ms; OpenNebula 5.12: "
           f"{OPENNEBULA_MS['warning']} ms); floor: the VM's POWEROFF on Watch "
           f"{figures['floor_vm_poweroff_seen_p50_ms']} ms; RUNNING again after "
