@@ -287,8 +287,11 @@ class FlowTemplate(Base):
 
 class FlowService(Base):
     """A service made from a template. ``body`` is the template as it was at
-    instantiate; ``custom_attrs`` and ``networks`` the values given then."""
+    instantiate; ``custom_attrs`` and ``networks`` the values given then.
+    ``request_id``: the caller's, so an instantiate repeated after a crash
+    finds the service the first one made."""
     __tablename__ = "flow_services"
+    __table_args__ = (UniqueConstraint("owner_id", "request_id"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
@@ -302,6 +305,7 @@ class FlowService(Base):
     # recover --delete: its VMs are dropped wherever they are, not shut down
     deleting: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    request_id: Mapped[str] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
@@ -402,7 +406,8 @@ class QuotaCharge(Base):
     ``resource_id``: the VM (kind vm) or image (kind image) it became."""
     __tablename__ = "quota_charges"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(8))                # vm | image
+    # vm | image | service (a service's VMs held from its request until flow makes them)
+    kind: Mapped[str] = mapped_column(String(8))
     request_id: Mapped[int] = mapped_column(
         ForeignKey("provision_requests.id", ondelete="SET NULL"), nullable=True, index=True)
     resource_id: Mapped[int] = mapped_column(Integer, nullable=True)

@@ -18,17 +18,18 @@ import logging
 from datetime import timedelta
 
 from nameko.exceptions import RemoteError
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
 
 from cirrus import config, errors, messages, outbox
 from cirrus.db.models import (FlowLog, FlowNode, FlowRole, FlowService, FlowTemplate, User,
                               VirtualMachine, utcnow)
-from cirrus.errors import FailedPrecondition, InvalidArgument, NotFound
+from cirrus.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from cirrus.states import TRANSIENT as VM_TRANSIENT
 from cirrus.states import status as vm_status
 from cirrus.template import vm_resources
 from services.flow import elasticity, states, templates
 from services.flow.states import FlowTransitionError, allows, next_state, service_action
+from services.requests import quotas
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,19 @@ def list_templates(session, owner_id=None):
 # ---------------------------------------------------------------- services
 
 def instantiate(session, lifecycle, template_id, owner_id, name=None, custom_attrs=None,
-                networks=None):
-    """Write a new service (PENDING) and its roles; ``reconcile`` deploys it."""
+                networks=None, request_id=None, reservation=None):
+    """Write a new service (PENDING) and its roles; ``reconcile`` deploys it.
+    A ``request_id`` the owner used before returns the service it made.
+    ``reservation``: the quota charge its provisioning request holds for its
+    VMs, which they are then charged out of."""
+    if request_id:
+        # concurrent instantiates of one request id wait here for the first
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                        {"key": f"flow-instantiate:{owner_id}:{request_id}"})
+        existing = session.scalar(select(FlowService).where(
+            FlowService.owner_id == owner_id, FlowService.request_id == request_id))
+        if existing is not None:
+            return existing
     template = get_template(session, template_id)
     body = checked_body(lifecycle, template.body)
     values = templates.custom_attr_values(body, custom_attrs)
@@ -173,9 +185,12 @@ def instantiate(session, lifecycle, template_id, owner_id, name=None, custom_att
         raise NotFound(f"user {owner_id} does not exist")
     service = FlowService(name=(name or body["name"]).strip(), owner_id=owner_id,
                           template_id=template.id, body=body, state="PENDING",
-                          custom_attrs=values, networks=nets, message="", seq=0)
+                          custom_attrs=values, networks=nets, message="", seq=0,
+                          request_id=request_id or None)
     session.add(service)
     session.flush()
+    if reservation is not None:
+        quotas.attach(session, reservation, service.id)
     for position, role in enumerate(body["roles"]):
         session.add(FlowRole(service_id=service.id, name=role["name"], position=position,
                              body=role, state="PENDING",
@@ -301,6 +316,10 @@ class Pass:
         add_log(self.session, service, "I", f"{service.state} -> {target}")
         log.info("service %s: %s -> %s (%s)", service.id, service.state, target, action)
         service.state = target
+        if target in ("RUNNING", "DONE"):
+            # every VM it started with is made (or never will be): the rest of
+            # what its request held for them goes back
+            quotas.release_resource(self.session, "service", service.id)
         if target in ("RUNNING", "DEPLOYING", "SCALING", "UNDEPLOYING", "COOLDOWN"):
             service.message = ""
         self.changed = True
@@ -327,6 +346,9 @@ class Pass:
                 current = vm_status(vm.state, vm.lcm_state) if vm else "DONE"
                 if current == "DONE":
                     self.session.delete(node)
+                    # requests releases it on vm.state too; this catches a VM
+                    # that ended before its charge was committed (once either way)
+                    quotas.release_resource(self.session, "vm", node.vm_id)
                     if not node.disposing:
                         role.cardinality = max(0, role.cardinality - 1)
                         add_log(self.session, self.service, "W",
@@ -360,6 +382,13 @@ class Pass:
             resources = vm_resources(template)
         except (InvalidArgument, NotFound) as exc:
             return f"role {role.name}: its VM template cannot be used: {exc}"
+        need = quotas.need_of(vms=1, cpu=resources["vcpu"], memory=resources["memory"])
+        try:
+            with self.session.begin_nested():   # a refusal undoes only the charge
+                scopes = quotas.charge_service_vms(self.session, self.service.owner_id,
+                                                   self.service.id, need, count)
+        except ResourceExhausted as exc:
+            return f"role {role.name}: RESOURCE_EXHAUSTED: {exc}"
         requests = []
         for _ in range(count):
             role.vm_count += 1
@@ -369,7 +398,7 @@ class Pass:
                 memory=resources["memory"], template=template, hold=hold,
                 request_id=f"flow-{self.service.id}-{role.id}-{role.vm_count}"))
         self.acted = True
-        problem = None
+        problem, made = None, []
         for answer in self.lifecycle.allocate_many(requests):
             if isinstance(answer, Exception):
                 problem = f"role {role.name}: a VM could not be made: {answer}"
@@ -378,6 +407,8 @@ class Pass:
                             status=answer["status"], ready=False, disposing=False)
             self.session.add(node)
             self.nodes[role.id].append(node)
+            made.append(answer["id"])
+        quotas.service_vms_made(self.session, scopes, need, made, failed=count - len(made))
         return problem
 
     def shutdown_action(self, role):
@@ -709,6 +740,10 @@ class Pass:
         service = self.service
         for _ in range(4):
             action = service_action(service.state, [r.state for r in self.roles])
+            if action == "scale_failure" and allows("service", service.state, "scale"):
+                # a role failed in the pass its scale began (a quota refused its
+                # VMs): the service scales first, then fails with it
+                action = "scale"
             if action is None or not allows("service", service.state, action):
                 break
             self.move_service(action)

@@ -117,10 +117,13 @@ class FlowService:
     # -------------------------------------------------------------- services
 
     @api
-    def instantiate(self, template_id, owner_id, name=None, custom_attrs=None, networks=None):
+    def instantiate(self, template_id, owner_id, name=None, custom_attrs=None, networks=None,
+                    request_id=None, reservation=None):
+        """A new service; a ``request_id`` the owner used before (an
+        instantiate repeated after a crash) returns the service it made."""
         with self.relay.transaction() as session:
             service = engine.instantiate(session, self.lifecycle, template_id, owner_id, name,
-                                         custom_attrs, networks)
+                                         custom_attrs, networks, request_id, reservation)
         self.reconcile(service.id)
         return self.get_service(service.id)
 

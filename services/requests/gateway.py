@@ -729,6 +729,10 @@ class SessionServicer(Servicer, session_pb2_grpc.SessionServiceServicer):
             credentials = call.credentials
         return fill(session_pb2.LoginResponse(), call.invoke("login", credentials))
 
+    def Logout(self, request, context):
+        self.call(context, "Logout")("logout")
+        return session_pb2.LogoutResponse()
+
 
 # (issue 5) datastores, images and virtual networks
 
@@ -1045,9 +1049,12 @@ class RequestServicer(Servicer, request_pb2_grpc.RequestServiceServicer):
         return request_message(call("submit_vm", spec))
 
     def SubmitFlow(self, request, context):
-        return request_message(self.call(context, "SubmitFlow")(
+        call = self.call(context, "SubmitFlow")
+        # the x-request-id names the request: a retried call finds it (and its service)
+        return request_message(call(
             "submit_flow", request.template_id, name=optional(request, "name"),
-            custom_attrs=dict(request.custom_attrs), networks=dict(request.networks)))
+            custom_attrs=dict(request.custom_attrs), networks=dict(request.networks),
+            request_id=call.request_id))
 
     def List(self, request, context):
         found = self.call(context, "List")(

@@ -109,8 +109,9 @@ def submit(session, user, kind, spec, data, need=None, client_request_id=None):
     session.add(req)
     session.flush()
     if need is not None:
-        quotas.charge(session, "vm", quotas.scopes_of(session, user["id"]), need,
-                      request_id=req.id)
+        # a service's VMs are held as one charge until flow makes them
+        quotas.charge(session, "service" if kind == "flow" else "vm",
+                      quotas.scopes_of(session, user["id"]), need, request_id=req.id)
     audit.record(session, user, "request.submitted", "request", req.id, kind=kind,
                  process_version=version.id, vcpu=data.get("vcpu"), memory=data.get("memory"))
     advance(session, req, workflow)

@@ -6,7 +6,8 @@ quota row: ``used + need <= limit`` is checked by the database as it adds, so
 two requests at once cannot both slip under a limit; the loser's transaction
 rolls back what it had charged. A ``quota_charges`` row remembers what was
 charged where, so a release (a rejection, a failed provisioning, the VM
-reaching DONE, the image deleted) gives back exactly that, once.
+reaching DONE, the image deleted) gives back exactly that, once. A service's
+VMs are charged one by one as flow makes them, out of what its request held.
 """
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -90,6 +91,18 @@ def charge(session, kind, scopes, need, request_id=None, resource_id=None):
     """Count ``need`` against every quota of ``scopes`` or refuse with
     RESOURCE_EXHAUSTED naming the quota and by how much; returns the
     QuotaCharge row (in ``session``'s transaction)."""
+    _take(session, scopes, need)
+    row = QuotaCharge(kind=kind, request_id=request_id, resource_id=resource_id,
+                      scopes=scopes, **need)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _take(session, scopes, need):
+    """Add ``need`` to the counters of ``scopes``, each only if it fits
+    (RESOURCE_EXHAUSTED otherwise; the caller's transaction, or savepoint,
+    drops what was added before the refusal)."""
     _ensure_rows(session, scopes)
     for scope, subject_id in scopes:
         fits = [or_(_quotas.c[r].is_(None), _quotas.c[f"{r}_used"] + need[r] <= _quotas.c[r])
@@ -107,15 +120,66 @@ def charge(session, kind, scopes, need, request_id=None, resource_id=None):
                              {r: row._mapping[f"{r}_used"] for r in RESOURCES}, need)
             label = label_of(session, scope, subject_id)
             raise ResourceExhausted("; ".join(overrun_message(label, o) for o in found))
-    row = QuotaCharge(kind=kind, request_id=request_id, resource_id=resource_id,
-                      scopes=scopes, **need)
-    session.add(row)
-    session.flush()
-    return row
+
+
+def _give(session, scopes, need):
+    """Take ``need`` off the counters of ``scopes`` (never below 0)."""
+    if not any(need.get(r) for r in RESOURCES):
+        return
+    for scope, subject_id in scopes:
+        session.execute(
+            update(_quotas).where(_quotas.c.scope == scope, _quotas.c.subject_id == subject_id)
+            .values({f"{r}_used": func.greatest(_quotas.c[f"{r}_used"] - need[r], 0)
+                     for r in RESOURCES if need.get(r)}))
+
+
+def times(need, count):
+    return {r: need.get(r, 0) * count for r in RESOURCES}
+
+
+# A service's VMs (OneFlow): its request holds a "service" charge for the VMs it
+# starts with, attached to the service once flow made it. Flow charges each VM
+# as it makes it (kind vm, like any VM, so DONE releases it): taken out of that
+# reservation while it lasts (the counters do not move), then against the
+# quotas themselves (a scale up). The remainder of a reservation is released
+# when the service first runs, or ends.
+
+def charge_service_vms(session, owner_id, service_id, need, count):
+    """Count ``count`` VMs of ``need`` each for the service: from its
+    reservation first, the rest against the owner's quotas (RESOURCE_EXHAUSTED
+    if they do not fit; the caller runs this in a savepoint). Returns the
+    scopes charged, for service_vms_made."""
+    held = session.scalar(select(QuotaCharge).where(
+        QuotaCharge.kind == "service", QuotaCharge.resource_id == service_id,
+        QuotaCharge.released_at.is_(None)).with_for_update())
+    covered = 0
+    if held is not None:
+        covered = min([count] + [getattr(held, r) // need[r] for r in RESOURCES if need.get(r)])
+        for resource, amount in times(need, covered).items():
+            setattr(held, resource, getattr(held, resource) - amount)
+    scopes = held.scopes if held is not None else scopes_of(session, owner_id)
+    if count > covered:
+        _take(session, scopes, times(need, count - covered))
+    return scopes
+
+
+def held_for(session, request_id):
+    """The id of the charge a service request holds for its VMs, or None."""
+    return session.scalar(select(QuotaCharge.id).where(QuotaCharge.request_id == request_id,
+                                                       QuotaCharge.kind == "service"))
+
+
+def service_vms_made(session, scopes, need, vm_ids, failed=0):
+    """One VM charge per VM made (each released at its DONE), and the
+    share of the VMs that could not be made given back."""
+    if vm_ids:
+        session.add_all([QuotaCharge(kind="vm", resource_id=vm_id, scopes=scopes, **need)
+                         for vm_id in vm_ids])
+    _give(session, scopes, times(need, failed))
 
 
 def attach(session, charge_id, resource_id):
-    """Name the VM or image a charge became, for release_resource."""
+    """Name the VM, image or service a charge became, for release_resource."""
     session.execute(update(QuotaCharge).where(QuotaCharge.id == charge_id)
                     .values(resource_id=resource_id))
 
@@ -127,12 +191,7 @@ def release(session, charge_id):
         .values(released_at=utcnow()).returning(QuotaCharge)).scalar_one_or_none()
     if charged is None:
         return False
-    need = {r: getattr(charged, r) for r in RESOURCES}
-    for scope, subject_id in charged.scopes:
-        session.execute(
-            update(_quotas).where(_quotas.c.scope == scope, _quotas.c.subject_id == subject_id)
-            .values({f"{r}_used": func.greatest(_quotas.c[f"{r}_used"] - need[r], 0)
-                     for r in RESOURCES if need[r]}))
+    _give(session, charged.scopes, {r: getattr(charged, r) for r in RESOURCES})
     return True
 
 

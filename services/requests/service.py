@@ -158,6 +158,19 @@ class RequestsService:
                     "user": {"id": user.id, "name": user.name, "role": user.role}}
 
     @api
+    def logout(self, credentials):
+        """Forget the caller's token: it stops working at once (expired or
+        not); UNAUTHENTICATED if the server does not know it."""
+        token = (credentials or {}).get("token")
+        if not token:
+            raise InvalidArgument("logout ends a token's session: call it with the token "
+                                  "(authorization: Bearer), not a password")
+        with self.db() as session, session.begin():
+            if not auth.logout(session, token):
+                raise Unauthenticated("unknown token: it was logged out or never issued")
+        return {}
+
+    @api
     def whoami(self, credentials):
         """The caller: {"id", "name", "role", "admin"}."""
         return self.user(credentials)
@@ -650,20 +663,24 @@ class RequestsService:
 
     @api
     def submit_flow(self, credentials, template_id, name=None, custom_attrs=None,
-                    networks=None):
+                    networks=None, request_id=None):
         """A provisioning request for a OneFlow service; its process reads the
-        service's whole size (every role's cardinality times its VM's)."""
+        service's whole size (every role's cardinality times its VM's), which
+        its quotas hold until flow makes the VMs. ``request_id``: a repeat
+        with the same one returns the same request (and service)."""
         user = self.user(credentials)
         template = self.owned(user, self.flow.get_template(template_id), "service template",
                               template_id)
         size = self.flow_size(template["body"])
         spec = {"template_id": template_id, "name": name or None,
-                "custom_attrs": custom_attrs or None, "networks": networks or None}
-        return self.submit(user, "flow", spec, size, template["body"], None, None)
+                "custom_attrs": custom_attrs or None, "networks": networks or None,
+                "request_id": request_id or None}
+        need = quotas.need_of(vms=size["vms"], cpu=size["vcpu"], memory=size["memory"])
+        return self.submit(user, "flow", spec, size, template["body"], need, request_id)
 
     def flow_size(self, body):
-        """{"vcpu", "cpu", "memory"} of every VM a service template starts with."""
-        size = {"vcpu": 0, "cpu": 0.0, "memory": 0}
+        """{"vms", "vcpu", "cpu", "memory"} of every VM a service template starts with."""
+        size = {"vms": 0, "vcpu": 0, "cpu": 0.0, "memory": 0}
         for role in body.get("roles") or ():
             vm_template = {}
             if role.get("vm_template") is not None:
@@ -672,6 +689,7 @@ class RequestsService:
                 vm_template.update(parse_template(role["vm_template_contents"]))
             one = template_resources(vm_template)
             count = int(role.get("cardinality", 1))
+            size["vms"] += count
             size["vcpu"] += count * int(one["vcpu"])
             size["cpu"] += count * float(one["cpu"])
             size["memory"] += count * int(one["memory"])
@@ -699,14 +717,20 @@ class RequestsService:
         with self.db() as session:
             req = provisioning.find(session, request_id)
             kind, spec, owner_id, state = req.kind, req.spec, req.owner_id, req.state
+            reservation = quotas.held_for(session, request_id)
         if state != "APPROVED":
             return None
         try:
             if kind == "flow":
+                # the request id makes a repeated instantiate find its service;
+                # the reservation is what the request holds for its VMs
                 made = self.flow.instantiate(spec["template_id"], owner_id,
                                              name=spec.get("name"),
                                              custom_attrs=spec.get("custom_attrs"),
-                                             networks=spec.get("networks"))
+                                             networks=spec.get("networks"),
+                                             request_id=spec.get("request_id")
+                                             or f"request-{request_id}",
+                                             reservation=reservation)
                 links = {"service_id": made["id"]}
             else:
                 # a request id makes a repeated allocate (after a restart) find its VM
