@@ -564,6 +564,28 @@ def cmd_login(args):
     return 0
 
 
+def cmd_logout(args):
+    """Forget the saved token on the server, then delete the file; a token
+    the server no longer knows (expired and dropped) is deleted all the same."""
+    from cirrus.client import Client, ClientError, read_token, token_path
+    path = token_path()
+    token = read_token(path)
+    if token is None:
+        print(f"not logged in: no token at {path}")
+        return 0
+    with Client(address=args.address, token=token) as api:
+        try:
+            api.logout()
+            said = "the server forgot the token"
+        except ClientError as exc:
+            if exc.code != "UNAUTHENTICATED":
+                raise
+            said = "the server no longer knew the token"
+    path.unlink(missing_ok=True)
+    print(f"logged out: {said}; {path} deleted")
+    return 0
+
+
 def cmd_host_create(args):
     host = client(args).create_host(args.name, ha=args.ha)
     emit(args, host, lambda h: h["id"])
@@ -898,6 +920,11 @@ def build_parser():
     login.add_argument("--user", help="user name (default: CIRRUS_USER, else the bootstrap admin)")
     login.add_argument("--password", help="password (default: CIRRUS_PASSWORD, else asked for)")
     login.set_defaults(func=cmd_login)
+    logout = groups.add_parser("logout", help="end the saved token's session and delete it",
+                               description="Forget the token saved by `cirrus login` on the "
+                                           "server (it stops working at once) and delete "
+                                           "~/.config/cirrus/token.")
+    logout.set_defaults(func=cmd_logout)
 
     host = groups.add_parser("host", help="hypervisor hosts").add_subparsers(
         dest="action", metavar="ACTION", required=True)
@@ -1166,10 +1193,15 @@ def add_storage_and_network_commands(groups, command):
 # ----------------------------------------------------------------- request management (issue 8)
 
 def emit_vm_or_request(args, request):
-    """A VM made at once prints as before (its id, or the VM with --json);
-    a request that waits prints where it waits."""
-    if request.get("vm"):
-        emit(args, request["vm"], lambda v: v["id"])
+    emit_made_or_request(args, request, "vm")
+
+
+def emit_made_or_request(args, request, made):
+    """A VM or service (``made``: its key in the request) made at once prints
+    as before (its id, or itself with --json); a request that waits prints
+    where it waits."""
+    if request.get(made):
+        emit(args, request[made], lambda v: v["id"])
     else:
         emit(args, request, lambda r: f"request {r['id']} waits for approval by "
                                       f"{r['waiting_for']} ({r['step']}); follow it with "
@@ -1608,12 +1640,13 @@ def cmd_flow_template_clone(args):
 
 
 def cmd_flow_template_instantiate(args):
+    """Through a provisioning request, like vm create: the service's id when
+    it is made at once, else the request that waits for an approval."""
     api = client(args)
     networks = {name: api.vnet_id(vnet) for name, vnet in args.network or ()}
-    service = api.instantiate_flow_template(api.flow_template_id(args.id), name=args.name,
-                                            custom_attrs=dict(args.attr or ()),
-                                            networks=networks)
-    emit(args, service, lambda s: s["id"])
+    request = api.submit_flow(api.flow_template_id(args.id), name=args.name,
+                              custom_attrs=dict(args.attr or ()), networks=networks)
+    emit_made_or_request(args, request, "service")
 
 
 def flow_action(method, verb, **options):
@@ -1681,7 +1714,8 @@ def add_flow_commands(groups, command):
     update.add_argument("id", **template_id)
     update.add_argument("file", **json_file)
     instantiate = command(template, "instantiate", cmd_flow_template_instantiate,
-                          "start a service from a template; prints its id")
+                          "request a service from a template; prints its id, or the "
+                          "request when it waits for an approval")
     instantiate.add_argument("id", **template_id)
     instantiate.add_argument("--name", help="default: the template's name")
     instantiate.add_argument("--attr", type=name_value, action="append", metavar="NAME=VALUE",

@@ -207,6 +207,10 @@ class Client:
         request = session_pb2.LoginRequest(username=username or "", password=password or "")
         return to_dict(self._call(self.sessions.Login, request))
 
+    def logout(self):
+        """Forget this client's token on the server: it stops working at once."""
+        self._call(self.sessions.Logout, session_pb2.LogoutRequest())
+
     # -------------------------------------------------------------- hosts
 
     def create_host(self, name, ha=None):
@@ -746,10 +750,17 @@ class Client:
         return to_dict(self._call(self.requests.SubmitVm, request_pb2.SubmitVmRequest(
             vm=vm, template_id=template_id), request_id or uuid.uuid4().hex))
 
-    def submit_flow(self, template_id, name=None, custom_attrs=None, networks=None):
-        return to_dict(self._call(self.requests.SubmitFlow, request_pb2.SubmitFlowRequest(
-            template_id=template_id, name=name, custom_attrs=custom_attrs or {},
-            networks=networks or {})))
+    def submit_flow(self, template_id, name=None, custom_attrs=None, networks=None,
+                    request_id=None):
+        """Request a service from a service template: the request, with
+        "service" when it was provisioned at once. ``request_id`` (default: a
+        new one): a retry with the same one gets the same request and service."""
+        request = request_pb2.SubmitFlowRequest(
+            template_id=template_id, name=name,
+            custom_attrs={str(k): str(v) for k, v in (custom_attrs or {}).items()},
+            networks={str(k): int(v) for k, v in (networks or {}).items()})
+        return to_dict(self._call(self.requests.SubmitFlow, request,
+                                  request_id or uuid.uuid4().hex))
 
     def list_requests(self, waiting_for=None, state=None, mine=False):
         reply = self._call(self.requests.List, request_pb2.ListRequestsRequest(

@@ -1,15 +1,20 @@
 """Users, groups, roles and passwords (issue 8) through the real requests
 service: argon2 hashes (old scrypt ones still work and are rehashed at login),
-administrators manage users, everyone else only themselves."""
+administrators manage users, everyone else only themselves; logout ends a
+token on the server at once."""
 import hashlib
 import secrets
 
+import pytest
+
 from cirrus import db
+from cirrus.client import Client, ClientError
 from cirrus.db.models import User
 from tests.requests_fixtures import (  # noqa: F401  (fixtures)
     PASSWORD, admin_credentials, make_user, refused, request_services, requests_dir,
     requests_env, rpc,
 )
+from tests.integration.test_gateway import start_gateway
 
 
 def stored_hash(name):
@@ -114,3 +119,29 @@ def test_the_audit_log_is_append_only(session):
     with pytest.raises(DBAPIError):
         session.execute(text("UPDATE audit_log SET reason = 'changed'"))
     session.rollback()
+
+
+@pytest.fixture(scope="module")
+def gateway(request_services, requests_env, requests_dir):
+    proc, address = start_gateway(requests_env, requests_dir)
+    yield address
+    proc.stop()
+
+
+def test_logout_ends_that_token_at_once_over_grpc(gateway):
+    user = make_user()
+    with Client(gateway, username=user["username"], password=PASSWORD) as api:
+        token, other = api.login()["token"], api.login()["token"]
+        with pytest.raises(ClientError) as info:
+            api.logout()        # a password has no session to end
+        assert info.value.code == "INVALID_ARGUMENT"
+    with Client(gateway, token=token) as api:
+        assert api.get_user(user["username"])["name"] == user["username"]
+        api.logout()
+        for call in (lambda: api.get_user(user["username"]), api.logout):
+            with pytest.raises(ClientError) as info:
+                call()
+            assert info.value.code == "UNAUTHENTICATED"
+    # the user's other token lives on
+    with Client(gateway, token=other) as api:
+        assert api.get_user(user["username"])["name"] == user["username"]
