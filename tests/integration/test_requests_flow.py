@@ -16,7 +16,7 @@ from cirrus.db.models import FlowService, QuotaCharge
 from services.requests import approvals, provisioning, quotas, users
 from tests.broker import rpc_proxy
 from tests.procs import Proc, start_services, wait_until
-from tests.requests_fixtures import (
+from tests.requests_fixtures import (  # noqa: F401  (requests_dir: a fixture)
     admin_credentials, make_user, refused, requests_dir, user_id, write_config,
 )
 from tests.scheduling import quiet_database, scheduler_env
@@ -24,8 +24,6 @@ from tests.scheduling import quiet_database, scheduler_env
 HOST = "requests-flow-sim"
 SMALL_VM = "CPU = 0.1\nVCPU = 1\nMEMORY = 64\n"
 BIG_VM = "CPU = 0.1\nVCPU = 4\nMEMORY = 64\n"       # 4 vCPUs: the cloud administrator decides
-
-__all__ = ["requests_dir"]
 
 
 @pytest.fixture(scope="module")
