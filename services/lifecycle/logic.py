@@ -1,11 +1,13 @@
 """The VM life cycle as plain functions over a database session.
 
-Each function runs inside the caller's transaction. A state change goes
-through ``apply``, which consults the transition table, writes the history
-row, queues the ``vm.state`` event and any driver command in the outbox, and
-keeps hosts' capacity in step (both hosts while a migration runs). User
-actions come in through ``vm_action`` (and ``recover``); placements and
-migrations reserve capacity first with ``reserve``'s conditional UPDATE.
+Each function runs inside the caller's transaction. A state change is made
+by ``step``, which consults the transition table, keeps hosts' capacity in
+step (both hosts while a migration runs) and gives the history row, the
+``vm.state`` event and any driver command; ``apply`` writes one VM's step,
+``apply_many`` many VMs' (the scheduler's batches, driver results), with one
+statement each. User actions come in through ``vm_action`` (and
+``recover``); placements and migrations reserve capacity with conditional
+UPDATEs (``reserve``, and ``reserve_shares`` for a batch's hosts).
 """
 from sqlalchemy import bindparam, or_, select, text, update
 from sqlalchemy.orm import aliased
@@ -92,14 +94,15 @@ def step(session, vm, action, message=None):
     """The one place a VM changes status: checks the table, moves ``vm`` (an
     ORM VirtualMachine or a ``VmRecord``) in memory, keeps the hosts' usage
     in step, and returns what the move writes besides the VM row: its
-    history row and its outbox rows (the driver command, the ``vm.state``
-    event), for ``write_steps``."""
+    history row, its outbox rows (the driver command, the ``vm.state``
+    event) and the hosts' usage changes, for ``write_steps``."""
     current = vm_status(vm)
     transition = check_allowed(vm, action)
     vm.state, vm.lcm_state = (s.value for s in split(transition.target))
     vm.seq += 1
     vm.updated_at = utcnow()
-    freed = move_capacity(session, vm, current, transition)
+    usage = []
+    freed = move_capacity(vm, current, transition, usage)
     if transition.target == "DONE" or transition.fresh:
         devices.release(session, vm)    # leases and images go back (issue 5)
     if transition.fresh:
@@ -117,7 +120,7 @@ def step(session, vm, action, message=None):
     host = session.get(Host, vm.host_id) if vm.host_id else None
     rows.append(outbox.event_row(messages.LIFECYCLE, messages.VM_STATE,
                                  state_event(vm, host.name if host else None, freed)))
-    return history, rows
+    return history, rows, usage
 
 
 HISTORY_COLUMNS = ("vm_id", "seq", "action", "from_status", "to_status", "host_id", "message")
@@ -125,10 +128,20 @@ _HISTORY_INSERT = bulk.insert(VmHistory.__table__, HISTORY_COLUMNS)
 
 
 def write_steps(session, steps):
-    """The history and outbox rows of ``steps``, in one INSERT each."""
+    """The history and outbox rows of ``steps``, in one INSERT each, and their
+    changes of the hosts' usage, summed per host and written in host id
+    order: transactions that change several hosts lock them in one order,
+    as deploy_many does, and never wait for each other in a cycle."""
     if steps:
-        session.execute(_HISTORY_INSERT, bulk.params([history for history, _ in steps]))
-        outbox.add_many(session, [row for _, rows in steps for row in rows])
+        session.execute(_HISTORY_INSERT, bulk.params([history for history, _, _ in steps]))
+        outbox.add_many(session, [row for _, rows, _ in steps for row in rows])
+        totals = {}
+        for _, _, usage in steps:
+            for host_id, cpu, memory, vms in usage:
+                total = totals.setdefault(host_id, [0, 0, 0])
+                total[0], total[1], total[2] = total[0] + cpu, total[1] + memory, total[2] + vms
+        for host_id in sorted(totals):
+            change_usage(session, host_id, *totals[host_id])
 
 
 def apply_many(session, moves):
@@ -178,8 +191,9 @@ def write_records(session, vms):
 _WRITE_RECORDS = bulk.update(_vms, WRITTEN_COLUMNS)
 
 
-def move_capacity(session, vm, current, transition):
-    """Keep the hosts' usage in step with where the VM is. A migration holds
+def move_capacity(vm, current, transition, usage):
+    """Keep the hosts' usage in step with where the VM is, appending the
+    changes to ``usage`` (written by ``write_steps``). A migration holds
     both hosts until it ends: arriving frees the old one, anything else
     (failure, terminate, recover) frees the target. True when capacity was
     freed, which the scheduler hears in the event: a waiting VM may fit now."""
@@ -187,19 +201,19 @@ def move_capacity(session, vm, current, transition):
     if vm.target_host_id and transition.target not in MIGRATING:
         freed = True
         if transition.arrives:
-            add_usage(session, vm, vm.host_id, -1)
+            usage.append(vm_usage(vm, vm.host_id, -1))
             vm.host_id = vm.target_host_id
         else:
-            add_usage(session, vm, vm.target_host_id, -1)
+            usage.append(vm_usage(vm, vm.target_host_id, -1))
         vm.target_host_id = None
     was_on, now_on = current in ON_HOST, transition.target in ON_HOST
     if was_on and not now_on:
-        add_usage(session, vm, vm.host_id, -1)
+        usage.append(vm_usage(vm, vm.host_id, -1))
         freed = True
     elif now_on and not was_on and not transition.reserved:
         # the cleanup of a stopped or undeployed VM runs on its last host and
         # holds capacity there until it is done, as any VM in EPILOG
-        add_usage(session, vm, vm.host_id, +1)
+        usage.append(vm_usage(vm, vm.host_id, +1))
     if transition.target in ("PENDING", "HOLD"):
         vm.host_id = None       # waiting for the scheduler: on no host
     return freed
@@ -212,12 +226,20 @@ def start_over(vm):
     vm.resched = False
 
 
+def vm_usage(vm, host_id, sign):
+    """(host_id, cpu, memory, vms): ``vm`` arriving on (+1) or leaving (-1) a host."""
+    return host_id, sign * cpu_percent(vm.cpu), sign * vm.memory, sign
+
+
 def add_usage(session, vm, host_id, sign):
+    change_usage(session, *vm_usage(vm, host_id, sign))
+
+
+def change_usage(session, host_id, cpu, memory, vms):
     session.execute(
         update(Host).where(Host.id == host_id)
-        .values(cpu_usage=Host.cpu_usage + sign * cpu_percent(vm.cpu),
-                mem_usage=Host.mem_usage + sign * vm.memory,
-                running_vms=Host.running_vms + sign))
+        .values(cpu_usage=Host.cpu_usage + cpu, mem_usage=Host.mem_usage + memory,
+                running_vms=Host.running_vms + vms))
 
 
 def reserve(session, vm, host_id):
@@ -640,12 +662,8 @@ def handle_results(session, results):
     vms = lock_records(session, {result["vm_id"] for result in results})
     # in the session's identity map for driver_command: host names, the VMs' devices
     held = session.scalars(select(VmDevices).where(VmDevices.vm_id.in_(sorted(vms)))).all()
-    # locked in id order (as deploy_many locks them): a VM leaving its host
-    # changes the host's usage, and results for VMs of several hosts must not
-    # take those locks in an order that makes a cycle with another batch
     hosts = session.scalars(select(Host).where(Host.id.in_(
-        {h for vm in vms.values() for h in (vm.host_id, vm.target_host_id) if h}))
-        .order_by(Host.id).with_for_update(key_share=True)).all()
+        {h for vm in vms.values() for h in (vm.host_id, vm.target_host_id) if h}))).all()
     steps, moved = [], {}
     for result in results:
         vm = vms.get(result["vm_id"])
