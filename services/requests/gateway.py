@@ -1050,11 +1050,11 @@ class RequestServicer(Servicer, request_pb2_grpc.RequestServiceServicer):
 
     def SubmitFlow(self, request, context):
         call = self.call(context, "SubmitFlow")
-        # the x-request-id names the request: a retried call finds it (and its service)
+        # the x-request-id names the request: a retried call finds it (and its
+        # service); positional, as call() takes a request_id keyword of its own
         return request_message(call(
-            "submit_flow", request.template_id, name=optional(request, "name"),
-            custom_attrs=dict(request.custom_attrs), networks=dict(request.networks),
-            request_id=call.request_id))
+            "submit_flow", request.template_id, optional(request, "name"),
+            dict(request.custom_attrs), dict(request.networks), call.request_id))
 
     def List(self, request, context):
         found = self.call(context, "List")(
