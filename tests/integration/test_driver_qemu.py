@@ -125,7 +125,8 @@ def qemu_vm(start_node, bus, tiny_guest, datastore):
     whatever comes sooner came as an event; and a VM for it, deleted after."""
     host = f"qemu-{random.randrange(10**6)}"
     node = start_node(host, "--uri", URI, "--datastore", str(datastore),
-                      env={"CIRRUS_DRIVERS_MONITOR_INTERVAL": "60"})
+                      env={"CIRRUS_DRIVERS_MONITOR_INTERVAL": "60",
+                           "CIRRUS_LIFECYCLE_HOST_TIMEOUT": "120"})
     bus.wait_for(lambda k, b: k == messages.HOST_MONITOR and b["host"] == host, timeout=30)
     vm = tiny_vm(tiny_guest, "console=ttyS0 quiet")
     yield node, vm
