@@ -7,8 +7,12 @@ Order: route (400 if unknown) -> body size (413) -> token (401) -> rate
 (429) -> route group switched on (403) -> body (400) -> reach and
 restrictions (403) -> the change, audited.
 """
+import contextlib
 import json
 import logging
+
+import psycopg2
+import sqlalchemy.exc
 
 from nameko.exceptions import RemoteError
 from werkzeug.exceptions import MethodNotAllowed, NotFound as NoRoute, RequestEntityTooLarge
@@ -58,7 +62,8 @@ def json_response(document, status=200, headers=None):
 
 
 class Gate:
-    """The WSGI application. ``engine``: reads; ``relay``: writes with their
+    """The WSGI application. ``engine``: reads (its connections autocommit,
+    with ``store.prepare`` run on each); ``relay``: writes with their
     events; ``session_factory``: audit rows of remote writes; ``rpc``: flow's
     scale and lifecycle's VM actions (``scale(...)``, ``vm_action(...)``)."""
 
@@ -119,11 +124,29 @@ class Gate:
             return data
         return request.get_data(cache=True)
 
-    def authenticate(self, conn, request):
-        """The calling VM, checked against its token; rate-limited."""
+    @contextlib.contextmanager
+    def reads(self):
+        """A cursor on a pooled read connection (autocommit, the reads
+        prepared); a connection that failed is dropped from the pool."""
+        try:
+            connection = self.engine.raw_connection()
+        except sqlalchemy.exc.OperationalError as exc:
+            raise Unavailable("the database is unavailable; try again") from exc
+        try:
+            with connection.cursor() as cursor:
+                yield cursor
+        except psycopg2.OperationalError as exc:
+            connection.invalidate(exc)
+            raise Unavailable("the database is unavailable; try again") from exc
+        finally:
+            connection.close()
+
+    def authenticate(self, conn, request, with_service=False):
+        """The calling VM, checked against its token; rate-limited. With
+        ``with_service``, its service's rows come in the same query."""
         vm_id = security.claimed_vm_id(request.headers)
         token = security.claimed_token(request.headers)
-        me = store.caller(conn, vm_id)
+        me = store.caller(conn, vm_id, with_service)
         if me is None or not me["has_token"]:
             raise Unauthorized("X-ONEGATE-TOKEN: not a valid token for this VM")
         secret = self.settings.configured_secret or me["secret"]
@@ -143,7 +166,7 @@ class Gate:
     # ---------------------------------------------------------------- routes
 
     def root(self, request):
-        with self.engine.connect() as conn:
+        with self.reads() as conn:
             self.authenticate(conn, request)
         return json_response(protocol.links(request.host_url.rstrip("/")))
 
@@ -155,7 +178,7 @@ class Gate:
 
     def vm_route(self, request, raw_id, route):
         data = self.body(request) if request.method == "PUT" else b""
-        with self.engine.connect() as conn:
+        with self.reads() as conn:
             me = self.authenticate(conn, request)
             if request.method == "GET":
                 security.check_route(self.settings, "vm_read")
@@ -175,19 +198,20 @@ class Gate:
             **(target["template"] or {}), "USER_TEMPLATE": after}}))
 
     def service(self, request):
-        with self.engine.connect() as conn:
-            me = self.authenticate(conn, request)
+        with self.reads() as conn:
+            me = self.authenticate(conn, request, with_service=True)
             security.check_route(self.settings, "service_read")
             if me["service_id"] is None:
                 raise NotFound(f"VM {me['id']} is not part of a service")
-            found = store.service(conn, me["service_id"], extended="extended" in request.args)
+            found = store.service(conn, me["service_id"], extended="extended" in request.args,
+                                  service_rows=me["service_rows"] or ())
         if found is None:
             raise NotFound(f"service {me['service_id']} no longer exists")
         return json_response(protocol.service_document(*found))
 
     def vm_action(self, request, vm):
         data = self.body(request)
-        with self.engine.connect() as conn:
+        with self.reads() as conn:
             me = self.authenticate(conn, request)
             security.check_route(self.settings, "vm_action")
             perform, action, options = protocol.parse_action(data)
@@ -196,12 +220,12 @@ class Gate:
         self.rpc.vm_action(target["id"], action, options)
         store.record(self.session_factory, me["id"], "gate.vm.action", "vm", target["id"],
                      route="POST /vms/<id>/action", action=perform)
-        with self.engine.connect() as conn:
+        with self.reads() as conn:
             return json_response(protocol.vm_document(store.vm(conn, target["id"])))
 
     def scale(self, request, role):
         data = self.body(request)
-        with self.engine.connect() as conn:
+        with self.reads() as conn:
             me = self.authenticate(conn, request)
             security.check_route(self.settings, "service_scale")
             cardinality = protocol.parse_cardinality(data)
@@ -213,6 +237,6 @@ class Gate:
         store.record(self.session_factory, me["id"], "gate.service.scale", "service",
                      me["service_id"], route="PUT /service/role/<role>", role=role,
                      cardinality=cardinality)
-        with self.engine.connect() as conn:
+        with self.reads() as conn:
             return json_response(protocol.service_document(*store.service(conn,
                                                                           me["service_id"])))

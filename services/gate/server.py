@@ -1,7 +1,8 @@
 """``cirrus-gate``: the OneGate HTTP server.
 
-One listening socket, ``gate.processes`` processes accepting on it (forked
-after the bind), each an eventlet WSGI server: a green thread per
+``gate.processes`` processes, each an eventlet WSGI server on a listening
+socket of its own (SO_REUSEPORT; where that is missing, one socket bound
+before the fork and shared): a green thread per
 connection, psycopg2 made cooperative, ``gate.db_pool`` database
 connections. Reads are SQL on that pool; user template writes commit
 through the process's outbox relay; scaling and VM actions are Nameko RPCs
@@ -17,6 +18,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 
 from psycogreen.eventlet import patch_psycopg  # noqa: E402
@@ -72,6 +74,7 @@ def make_app(cfg):
     from cirrus.db import raise_unavailable
     from cirrus.outbox import Relay
     from services.gate.app import Gate
+    from services.gate import store
     from services.gate.security import Settings
     from sqlalchemy import event
 
@@ -80,10 +83,13 @@ def make_app(cfg):
     connect = {"connect_timeout": database.get("connect_timeout", 5)}
     pool = int(gate.get("db_pool", 8))
     # reads are single statements on connections kept in autocommit: no
-    # BEGIN, and nothing to roll back when a connection goes back to the pool
-    reads = create_engine(database["url"], pool_size=pool, max_overflow=2, pool_timeout=30,
+    # BEGIN, and nothing to roll back when a connection goes back to the pool;
+    # no overflow: a connection made for a burst and closed after it costs
+    # more than waiting for a pooled one
+    reads = create_engine(database["url"], pool_size=pool, max_overflow=0, pool_timeout=30,
                           isolation_level="AUTOCOMMIT", pool_reset_on_return=None,
                           connect_args=connect)
+    event.listen(reads, "connect", store.prepare)
     # writes: transactions of the outbox relay (gathered by store.Writes)
     writes = create_engine(database["url"], pool_size=max(2, pool // 4), max_overflow=2,
                            pool_timeout=30, connect_args=connect)
@@ -116,6 +122,10 @@ def serve(sock, cfg, name, children=()):
                 socket_timeout=60)
 
 
+def listen(address, port, reuse_port):
+    return eventlet.listen((address, port), backlog=1024, reuse_port=reuse_port)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="cirrus-gate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", help="listen here (default gate.address)")
@@ -131,8 +141,11 @@ def main(argv=None):
     address = args.address or gate.get("address", "127.0.0.1")
     port = args.port if args.port is not None else int(gate.get("port", 5030))
     processes = max(1, args.processes or int(gate.get("processes", 1)))
+    # several processes: each its own socket on the port (SO_REUSEPORT), so the
+    # kernel spreads connections instead of every process waking on each one
+    reuse_port = processes > 1 and hasattr(socket, "SO_REUSEPORT")
     try:
-        sock = eventlet.listen((address, port), backlog=1024)
+        sock = listen(address, port, reuse_port)
     except OSError as exc:
         print(f"cirrus-gate: cannot listen on {address}:{port}: {exc.strerror}", file=sys.stderr)
         return 2
@@ -140,6 +153,9 @@ def main(argv=None):
     for index in range(1, processes):
         pid = os.fork()
         if pid == 0:
+            if reuse_port:
+                sock.close()            # the parent's; this process answers on its own
+                sock = listen(address, port, True)
             serve(sock, cfg, f"gate process {index + 1}/{processes}")
             os._exit(0)
         children.append(pid)
