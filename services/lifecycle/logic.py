@@ -9,7 +9,7 @@ statement each. User actions come in through ``vm_action`` (and
 ``recover``); placements and migrations reserve capacity with conditional
 UPDATEs (``reserve``, and ``reserve_shares`` for a batch's hosts).
 """
-from sqlalchemy import bindparam, or_, select, text, update
+from sqlalchemy import bindparam, or_, select, text, tuple_, update
 from sqlalchemy.orm import aliased
 
 from cirrus import bulk, messages, outbox
@@ -54,6 +54,18 @@ def allocate(session, owner_id, name, cpu, vcpu, memory, template, hold=False,
             VirtualMachine.owner_id == owner_id, VirtualMachine.request_id == request_id))
         if existing is not None:
             return existing
+    vm = VirtualMachine(**new_vm_row(session, owner_id, name, cpu, vcpu, memory, template,
+                                     request_id))
+    clusters.join_vmgroup(session, vm, owner_id, template)
+    session.add(vm)
+    session.flush()
+    apply(session, vm, "allocate_hold" if hold else "allocate")
+    return vm
+
+
+def new_vm_row(session, owner_id, name, cpu, vcpu, memory, template, request_id):
+    """The INIT row of a VM to create, or InvalidArgument (NotFound,
+    FailedPrecondition for its devices) naming what is wrong."""
     if not name or not str(name).strip():
         raise InvalidArgument("name: must not be empty")
     if memory is None or memory <= 0:
@@ -62,16 +74,72 @@ def allocate(session, owner_id, name, cpu, vcpu, memory, template, hold=False,
         raise InvalidArgument(f"cpu: must be greater than 0, got {cpu}")
     if vcpu is None or int(vcpu) != vcpu or vcpu <= 0:
         raise InvalidArgument(f"vcpu: must be a positive integer, got {vcpu}")
-    vm = VirtualMachine(name=str(name).strip(), owner_id=owner_id, state="INIT",
-                        lcm_state="LCM_INIT", seq=0, cpu=float(cpu), vcpu=int(vcpu),
-                        memory=int(memory), template=template or {}, request_id=request_id)
     clusters.check_scheduling(template)
     devices.check_template(session, owner_id, template)
-    clusters.join_vmgroup(session, vm, owner_id, template)
-    session.add(vm)
-    session.flush()
-    apply(session, vm, "allocate_hold" if hold else "allocate")
-    return vm
+    return {"name": str(name).strip(), "owner_id": owner_id, "state": "INIT",
+            "lcm_state": "LCM_INIT", "seq": 0, "cpu": float(cpu), "vcpu": int(vcpu),
+            "memory": int(memory), "template": template or {}, "request_id": request_id}
+
+
+CREATED_COLUMNS = ("name", "owner_id", "state", "lcm_state", "seq", "cpu", "vcpu", "memory",
+                   "template", "request_id", "vmgroup_id", "vmgroup_role")
+
+
+def allocate_many(session, creates):
+    """``allocate`` for many creates at once (concurrent RPCs, see the
+    service's Batches): ``creates`` is a list of allocate's keyword arguments.
+    Each is checked as allocate checks it (the first bad one raises); the VM
+    rows, then their history and outbox, are written with one statement each.
+    A request id made before, or earlier in the same list, gives the VM it
+    made. Returns the VMs described (``describe``), in the order given."""
+    asked = {(c["owner_id"], c["request_id"]) for c in creates if c.get("request_id")}
+    known = {}
+    if asked:
+        rows = session.execute(select(*RECORD_COLUMNS, _vms.c.monitoring).where(
+            tuple_(_vms.c.owner_id, _vms.c.request_id).in_(sorted(asked))))
+        known = {(row.owner_id, row.request_id): VmRecord(row._mapping) for row in rows}
+    new_rows, holds, slots = [], [], []     # a slot: a known VM or the index of a new row
+    for create in creates:
+        key = (create["owner_id"], create.get("request_id"))
+        if key[1] and key in known:
+            slots.append(known[key])
+            continue
+        row = new_vm_row(session, create["owner_id"], create["name"], create["cpu"],
+                         create["vcpu"], create["memory"], create["template"],
+                         create.get("request_id"))
+        group = VmRecord({"vmgroup_id": None, "vmgroup_role": None})
+        clusters.join_vmgroup(session, group, create["owner_id"], create["template"])
+        row.update(vmgroup_id=group.vmgroup_id, vmgroup_role=group.vmgroup_role)
+        if key[1]:
+            known[key] = len(new_rows)
+        slots.append(len(new_rows))
+        new_rows.append(row)
+        holds.append(create.get("hold", False))
+    made = []
+    if new_rows:
+        # the recordset is scanned in the order given, so the ids follow that order
+        made = sorted((VmRecord({**row._mapping, "monitoring": {}})
+                       for row in session.execute(_CREATE_VMS, bulk.params(new_rows))),
+                      key=lambda vm: vm.id)
+        steps = [step(session, vm, "allocate_hold" if hold else "allocate")
+                 for vm, hold in zip(made, holds)]
+        write_records(session, made)
+        write_steps(session, steps)
+    return describe_many(session, [made[slot] if isinstance(slot, int) else slot
+                                   for slot in slots])
+
+
+def describe_many(session, vms):
+    """``describe`` for many VMs (records or ORM), the owners read at once."""
+    owners = dict(session.execute(select(User.id, User.name).where(
+        User.id.in_({vm.owner_id for vm in vms}))).all()) if vms else {}
+    out = []
+    for vm in vms:
+        host = session.get(Host, vm.host_id) if vm.host_id else None
+        target = session.get(Host, vm.target_host_id) if vm.target_host_id else None
+        out.append(vm_summary(vm, host.name if host else None, owners.get(vm.owner_id),
+                              target.name if target else None))
+    return out
 
 
 def check_allowed(vm, action):
@@ -189,6 +257,8 @@ def write_records(session, vms):
 
 
 _WRITE_RECORDS = bulk.update(_vms, WRITTEN_COLUMNS)
+_CREATE_VMS = bulk.insert(_vms, CREATED_COLUMNS,
+                          returning=", ".join(column.name for column in RECORD_COLUMNS))
 
 
 def move_capacity(vm, current, transition, usage):

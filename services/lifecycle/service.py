@@ -25,12 +25,14 @@ api = rpc(expected_exceptions=CirrusError)
 
 
 class Batches(DependencyProvider):
-    """Driver results that arrive together are applied in one transaction.
-    Each handler queues its result and waits; whichever handler finds no
-    batch under way applies everything queued, again until nothing is. The
-    handlers return (and Nameko acks) only after their batch committed. A
-    batch that fails is retried one result at a time, so one bad result
-    fails (and is requeued) alone."""
+    """Driver results (and creates) that arrive together are applied in one
+    transaction. Each handler queues its item and waits; whichever handler
+    finds no batch under way applies everything queued, again until nothing
+    is, so a lone item never waits for others. The handlers return (and
+    Nameko acks) only after their batch committed, each with its item's
+    answer (``apply_batch`` returns one per item, or None). A batch that
+    fails is retried one item at a time, so one bad item fails (and is
+    requeued, or answers its caller with the error) alone."""
 
     def setup(self):
         self.queued = []
@@ -49,12 +51,12 @@ class Batches(DependencyProvider):
                     self._run(batch, apply_batch)
             finally:
                 self.lock.release()
-        done.wait()
+        return done.wait()
 
     @staticmethod
     def _run(batch, apply_batch):
         try:
-            apply_batch([item for item, _ in batch])
+            answers = apply_batch([item for item, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
                 batch[0][1].send_exception(exc)
@@ -62,8 +64,8 @@ class Batches(DependencyProvider):
             for one in batch:
                 Batches._run([one], apply_batch)
         else:
-            for _, done in batch:
-                done.send(None)
+            for (_, done), answer in zip(batch, answers or [None] * len(batch)):
+                done.send(answer)
 
 
 class LifecycleService:
@@ -71,16 +73,21 @@ class LifecycleService:
 
     relay = OutboxRelay()
     results = Batches()
+    creates = Batches()
 
     # -------------------------------------------------------------- VMs
 
     @api
     def allocate(self, owner_id, name, cpu, vcpu, memory, template, hold=False,
                  request_id=None):
+        return self.creates.apply(
+            {"owner_id": owner_id, "name": name, "cpu": cpu, "vcpu": vcpu, "memory": memory,
+             "template": template, "hold": hold, "request_id": request_id},
+            self.allocate_batch)
+
+    def allocate_batch(self, creates):
         with self.relay.transaction() as session:
-            vm = logic.allocate(session, owner_id, name, cpu, vcpu, memory, template, hold,
-                                request_id)
-            return logic.describe(session, vm)
+            return logic.allocate_many(session, creates)
 
     @api
     def deploy(self, vm_id, host_id):

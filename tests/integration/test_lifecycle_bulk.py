@@ -1,10 +1,11 @@
-"""lifecycle's bulk paths (deploy_many, handle_results) against the real
+"""lifecycle's bulk paths (allocate_many, deploy_many, handle_results) against the real
 PostgreSQL: they reserve atomically, never over-commit, and write each
 transition exactly as apply does."""
 import re
 import threading
 import uuid
 
+import eventlet
 import pytest
 from sqlalchemy import func, select
 
@@ -12,6 +13,7 @@ from cirrus import messages
 from cirrus.db.models import Host, Outbox, VirtualMachine, VmHistory
 from cirrus.errors import InvalidArgument
 from services.lifecycle import logic, monitoring
+from services.lifecycle.service import Batches
 from tests.vm_devices import admin_id, factory  # noqa: F401 (fixtures)
 
 
@@ -222,3 +224,86 @@ def test_result_batches_freeing_several_hosts_at_once_do_not_deadlock(factory, a
         assert [s.get(VirtualMachine, v).state for v in ids[:4]] == ["DONE"] * 4
         for host in hosts:
             assert usage(s, host) == (100, 1024, 1)
+
+
+# ---------------------------------------------------------------- creates in batches
+
+def create(admin_id, name, **extra):
+    return {"owner_id": admin_id, "name": name, "cpu": 1, "vcpu": 1, "memory": 1024,
+            "template": {"CONTEXT": {"ROLE": "web"}}, "hold": False, "request_id": None,
+            **extra}
+
+
+def create_together(factory, creates):
+    """The creates through lifecycle's Batches as concurrent RPCs make them:
+    {index: described VM or the exception}, and the sizes of the batches."""
+    provider, sizes, outcomes = Batches(), [], {}
+    provider.setup()
+
+    def apply_batch(items):
+        eventlet.sleep(0)       # the others queue behind the first
+        sizes.append(len(items))
+        with factory() as s, s.begin():
+            return logic.allocate_many(s, items)
+
+    def caller(index, item):
+        try:
+            outcomes[index] = provider.apply(item, apply_batch)
+        except Exception as exc:
+            outcomes[index] = exc
+
+    pool = eventlet.GreenPool()
+    for index, item in enumerate(creates):
+        pool.spawn(caller, index, item)
+    pool.waitall()
+    return outcomes, sizes
+
+
+def test_a_bad_create_in_a_batch_fails_alone(factory, admin_id):
+    creates = [create(admin_id, f"batch{i}") for i in range(6)]
+    bad = f"bad-{uuid.uuid4().hex[:8]}"
+    creates[3] = create(admin_id, bad, memory=0)
+    outcomes, sizes = create_together(factory, creates)
+    assert max(sizes) > 1
+    assert isinstance(outcomes[3], InvalidArgument) and "memory" in str(outcomes[3])
+    made = [outcomes[i] for i in (0, 1, 2, 4, 5)]
+    assert [vm["name"] for vm in made] == ["batch0", "batch1", "batch2", "batch4", "batch5"]
+    assert all(vm["status"] == "PENDING" and vm["owner"] == "admin" for vm in made)
+    with factory() as s:
+        assert s.scalar(select(func.count()).select_from(VirtualMachine)
+                        .where(VirtualMachine.name == bad)) == 0
+        assert [logic.get_vm(s, vm["id"])["name"] for vm in made] == [vm["name"] for vm in made]
+
+
+def test_one_request_id_twice_in_a_batch_makes_one_vm(factory, admin_id):
+    request = uuid.uuid4().hex
+    creates = [create(admin_id, "first", request_id=request), create(admin_id, "other"),
+               create(admin_id, "again", request_id=request)]
+    with factory() as s, s.begin():
+        first, other, again = logic.allocate_many(s, creates)
+    assert first == again and first["name"] == "first" and other["id"] != first["id"]
+    # and a later batch finds it too
+    with factory() as s, s.begin():
+        [later] = logic.allocate_many(s, [create(admin_id, "later", request_id=request)])
+    assert later["id"] == first["id"]
+    with factory() as s:
+        assert s.scalar(select(func.count()).select_from(VirtualMachine)
+                        .where(VirtualMachine.request_id == request)) == 1
+
+
+def test_a_batch_of_creates_writes_each_vm_as_allocate_does(factory, admin_id):
+    with factory() as s, s.begin():
+        lone = logic.allocate(s, admin_id, "lone", 1, 1, 1024, {"CONTEXT": {"ROLE": "web"}})
+        lone_held = logic.allocate(s, admin_id, "held", 1, 1, 1024, {}, hold=True)
+        described = [logic.describe(s, lone), logic.describe(s, lone_held)]
+    with factory() as s, s.begin():
+        batch = logic.allocate_many(s, [create(admin_id, "lone"),
+                                        create(admin_id, "held", template={}, hold=True)])
+    differs = ("id", "created_at", "updated_at")
+    assert ([{k: v for k, v in vm.items() if k not in differs} for vm in batch]
+            == [{k: v for k, v in vm.items() if k not in differs} for vm in described])
+    with factory() as s:
+        assert written(s, batch[0]["id"]) == written(s, lone.id)
+        assert written(s, batch[1]["id"]) == written(s, lone_held.id)
+        assert (s.get(VirtualMachine, batch[0]["id"]).template
+                == s.get(VirtualMachine, lone.id).template)
