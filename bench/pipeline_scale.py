@@ -23,6 +23,7 @@ line printed is one JSON object.
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -199,7 +200,10 @@ def main():
     print(f"  floor: bare Nameko RPC round trip {ms(rpc_floor)} ms; raw SQL reservation "
           f"{args.vms / sql_floor:.0f} UPDATEs/s one by one, {args.vms / set_floor:.0f} VMs/s "
           f"set-based (one UPDATE per 500)")
-    print("  CPU used: " + ", ".join(f"{name} {used:.2f} s" for name, used in cpu.items()))
+    print("  CPU used: " + ", ".join(f"{name} {used:.2f} s ({used / args.vms * 1000:.1f} ms "
+                                     f"per VM)" for name, used in cpu.items()))
+    # the machine's load: figures measured beside other work are noisy
+    print("  load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     print(f"  checks: over-committed hosts {over}, VMs whose history is not "
           f"{' > '.join(PATH)}: {wrong}")
     print(json.dumps({
@@ -214,6 +218,7 @@ def main():
         "floor_sql_reservations_per_s": round(args.vms / sql_floor, 1),
         "floor_set_reservation_vms_per_s": round(args.vms / set_floor, 1),
         "cpu_s": {name: round(used, 2) for name, used in cpu.items()},
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "over_committed_hosts": over, "wrong_histories": wrong}))
 
 
