@@ -6,7 +6,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.orm import sessionmaker
 
 from cirrus import config
-from cirrus.errors import Unavailable
+from cirrus.errors import NotFound, Unavailable
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -82,3 +82,12 @@ def create_database(url):
         if not exists:
             conn.exec_driver_sql(f'CREATE DATABASE "{target.database}"')
     admin.dispose()
+
+
+def get_row(session, model, row_id, what, lock=False):
+    """The row of ``model`` with id ``row_id`` (locked FOR UPDATE with
+    ``lock``), or NotFound naming ``what``: "VM 7 does not exist"."""
+    row = session.get(model, row_id, with_for_update=lock)
+    if row is None:
+        raise NotFound(f"{what} {row_id} does not exist")
+    return row

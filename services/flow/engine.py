@@ -18,9 +18,10 @@ import logging
 from datetime import timedelta
 
 from nameko.exceptions import RemoteError
-from sqlalchemy import delete, select, text
+from sqlalchemy import select, text
 
 from cirrus import config, errors, messages, outbox
+from cirrus.db import get_row
 from cirrus.db.models import (FlowLog, FlowNode, FlowRole, FlowService, FlowTemplate, User,
                               VirtualMachine, utcnow)
 from cirrus.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -100,10 +101,7 @@ def template_to_dict(template):
 
 
 def get_template(session, template_id):
-    template = session.get(FlowTemplate, template_id)
-    if template is None:
-        raise NotFound(f"service template {template_id} does not exist")
-    return template
+    return get_row(session, FlowTemplate, template_id, "service template")
 
 
 def checked_body(lifecycle, body):
@@ -202,10 +200,7 @@ def instantiate(session, lifecycle, template_id, owner_id, name=None, custom_att
 
 
 def get_service(session, service_id, lock=False):
-    service = session.get(FlowService, service_id, with_for_update=lock)
-    if service is None:
-        raise NotFound(f"service {service_id} does not exist")
-    return service
+    return get_row(session, FlowService, service_id, "service", lock)
 
 
 def roles_of(session, service):

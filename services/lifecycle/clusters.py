@@ -21,6 +21,7 @@ import re
 
 from sqlalchemy import select, update
 
+from cirrus.db import get_row
 from cirrus.db.models import Cluster, Host, VirtualMachine, VmGroup
 from cirrus.expressions import ExpressionError, compile_rank, compile_requirements
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -127,14 +128,6 @@ def cluster_to_dict(session, cluster):
                             .order_by(Host.id)).all()
     return {"id": cluster.id, "name": cluster.name, "template": cluster.template or {},
             "hosts": [{"id": i, "name": n} for i, n in hosts]}
-
-
-def get_row(session, model, row_id, what, lock=False):
-    """The row of ``model`` with id ``row_id``, or NotFound naming ``what``."""
-    row = session.get(model, row_id, with_for_update=lock)
-    if row is None:
-        raise NotFound(f"{what} {row_id} does not exist")
-    return row
 
 
 def get_cluster(session, cluster_id, lock=False):

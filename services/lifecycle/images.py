@@ -19,6 +19,7 @@ import uuid
 
 from sqlalchemy import func, select, text
 
+from cirrus.db import get_row
 from cirrus.db.models import Datastore, Host, Image, ImageUser, User
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
@@ -96,9 +97,7 @@ def list_datastores(session):
 
 
 def delete_datastore(session, ds_id):
-    ds = session.get(Datastore, ds_id, with_for_update=True)
-    if ds is None:
-        raise NotFound(f"datastore {ds_id} does not exist")
+    ds = get_row(session, Datastore, ds_id, "datastore", lock=True)
     out = datastore_to_dict(session, ds)
     if out["images"]:
         raise FailedPrecondition(f"datastore {ds.name!r} still has {out['images']} images; "
@@ -235,10 +234,7 @@ def check_new_name(session, owner_id, name, where="name"):
 
 
 def get_image(session, image_id, lock=False):
-    image = session.get(Image, image_id, with_for_update=lock)
-    if image is None:
-        raise NotFound(f"image {image_id} does not exist")
-    return image
+    return get_row(session, Image, image_id, "image", lock)
 
 
 def find_image(session, owner_id, ref, where):

@@ -13,9 +13,10 @@ from sqlalchemy import bindparam, or_, select, text, tuple_, update
 from sqlalchemy.orm import aliased
 
 from cirrus import bulk, messages, outbox
+from cirrus.db import get_row
 from cirrus.db.models import (Host, Template, User, VirtualMachine, VmDevices, VmHistory,
                                utcnow)
-from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from cirrus.states import (FAILED_FROM, MIGRATING, ON_HOST, SHORT_NAMES, TRANSIENT,
                            TransitionError, allows, next_transition, result_action, split,
                            status)
@@ -39,10 +40,7 @@ def cpu_percent(cpu):
 # ---------------------------------------------------------------- VMs
 
 def get_vm_locked(session, vm_id):
-    vm = session.get(VirtualMachine, vm_id, with_for_update=True)
-    if vm is None:
-        raise NotFound(f"VM {vm_id} does not exist")
-    return vm
+    return get_row(session, VirtualMachine, vm_id, "VM", lock=True)
 
 
 def allocate(session, owner_id, name, cpu, vcpu, memory, template, hold=False,
@@ -790,9 +788,7 @@ def describe(session, vm):
 
 def get_vm(session, vm_id):
     """A VM with its template, history, and the devices it holds."""
-    vm = session.get(VirtualMachine, vm_id)
-    if vm is None:
-        raise NotFound(f"VM {vm_id} does not exist")
+    vm = get_row(session, VirtualMachine, vm_id, "VM")
     out = describe(session, vm)
     rows = session.execute(
         select(VmHistory, Host.name).outerjoin(Host, Host.id == VmHistory.host_id)
@@ -836,10 +832,7 @@ def host_to_dict(host):
 
 
 def get_host(session, host_id, lock=False):
-    host = session.get(Host, host_id, with_for_update=lock)
-    if host is None:
-        raise NotFound(f"host {host_id} does not exist")
-    return host
+    return get_row(session, Host, host_id, "host", lock)
 
 
 def list_hosts(session):
@@ -895,10 +888,7 @@ def template_to_dict(session, template, owner_name=None):
 
 
 def get_template(session, template_id):
-    template = session.get(Template, template_id)
-    if template is None:
-        raise NotFound(f"template {template_id} does not exist")
-    return template
+    return get_row(session, Template, template_id, "template")
 
 
 def create_template(session, owner_id, name, body):

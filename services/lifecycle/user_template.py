@@ -9,8 +9,9 @@ committed, and none that was not.
 import re
 
 from cirrus import messages, outbox
+from cirrus.db import get_row
 from cirrus.db.models import VirtualMachine, utcnow
-from cirrus.errors import FailedPrecondition, InvalidArgument, NotFound
+from cirrus.errors import FailedPrecondition, InvalidArgument
 
 KEY = "USER_TEMPLATE"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -41,9 +42,7 @@ def update(session, vm_id, attrs, replace=False):
     """Merge ``attrs`` into the VM's user template (``replace``: make it
     exactly ``attrs``); returns the VM. A VM that is DONE is not updated."""
     attrs = checked_attributes(attrs)
-    vm = session.get(VirtualMachine, vm_id, with_for_update=True)
-    if vm is None:
-        raise NotFound(f"VM {vm_id} does not exist")
+    vm = get_row(session, VirtualMachine, vm_id, "VM", lock=True)
     if vm.state == "DONE":
         raise FailedPrecondition(f"VM {vm_id} is DONE: its template can no longer change")
     current = {} if replace else user_template(vm)

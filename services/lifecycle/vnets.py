@@ -17,6 +17,7 @@ import secrets
 
 from sqlalchemy import func, select, text
 
+from cirrus.db import get_row
 from cirrus.db.models import AddressRange, Lease, VirtualNetwork
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.lifecycle.images import find_named
@@ -281,10 +282,7 @@ def ranges_of(template):
 
 
 def get_vnet(session, vnet_id, lock=False):
-    vnet = session.get(VirtualNetwork, vnet_id, with_for_update=lock)
-    if vnet is None:
-        raise NotFound(f"virtual network {vnet_id} does not exist")
-    return vnet
+    return get_row(session, VirtualNetwork, vnet_id, "virtual network", lock)
 
 
 def find_vnet(session, ref, where="NETWORK"):
