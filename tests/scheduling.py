@@ -5,7 +5,8 @@ from sqlalchemy import update
 
 from cirrus import db
 from cirrus.db.models import Host, VirtualMachine
-from tests.procs import start_services
+from tests.broker import rpc_proxy
+from tests.procs import Proc, start_services, wait_until
 
 
 def quiet_database():
@@ -36,3 +37,19 @@ def running(cirrus_env, log_dir, names=("lifecycle", "scheduler"), **more):
     finally:
         for proc in procs:
             proc.stop()
+
+
+def simulated_node(env, log_dir, amqp_uri, host):
+    """A ``cirrus-node --backend simulated`` serving ``host``, which lifecycle
+    creates and sees MONITORED; the caller stops the returned process."""
+    node = Proc(["cirrus-node", "--host", host, "--backend", "simulated"], env,
+                log_dir / "node.log").start()
+    try:
+        with rpc_proxy(amqp_uri, "lifecycle") as lifecycle:
+            made = lifecycle.create_host(host)
+            wait_until(lambda: lifecycle.get_host(made["id"])["state"] == "MONITORED",
+                       what=f"{host} MONITORED")
+    except BaseException:
+        node.stop()
+        raise
+    return node

@@ -10,8 +10,8 @@ from nameko.exceptions import RemoteError
 
 from services.drivers.worker import send_control
 from tests.broker import rpc_proxy
-from tests.procs import Proc, start_services, wait_until
-from tests.scheduling import quiet_database, scheduler_env
+from tests.procs import Proc, wait_until
+from tests.scheduling import running, simulated_node
 
 HOST = "flow-sim"
 SMALL_VM = "CPU = 0.1\nMEMORY = 64\n"
@@ -21,22 +21,12 @@ FIXTURES = Path(__file__).resolve().parents[1] / "unit" / "flow_templates"
 @pytest.fixture(scope="module")
 def cluster(cirrus_env, tmp_path_factory, amqp_uri):
     logs = tmp_path_factory.mktemp("flow")
-    quiet_database()
-    env = scheduler_env(cirrus_env, CIRRUS_SCHEDULER_SWEEP_INTERVAL="2",
-                        CIRRUS_FLOW_CHECK_INTERVAL="1", CIRRUS_FLOW_DEFAULT_COOLDOWN="0")
-    procs = start_services(["lifecycle", "scheduler", "flow"], env, logs)
-    node = Proc(["cirrus-node", "--host", HOST, "--backend", "simulated"], env,
-                logs / "node.log").start()
-    procs.append(node)
-    try:
-        with rpc_proxy(amqp_uri, "lifecycle") as lifecycle:
-            host = lifecycle.create_host(HOST)
-            wait_until(lambda: lifecycle.get_host(host["id"])["state"] == "MONITORED",
-                       what=f"{HOST} MONITORED")
+    for procs in running(cirrus_env, logs, ("lifecycle", "scheduler", "flow"),
+                         CIRRUS_SCHEDULER_SWEEP_INTERVAL="2", CIRRUS_FLOW_CHECK_INTERVAL="1",
+                         CIRRUS_FLOW_DEFAULT_COOLDOWN="0"):
+        env = procs[0].env
+        procs.append(simulated_node(env, logs, amqp_uri, HOST))
         yield {"env": env, "logs": logs, "procs": procs}
-    finally:
-        for proc in procs:
-            proc.stop()
 
 
 @pytest.fixture

@@ -15,11 +15,11 @@ from cirrus import db
 from cirrus.db.models import FlowService, QuotaCharge
 from services.requests import approvals, provisioning, quotas, users
 from tests.broker import rpc_proxy
-from tests.procs import Proc, start_services, wait_until
+from tests.procs import wait_until
 from tests.requests_fixtures import (  # noqa: F401  (requests_dir: a fixture)
     admin_credentials, make_user, refused, requests_dir, user_id, write_config,
 )
-from tests.scheduling import quiet_database, scheduler_env
+from tests.scheduling import running, simulated_node
 
 HOST = "requests-flow-sim"
 SMALL_VM = "CPU = 0.1\nVCPU = 1\nMEMORY = 64\n"
@@ -28,23 +28,12 @@ BIG_VM = "CPU = 0.1\nVCPU = 4\nMEMORY = 64\n"       # 4 vCPUs: the cloud adminis
 
 @pytest.fixture(scope="module")
 def cluster(cirrus_env, requests_dir, amqp_uri):
-    quiet_database()
     cfg = write_config(requests_dir / "cirrus.yaml", requests_dir / "cmdb.jsonl")
-    env = scheduler_env({**cirrus_env, "CIRRUS_CONFIG": str(cfg)},
-                        CIRRUS_SCHEDULER_SWEEP_INTERVAL="2", CIRRUS_FLOW_CHECK_INTERVAL="1",
-                        CIRRUS_FLOW_DEFAULT_COOLDOWN="0")
-    procs = start_services(["requests", "lifecycle", "scheduler", "flow"], env, requests_dir)
-    procs.append(Proc(["cirrus-node", "--host", HOST, "--backend", "simulated"], env,
-                      requests_dir / "node.log").start())
-    try:
-        with rpc_proxy(amqp_uri, "lifecycle") as lifecycle:
-            host = lifecycle.create_host(HOST)
-            wait_until(lambda: lifecycle.get_host(host["id"])["state"] == "MONITORED",
-                       what=f"{HOST} MONITORED")
+    for procs in running(cirrus_env, requests_dir, ("requests", "lifecycle", "scheduler", "flow"),
+                         CIRRUS_CONFIG=str(cfg), CIRRUS_SCHEDULER_SWEEP_INTERVAL="2",
+                         CIRRUS_FLOW_CHECK_INTERVAL="1", CIRRUS_FLOW_DEFAULT_COOLDOWN="0"):
+        procs.append(simulated_node(procs[0].env, requests_dir, amqp_uri, HOST))
         yield
-    finally:
-        for proc in procs:
-            proc.stop()
 
 
 @pytest.fixture
