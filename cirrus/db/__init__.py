@@ -91,3 +91,8 @@ def get_row(session, model, row_id, what, lock=False):
     if row is None:
         raise NotFound(f"{what} {row_id} does not exist")
     return row
+
+
+def iso(value):
+    """A timestamp column as ISO 8601 text, None as None."""
+    return value.isoformat() if value else None

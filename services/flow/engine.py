@@ -21,7 +21,7 @@ from nameko.exceptions import RemoteError
 from sqlalchemy import select, text
 
 from cirrus import config, errors, messages, outbox
-from cirrus.db import get_row
+from cirrus.db import get_row, iso
 from cirrus.db.models import (FlowLog, FlowNode, FlowRole, FlowService, FlowTemplate, User,
                               VirtualMachine, utcnow)
 from cirrus.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -53,10 +53,6 @@ VM_ACTIONS = ("terminate", "terminate-hard", "undeploy", "undeploy-hard", "hold"
 
 def is_failure(status):
     return status.endswith("_FAILURE")
-
-
-def iso(value):
-    return value.isoformat() if value else None
 
 
 # ---------------------------------------------------------------- lifecycle calls

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import or_, select
 
+from cirrus.db import iso
 from cirrus.db.models import User, VirtualMachine, VmHistory, utcnow
 from cirrus.errors import InvalidArgument
 from cirrus.states import ON_HOST
@@ -38,10 +39,6 @@ def phase(status):
 
 def is_driver_result(action):
     return action.endswith("_success") or action.endswith("_failure")
-
-
-def iso(value):
-    return value.isoformat() if value else None
 
 
 def stays(rows, now):

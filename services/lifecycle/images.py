@@ -19,7 +19,7 @@ import uuid
 
 from sqlalchemy import func, select, text
 
-from cirrus.db import get_row
+from cirrus.db import get_row, iso
 from cirrus.db.models import Datastore, Host, Image, ImageUser, User
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
@@ -41,7 +41,7 @@ def datastore_to_dict(session, ds):
                             .where(Image.datastore_id == ds.id))
     return {"id": ds.id, "name": ds.name, "type": ds.type, "path": ds.path,
             "host_id": ds.host_id, "host": host.name if host else None, "images": images,
-            "created_at": ds.created_at.isoformat() if ds.created_at else None}
+            "created_at": iso(ds.created_at)}
 
 
 def create_datastore(session, name, type, path, host_id=None):
@@ -191,7 +191,7 @@ def image_to_dict(session, image, owner_name=None):
             "path": image.path, "format": image.format, "size_mb": image.size_mb,
             "state": shown_state(image, users), "persistent": image.persistent,
             "running_vms": len(users), "vms": users, "error": image.error,
-            "created_at": image.created_at.isoformat() if image.created_at else None}
+            "created_at": iso(image.created_at)}
 
 
 def default_image_datastore(session):

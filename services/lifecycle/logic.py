@@ -13,7 +13,7 @@ from sqlalchemy import bindparam, or_, select, text, tuple_, update
 from sqlalchemy.orm import aliased
 
 from cirrus import bulk, messages, outbox
-from cirrus.db import get_row
+from cirrus.db import get_row, iso
 from cirrus.db.models import (Host, Template, User, VirtualMachine, VmDevices, VmHistory,
                                utcnow)
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument
@@ -22,10 +22,6 @@ from cirrus.states import (FAILED_FROM, MIGRATING, ON_HOST, SHORT_NAMES, TRANSIE
                            status)
 from services.lifecycle import accounting, clusters, devices
 
-
-
-def iso(value):
-    return value.isoformat() if value else None
 
 
 def vm_status(vm):

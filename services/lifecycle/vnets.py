@@ -17,7 +17,7 @@ import secrets
 
 from sqlalchemy import func, select, text
 
-from cirrus.db import get_row
+from cirrus.db import get_row, iso
 from cirrus.db.models import AddressRange, Lease, VirtualNetwork
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.lifecycle.images import find_named
@@ -497,7 +497,7 @@ def vnet_to_dict(session, vnet, with_leases=True):
     return {"id": vnet.id, "name": vnet.name, "owner_id": vnet.owner_id,
             "template": vnet.template or {}, "ranges": ranges,
             "size": sum(ar["size"] for ar in ranges), "used": sum(ar["used"] for ar in ranges),
-            "created_at": vnet.created_at.isoformat() if vnet.created_at else None}
+            "created_at": iso(vnet.created_at)}
 
 
 def list_vnets(session, owner_id=None):

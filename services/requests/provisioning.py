@@ -14,6 +14,7 @@ import statistics
 from sqlalchemy import func, select, text
 
 from cirrus import config, outbox
+from cirrus.db import iso
 from cirrus.db.models import (ProcessVersion, ProvisionRequest, QuotaCharge, RequestStep, User,
                               utcnow)
 from cirrus.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
@@ -227,7 +228,7 @@ def decisions(session, request_id):
     return [{"step": s.step, "role": s.role, "decision": s.decision,
              "decided_by": s.decided_by, "reason": s.reason,
              "entered_at": s.entered_at.isoformat(),
-             "left_at": s.left_at.isoformat() if s.left_at else None}
+             "left_at": iso(s.left_at)}
             for s in session.scalars(select(RequestStep).where(
                 RequestStep.request_id == request_id).order_by(RequestStep.id))]
 

@@ -6,6 +6,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from cirrus import auth
+from cirrus.db import iso
 from cirrus.db.models import Group, GroupMember, Token, User
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.requests import quotas
@@ -42,7 +43,7 @@ def group_names(session, user_id):
 def user_dict(session, user):
     return {"id": user.id, "name": user.name, "role": user.role,
             "groups": group_names(session, user.id),
-            "created_at": user.created_at.isoformat() if user.created_at else None}
+            "created_at": iso(user.created_at)}
 
 
 def find_user(session, ref):
@@ -130,7 +131,7 @@ def group_dict(session, group):
     members = session.scalars(select(User.name).join(GroupMember, GroupMember.user_id == User.id)
                               .where(GroupMember.group_id == group.id).order_by(User.id)).all()
     return {"id": group.id, "name": group.name, "users": list(members),
-            "created_at": group.created_at.isoformat() if group.created_at else None}
+            "created_at": iso(group.created_at)}
 
 
 def create_group(session, name):
