@@ -14,9 +14,8 @@ JSON object with the figures and their floors.
 """
 import argparse
 import json
-import os
 import statistics
-import subprocess
+import shutil
 import sys
 import threading
 import time
@@ -26,10 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import floors  # noqa: E402
+from cluster import BenchCluster  # noqa: E402
 
-BIN = Path(sys.executable).parent
-BASE_DB = os.environ.get("CIRRUS_BENCH_DATABASE", "postgresql+psycopg2://postgres@127.0.0.1:5432/")
-BASE_AMQP = os.environ.get("CIRRUS_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+GATEWAY_PORT = 50151
 
 
 def percentile(values, p):
@@ -37,49 +35,14 @@ def percentile(values, p):
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-class BenchCluster:
-    def __init__(self, port=50151):
-        run = uuid.uuid4().hex[:8]
-        self.db_name, self.vhost = f"cirrus_bench_{run}", f"cirrus-bench-{run}"
-        self.amqp_uri = BASE_AMQP.rstrip("/") + "/" + self.vhost
-        self.address = f"127.0.0.1:{port}"
-        self.env = {**os.environ, "CIRRUS_DATABASE_URL": BASE_DB.rstrip("/") + "/" + self.db_name,
-                    "CIRRUS_AMQP_URI": self.amqp_uri, "CIRRUS_GATEWAY_PORT": str(port),
-                    "CIRRUS_DRIVERS_MONITOR_INTERVAL": "1",
-                    "CIRRUS_DRIVERS_DATASTORE": f"/var/tmp/cirrus/bench-{run}"}
-
-    def __enter__(self):
-        for args in (["add_vhost", self.vhost],
-                     ["set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*"]):
-            subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True)
-        self.log = open(f"/tmp/{self.vhost}.log", "w")
-        self.proc = subprocess.Popen([str(BIN / "cirrus-launch"), "--nodes", "bench-1"],
-                                     env=self.env, stdout=subprocess.PIPE, text=True,
-                                     start_new_session=True)
-        for line in self.proc.stdout:
-            self.log.write(line)
-            if "cirrus: cluster ready" in line:
-                break
-        else:
-            raise SystemExit(f"the cluster did not start; see {self.log.name}")
-        threading.Thread(target=lambda: self.log.writelines(self.proc.stdout), daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        self.proc.wait(30)
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", self.vhost], capture_output=True)
-        subprocess.run(["dropdb", "-h", "127.0.0.1", "-U", "postgres", "--force",
-                        self.db_name], capture_output=True)
-
-
 class Pipeline:
     """A logged-in client and a Watch stream that notes when each VM runs."""
 
-    def __init__(self, cluster):
+    def __init__(self):
         from cirrus.client import Client
-        admin = Client(cluster.address, username="admin", password="cirrus")
-        self.client = Client(cluster.address, token=admin.login()["token"])
+        address = f"127.0.0.1:{GATEWAY_PORT}"
+        admin = Client(address, username="admin", password="cirrus")
+        self.client = Client(address, token=admin.login()["token"])
         host = self.client.list_hosts()[0]["id"]
         while self.client.get_host(host)["state"] != "MONITORED":
             time.sleep(0.2)
@@ -134,11 +97,19 @@ def main():
     args = parser.parse_args()
 
     libvirt_floor = floors.libvirt_define_create(max(args.n, 50))
-    with BenchCluster() as cluster:
-        rpc_floor = floors.nameko_rpc_round_trip(cluster.amqp_uri, 200)
-        pipeline = Pipeline(cluster)
-        alone = pipeline.latency(args.latency_n)
-        burst, wall = pipeline.burst(args.n, args.concurrency)
+    datastore = Path("/var/tmp/cirrus") / f"bench-{uuid.uuid4().hex[:8]}"
+    try:
+        with BenchCluster(gateway_port=GATEWAY_PORT, drivers_monitor_interval=1,
+                          drivers_datastore=datastore) as cluster:
+            # the guests' gate is not in the path being timed
+            cluster.start("cluster", ["cirrus-launch", "--nodes", "bench-1", "--no-migrate",
+                                      "--scale", "gate=0"], "cirrus: cluster ready")
+            rpc_floor = floors.nameko_rpc_round_trip(cluster.amqp_uri, 200)
+            pipeline = Pipeline()
+            alone = pipeline.latency(args.latency_n)
+            burst, wall = pipeline.burst(args.n, args.concurrency)
+    finally:
+        shutil.rmtree(datastore, ignore_errors=True)
     ms = lambda s: round(s * 1000, 2)  # noqa: E731
     p50, p95 = statistics.median(alone), percentile(alone, 95)
     overhead = p50 - libvirt_floor
