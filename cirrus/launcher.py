@@ -261,7 +261,8 @@ class Supervisor:
         """Start one instance (lock held)."""
         inst.proc = subprocess.Popen(
             inst.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=self.env, start_new_session=True)  # own group: Ctrl-C reaches only us
+            env=dict(self.env, CIRRUS_INSTANCE=inst.name),  # who it is: cirrus.instance
+            start_new_session=True)  # own group: Ctrl-C reaches only us
         inst.started_at = time.monotonic()
         inst.restart_at = None
         inst.reader = threading.Thread(target=self._pump, args=(inst.name, inst.proc.stdout),

@@ -44,8 +44,8 @@ def main(argv=None):
     parser.add_argument("service", choices=sorted(SERVICES))
     args = parser.parse_args(argv)
 
-    from cirrus.logs import setup_logging
-    setup_logging(args.service)
+    from cirrus import instance
+    instance.start(args.service)
     from nameko.runners import ServiceRunner
 
     runner = ServiceRunner(nameko_config())

@@ -50,8 +50,7 @@ import uuid
 from kombu import Connection, Consumer, Producer, Queue
 from kombu.exceptions import OperationalError
 
-from cirrus import config, messages
-from cirrus.logs import setup_logging
+from cirrus import config, instance, messages
 from services.drivers.backend import MV_DIRECTIONS, domain_name, vm_id_of
 from services.drivers.reports import ReportSchedule, significant_change
 
@@ -817,14 +816,14 @@ def main(argv=None):
     threads = args.threads or int(settings.get("threads", 4))
     if args.simulate:
         names = simulated_hosts(args.simulate, args.prefix)
-        setup_logging(f"node:{args.prefix}x{args.simulate}")
+        instance.start("node", os.environ.get("CIRRUS_INSTANCE") or f"node:{args.prefix}x{args.simulate}")
         threads = args.threads or max(threads, SIM_THREADS)
         hosts = {name: make_backend(args, settings, name) for name in names}
         # many queues: a few commands in hand per host is plenty
         prefetch = min(threads * 2, 8)
     else:
         names = [args.host]
-        setup_logging("node:" + args.host)
+        instance.start("node", os.environ.get("CIRRUS_INSTANCE") or "node:" + args.host)
         hosts = {args.host: make_backend(args, settings, args.host)}
         prefetch = None
     worker = NodeWorker(hosts, cfg["amqp"]["uri"], threads=threads,

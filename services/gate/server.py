@@ -134,8 +134,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from cirrus import config
-    from cirrus.logs import setup_logging
-    setup_logging("gate")
+    from cirrus import instance
+    instance.start("gate")
     cfg = config.get()
     gate = cfg.get("gate") or {}
     address = args.address or gate.get("address", "127.0.0.1")

@@ -1176,8 +1176,8 @@ class Gateway:
 
 
 def main(argv=None):
-    from cirrus.logs import setup_logging
-    setup_logging("gateway")
+    from cirrus import instance
+    instance.start("gateway")
     gateway = Gateway(config.get())
     stopping = threading.Event()
 
