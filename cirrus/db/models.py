@@ -499,3 +499,24 @@ class CmdbOutbox(Base):
                                                       server_default=func.now())
     last_error: Mapped[str] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Instance(Base):
+    """A running process as last heard from its heartbeat (`cirrus status`).
+    ``beat`` counts a process's heartbeats, so a late one never overwrites a
+    newer one; ``queues``/``hosts`` hold at most a sample, the counts are whole."""
+    __tablename__ = "instances"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    service: Mapped[str] = mapped_column(String(32))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    beat: Mapped[int] = mapped_column(BigInteger)
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    stopped_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=True)
+    metrics_url: Mapped[str] = mapped_column(String(255), nullable=True)
+    queues: Mapped[list] = mapped_column(JSONB, default=list, server_default="[]")
+    queue_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    hosts: Mapped[list] = mapped_column(JSONB, default=list, server_default="[]")   # node workers
+    host_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
