@@ -12,6 +12,8 @@ BIN = Path(sys.executable).parent
 BASE_DB = os.environ.get("CIRRUS_BENCH_DATABASE", "postgresql+psycopg2://postgres@127.0.0.1:5432/")
 BASE_AMQP = os.environ.get("CIRRUS_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# the parts of the machine a pipeline leans on besides Cirrus's own processes
+PROGRAMS = {"rabbitmq": "beam.smp", "postgresql": "postgres"}
 
 
 class BenchCluster:
@@ -58,14 +60,9 @@ class BenchCluster:
 
     def cpu_seconds(self):
         """{name: CPU seconds (user + system) each process has used so far}."""
-        used = {}
-        for name, proc in self.procs.items():
-            try:
-                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except FileNotFoundError:
-                continue
-            used[name] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        return used
+        return {name: used for name, used in
+                ((name, process_cpu(proc.pid)) for name, proc in self.procs.items())
+                if used is not None}
 
     def __exit__(self, *exc):
         for proc in self.procs.values():
@@ -81,3 +78,39 @@ class BenchCluster:
         subprocess.run(["dropdb", "-h", "127.0.0.1", "-U", "postgres", "--force", self.db_name],
                        capture_output=True)
         return False
+
+
+def process_cpu(pid):
+    """CPU seconds (user + system) process ``pid`` has used, None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_cpu(since=None):
+    """The machine's CPU: seconds busy and available (all cores) and what
+    RabbitMQ and PostgreSQL used (every process of theirs). With ``since``
+    (an earlier reading) the figures are over the time between, with shares
+    of what was available, so a run can say whether CPU was its ceiling."""
+    jiffies = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = jiffies[3] + jiffies[4]                  # idle + iowait
+    now = {"total_s": sum(jiffies) / CLOCK_TICKS, "busy_s": (sum(jiffies) - idle) / CLOCK_TICKS}
+    for name in PROGRAMS:
+        now[f"{name}_s"] = 0.0
+    for stat in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            program = stat.read_text().strip()
+        except OSError:
+            continue
+        for name, comm in PROGRAMS.items():
+            if program == comm:
+                now[f"{name}_s"] += process_cpu(stat.parent.name) or 0.0
+    if since is None:
+        return now
+    spent = {key: round(value - since[key], 2) for key, value in now.items()}
+    total = spent.pop("total_s") or 1.0
+    return {**spent, "busy_share": round(spent["busy_s"] / total, 3),
+            **{f"{name}_share": round(spent[f"{name}_s"] / total, 3) for name in PROGRAMS},
+            "cores": os.cpu_count()}

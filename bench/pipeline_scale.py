@@ -141,6 +141,64 @@ def over_committed(url):
             | (Host.mem_usage > Host.max_mem - Host.reserved_mem)))
 
 
+def measure(vms, hosts, clients, lifecycles=1, schedulers=1, timeout=300, floors_too=True):
+    """One run on a fresh cluster of ``lifecycles`` lifecycle and ``schedulers``
+    scheduler processes: the figures as a dict (None for ``total_s`` if not
+    every VM was RUNNING in time), with the CPU each process, RabbitMQ and
+    PostgreSQL used and the machine's busy share over the run."""
+    settings = {"lifecycle_host_timeout": 3600, "scheduler_sweep_interval": 5,
+                "scheduler_batch": 500, "lifecycle_max_workers": 50}
+    with cluster.BenchCluster(**settings) as bench:
+        from sqlalchemy import select
+        from cirrus import db
+        from cirrus.db.models import User
+        with db.session_factory(bench.url)() as s:
+            owner_id = s.scalar(select(User.id).where(User.name == "admin"))
+        for i in range(lifecycles):
+            bench.service(f"lifecycle-{i + 1}", "lifecycle")
+        for i in range(schedulers):
+            bench.service(f"scheduler-{i + 1}", "scheduler")
+        bench.start("node", ["cirrus-node", "--simulate", str(hosts), "--prefix", "sim",
+                             "--register", "--monitor-interval", "600"], "hosts registered",
+                    timeout=120)
+        wait_hosts(bench.url, hosts)
+        out = {"vms": vms, "hosts": hosts, "clients": clients, "lifecycles": lifecycles,
+               "schedulers": schedulers}
+        if floors_too:
+            out["floor_nameko_rpc_ms"] = round(floors.nameko_rpc_round_trip(bench.amqp_uri, 200)
+                                               * 1000, 2)
+            out["floor_sql_reservations_per_s"] = round(
+                vms / floors.reservation_floor(bench.url, vms), 1)
+            out["floor_set_reservation_vms_per_s"] = round(
+                vms / floors.set_reservation_floor(bench.url, vms), 1)
+        print(f"{hosts} simulated hosts monitored; creating {vms} VMs from {clients} clients "
+              f"({lifecycles} lifecycle, {schedulers} scheduler)", flush=True)
+
+        cpu_before, machine_before = bench.cpu_seconds(), cluster.machine_cpu()
+        start = time.perf_counter()
+        ids, creating = create(bench.amqp_uri, owner_id, vms, clients)
+        total = wait_running(bench.url, ids, start, timeout)
+        cpu = {name: used - cpu_before[name] for name, used in bench.cpu_seconds().items()}
+        machine = cluster.machine_cpu(since=machine_before)
+        latencies, done, wrong = timeline(bench.url, ids)
+        over = over_committed(bench.url)
+
+    out.update(total_s=None if total is None else round(total, 3), running=len(done),
+               create_only_vms_per_s=round(vms / creating, 1),
+               cpu_s={name: round(used, 2) for name, used in cpu.items()},
+               machine=machine, load_average_1min=round(os.getloadavg()[0], 2),
+               over_committed_hosts=over, wrong_histories=wrong)
+    if total is not None:
+        low, high = done[int(0.1 * (len(done) - 1))], done[int(0.9 * (len(done) - 1))]
+        out.update(vms_per_s=round(vms / total, 1),
+                   sustained_vms_per_s=round(0.8 * len(done) / (high - low), 1)
+                   if high > low else round(vms / total, 1),
+                   latency_median_s=round(statistics.median(latencies), 3),
+                   latency_p95_s=round(percentile(latencies, 95), 3),
+                   latency_max_s=round(max(latencies), 3))
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vms", type=int, default=2000)
@@ -151,75 +209,31 @@ def main():
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args()
 
-    settings = {"lifecycle_host_timeout": 3600, "scheduler_sweep_interval": 5,
-                "scheduler_batch": 500, "lifecycle_max_workers": 50}
-    with cluster.BenchCluster(**settings) as bench:
-        from sqlalchemy import select
-        from cirrus import db
-        from cirrus.db.models import User
-        with db.session_factory(bench.url)() as s:
-            owner_id = s.scalar(select(User.id).where(User.name == "admin"))
-        for i in range(args.lifecycles):
-            bench.service(f"lifecycle-{i}", "lifecycle")
-        bench.service("scheduler")
-        bench.start("node", ["cirrus-node", "--simulate", str(args.hosts), "--prefix", "sim",
-                             "--register", "--monitor-interval", "600"], "hosts registered",
-                    timeout=120)
-        wait_hosts(bench.url, args.hosts)
-        rpc_floor = floors.nameko_rpc_round_trip(bench.amqp_uri, 200)
-        sql_floor = floors.reservation_floor(bench.url, args.vms)
-        set_floor = floors.set_reservation_floor(bench.url, args.vms)
-        print(f"{args.hosts} simulated hosts monitored; creating {args.vms} VMs from "
-              f"{args.clients} clients", flush=True)
-
-        cpu_before = bench.cpu_seconds()
-        start = time.perf_counter()
-        ids, creating = create(bench.amqp_uri, owner_id, args.vms, args.clients)
-        total = wait_running(bench.url, ids, start, args.timeout)
-        cpu = {name: used - cpu_before[name] for name, used in bench.cpu_seconds().items()}
-        latencies, done, wrong = timeline(bench.url, ids)
-        over = over_committed(bench.url)
-
-    if total is None:
-        raise SystemExit(f"only {len(done)} of {args.vms} VMs RUNNING after {args.timeout} s")
-    rate = args.vms / total
-    low, high = done[int(0.1 * (len(done) - 1))], done[int(0.9 * (len(done) - 1))]
-    sustained = 0.8 * len(done) / (high - low) if high > low else rate
-    ms = lambda s: round(s * 1000, 1)  # noqa: E731
+    run = measure(args.vms, args.hosts, args.clients, args.lifecycles, timeout=args.timeout)
+    if run["total_s"] is None:
+        raise SystemExit(f"only {run['running']} of {args.vms} VMs RUNNING after {args.timeout} s")
+    rate = run["vms_per_s"]
     print(f"full pipeline, {args.lifecycles} lifecycle: {args.vms} VMs created and RUNNING on "
-          f"{args.hosts} simulated hosts in "
-          f"{total:.2f} s: {rate:.0f} VMs/s, {sustained:.0f} VMs/s sustained (10% to 90%); "
-          f"goal >= 200 VMs/s")
-    print(f"  creating alone: {args.vms / creating:.0f} VMs/s through lifecycle.allocate "
-          f"({creating:.2f} s)")
-    print(f"  create to RUNNING: median {statistics.median(latencies):.2f} s, "
-          f"p95 {percentile(latencies, 95):.2f} s, max {max(latencies):.2f} s")
+          f"{args.hosts} simulated hosts in {run['total_s']:.2f} s: {rate:.0f} VMs/s, "
+          f"{run['sustained_vms_per_s']:.0f} VMs/s sustained (10% to 90%); goal >= 200 VMs/s")
+    print(f"  creating alone: {run['create_only_vms_per_s']:.0f} VMs/s through lifecycle.allocate")
+    print(f"  create to RUNNING: median {run['latency_median_s']:.2f} s, "
+          f"p95 {run['latency_p95_s']:.2f} s, max {run['latency_max_s']:.2f} s")
     print(f"  anchors: OpenNebula {OPENNEBULA_PER_S:.0f} dispatches/s "
           f"({rate / OPENNEBULA_PER_S:.0f}x), Nova {NOVA_PER_S} boots/s "
           f"({rate / NOVA_PER_S:.0f}x)")
-    print(f"  floor: bare Nameko RPC round trip {ms(rpc_floor)} ms; raw SQL reservation "
-          f"{args.vms / sql_floor:.0f} UPDATEs/s one by one, {args.vms / set_floor:.0f} VMs/s "
-          f"set-based (one UPDATE per 500)")
+    print(f"  floor: bare Nameko RPC round trip {run['floor_nameko_rpc_ms']} ms; raw SQL "
+          f"reservation {run['floor_sql_reservations_per_s']:.0f} UPDATEs/s one by one, "
+          f"{run['floor_set_reservation_vms_per_s']:.0f} VMs/s set-based (one UPDATE per 500)")
     print("  CPU used: " + ", ".join(f"{name} {used:.2f} s ({used / args.vms * 1000:.1f} ms "
-                                     f"per VM)" for name, used in cpu.items()))
+                                     f"per VM)" for name, used in run["cpu_s"].items()))
     # the machine's load: figures measured beside other work are noisy
     print("  load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
-    print(f"  checks: over-committed hosts {over}, VMs whose history is not "
-          f"{' > '.join(PATH)}: {wrong}")
-    print(json.dumps({
-        "bench": "pipeline_scale", "vms": args.vms, "hosts": args.hosts,
-        "clients": args.clients, "lifecycles": args.lifecycles, "total_s": round(total, 3), "vms_per_s": round(rate, 1),
-        "sustained_vms_per_s": round(sustained, 1), "goal_vms_per_s": 200,
-        "create_only_vms_per_s": round(args.vms / creating, 1),
-        "latency_median_s": round(statistics.median(latencies), 3),
-        "latency_p95_s": round(percentile(latencies, 95), 3),
-        "anchor_opennebula_per_s": OPENNEBULA_PER_S, "anchor_nova_per_s": NOVA_PER_S,
-        "floor_nameko_rpc_ms": ms(rpc_floor),
-        "floor_sql_reservations_per_s": round(args.vms / sql_floor, 1),
-        "floor_set_reservation_vms_per_s": round(args.vms / set_floor, 1),
-        "cpu_s": {name: round(used, 2) for name, used in cpu.items()},
-        "load_average_1min": round(os.getloadavg()[0], 2),
-        "over_committed_hosts": over, "wrong_histories": wrong}))
+    print(f"  checks: over-committed hosts {run['over_committed_hosts']}, VMs whose history is "
+          f"not {' > '.join(PATH)}: {run['wrong_histories']}")
+    print(json.dumps({"bench": "pipeline_scale", **run, "goal_vms_per_s": 200,
+                      "anchor_opennebula_per_s": OPENNEBULA_PER_S,
+                      "anchor_nova_per_s": NOVA_PER_S}))
 
 
 if __name__ == "__main__":
