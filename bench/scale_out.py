@@ -33,12 +33,12 @@ def ceiling(run):
               "RabbitMQ": machine["rabbitmq_s"] / busy,
               "PostgreSQL": machine["postgresql_s"] / busy}
     # the bench's own clients and whatever else ran on the machine
-    shares["the rest"] = max(0.0, 1 - sum(shares.values()))
+    shares["other programs"] = max(0.0, 1 - sum(shares.values()))
     parts = ", ".join(f"{name} {share:.0%}" for name, share in shares.items())
     if machine["busy_share"] >= CPU_BOUND:
         return "cpu", f"CPU: {machine['busy_share']:.0%} of {machine['cores']} cores busy ({parts} of it)"
     return "waiting", (f"not CPU: {machine['busy_share']:.0%} of {machine['cores']} cores busy "
-                       f"({parts}); the rest is waiting on broker and database round trips")
+                       f"({parts}); idle time is spent waiting on broker and database round trips")
 
 
 def main():
