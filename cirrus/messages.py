@@ -46,16 +46,17 @@ def vm_event_key(state, lcm_state, vm_id):
     return f"VM/{state}/{lcm_state}/{vm_id}"
 
 
-def command(action, vm_id, host, **args):
+def command(action, vm_id, host, request_id=None, **args):
     """A driver command. ``id`` makes redelivery harmless: the worker may run
-    a command twice, and lifecycle takes only the first result for an id."""
+    a command twice, and lifecycle takes only the first result for an id.
+    ``request_id``: the request it serves, which the node logs and echoes."""
     assert action in DRIVER_ACTIONS, action
     return {"id": str(uuid.uuid4()), "action": action, "vm_id": vm_id, "host": host,
-            "args": args}
+            "request_id": request_id, "args": args}
 
 
 def result(cmd, success, info=None, error=None):
     """A driver's answer to ``cmd``: SUCCESS with info, or FAILURE with a message."""
     return {"command_id": cmd["id"], "action": cmd["action"], "vm_id": cmd["vm_id"],
-            "host": cmd["host"], "success": bool(success), "info": info or {},
-            "error": error}
+            "host": cmd["host"], "request_id": cmd.get("request_id"),
+            "success": bool(success), "info": info or {}, "error": error}

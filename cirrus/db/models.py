@@ -105,6 +105,8 @@ class VirtualMachine(Base):
     sched_message: Mapped[str] = mapped_column(Text, nullable=True)    # why it is not placed
     # the caller's request id: a create that is redelivered or retried finds its VM
     request_id: Mapped[str] = mapped_column(String(64), nullable=True)
+    # the request of the last action on it: batched work logs the VM under it (cirrus.tracing)
+    last_request_id: Mapped[str] = mapped_column(String(64), nullable=True)
     # the VM group it belongs to, and its role there (placement affinity rules)
     vmgroup_id: Mapped[int] = mapped_column(ForeignKey("vm_groups.id"), nullable=True, index=True)
     vmgroup_role: Mapped[str] = mapped_column(String(128), nullable=True)

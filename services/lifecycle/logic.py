@@ -9,10 +9,12 @@ statement each. User actions come in through ``vm_action`` (and
 ``recover``); placements and migrations reserve capacity with conditional
 UPDATEs (``reserve``, and ``reserve_shares`` for a batch's hosts).
 """
+import logging
+
 from sqlalchemy import bindparam, or_, select, text, tuple_, update
 from sqlalchemy.orm import aliased
 
-from cirrus import bulk, messages, outbox
+from cirrus import bulk, messages, outbox, tracing
 from cirrus.db import get_row, iso
 from cirrus.db.models import (Host, Template, User, VirtualMachine, VmDevices, VmHistory,
                                utcnow)
@@ -22,6 +24,7 @@ from cirrus.states import (FAILED_FROM, MIGRATING, ON_HOST, SHORT_NAMES, TRANSIE
                            status)
 from services.lifecycle import accounting, clusters, devices
 
+log = logging.getLogger("cirrus.lifecycle")
 
 
 def vm_status(vm):
@@ -49,7 +52,7 @@ def allocate(session, owner_id, name, cpu, vcpu, memory, template, hold=False,
         if existing is not None:
             return existing
     vm = VirtualMachine(**new_vm_row(session, owner_id, name, cpu, vcpu, memory, template,
-                                     request_id))
+                                     request_id, tracing.request_id()))
     clusters.join_vmgroup(session, vm, owner_id, template)
     session.add(vm)
     session.flush()
@@ -57,9 +60,12 @@ def allocate(session, owner_id, name, cpu, vcpu, memory, template, hold=False,
     return vm
 
 
-def new_vm_row(session, owner_id, name, cpu, vcpu, memory, template, request_id):
+def new_vm_row(session, owner_id, name, cpu, vcpu, memory, template, request_id,
+               last_request_id=None):
     """The INIT row of a VM to create, or InvalidArgument (NotFound,
-    FailedPrecondition for its devices) naming what is wrong."""
+    FailedPrecondition for its devices) naming what is wrong. Its
+    ``last_request_id`` is the request creating it (the create's own
+    ``request_id`` when none is given: a flow's role VM)."""
     if not name or not str(name).strip():
         raise InvalidArgument("name: must not be empty")
     if memory is None or memory <= 0:
@@ -72,11 +78,12 @@ def new_vm_row(session, owner_id, name, cpu, vcpu, memory, template, request_id)
     devices.check_template(session, owner_id, template)
     return {"name": str(name).strip(), "owner_id": owner_id, "state": "INIT",
             "lcm_state": "LCM_INIT", "seq": 0, "cpu": float(cpu), "vcpu": int(vcpu),
-            "memory": int(memory), "template": template or {}, "request_id": request_id}
+            "memory": int(memory), "template": template or {}, "request_id": request_id,
+            "last_request_id": last_request_id or request_id}
 
 
 CREATED_COLUMNS = ("name", "owner_id", "state", "lcm_state", "seq", "cpu", "vcpu", "memory",
-                   "template", "request_id", "vmgroup_id", "vmgroup_role")
+                   "template", "request_id", "last_request_id", "vmgroup_id", "vmgroup_role")
 
 
 def allocate_many(session, creates):
@@ -85,7 +92,14 @@ def allocate_many(session, creates):
     Each is checked as allocate checks it (the first bad one raises); the VM
     rows, then their history and outbox, are written with one statement each.
     A request id made before, or earlier in the same list, gives the VM it
-    made. Returns the VMs described (``describe``), in the order given."""
+    made. Returns the VMs described (``describe``), in the order given.
+    Each create may carry ``last_request_id``, the request it serves (many
+    requests share one batch, so each VM is logged under its own)."""
+    with tracing.detached():
+        return _allocate_many(session, creates)
+
+
+def _allocate_many(session, creates):
     asked = {(c["owner_id"], c["request_id"]) for c in creates if c.get("request_id")}
     known = {}
     if asked:
@@ -100,7 +114,7 @@ def allocate_many(session, creates):
             continue
         row = new_vm_row(session, create["owner_id"], create["name"], create["cpu"],
                          create["vcpu"], create["memory"], create["template"],
-                         create.get("request_id"))
+                         create.get("request_id"), create.get("last_request_id"))
         group = VmRecord({"vmgroup_id": None, "vmgroup_role": None})
         clusters.join_vmgroup(session, group, create["owner_id"], create["template"])
         row.update(vmgroup_id=group.vmgroup_id, vmgroup_role=group.vmgroup_role)
@@ -157,9 +171,12 @@ def step(session, vm, action, message=None):
     ORM VirtualMachine or a ``VmRecord``) in memory, keeps the hosts' usage
     in step, and returns what the move writes besides the VM row: its
     history row, its outbox rows (the driver command, the ``vm.state``
-    event) and the hosts' usage changes, for ``write_steps``."""
+    event) and the hosts' usage changes, for ``write_steps``. The move
+    serves the current request (cirrus.tracing), else the VM's last one,
+    which its command, event and log line carry."""
     current = vm_status(vm)
     transition = check_allowed(vm, action)
+    vm.last_request_id = request_id = tracing.request_id() or vm.last_request_id
     vm.state, vm.lcm_state = (s.value for s in split(transition.target))
     vm.seq += 1
     vm.updated_at = utcnow()
@@ -174,14 +191,19 @@ def step(session, vm, action, message=None):
     history = {"vm_id": vm.id, "seq": vm.seq, "action": action, "from_status": current,
                "to_status": transition.target, "host_id": vm.host_id, "message": message}
     vm.command_id = None
-    rows = []
+    rows, sent = [], ""
     if transition.command:
         cmd = driver_command(session, vm, transition)
         vm.command_id = cmd["id"]
         rows.append(outbox.command_row(cmd))
+        sent = f"; {cmd['action']} sent to {cmd['host']}"
     host = session.get(Host, vm.host_id) if vm.host_id else None
     rows.append(outbox.event_row(messages.LIFECYCLE, messages.VM_STATE,
-                                 state_event(vm, host.name if host else None, freed)))
+                                 state_event(vm, host.name if host else None, freed),
+                                 tracing.headers(request_id)))
+    tracing.log_after_commit(session, log, "VM %s: %s -> %s (%s)%s", vm.id, current,
+                             transition.target, action, sent, request_id=request_id,
+                             vm_id=vm.id)
     return history, rows, usage
 
 
@@ -211,8 +233,10 @@ def apply_many(session, moves):
     message)]. Each move is checked and made by ``step``, as one ``apply``;
     then the VM rows, the history and the outbox are written with one
     statement each. Raises FailedPrecondition if any VM's status does not
-    allow its action (the caller's transaction then rolls back)."""
-    steps = [step(session, vm, action, message) for vm, action, message in moves]
+    allow its action (the caller's transaction then rolls back). Each VM
+    moves for its own last request (the caller's serves many)."""
+    with tracing.detached():
+        steps = [step(session, vm, action, message) for vm, action, message in moves]
     write_records(session, [vm for vm, _, _ in moves])
     write_steps(session, steps)
 
@@ -225,7 +249,7 @@ RECORD_COLUMNS = [c for c in _vms.c if c.name not in ("monitoring", "metrics")]
 # what a transition may change, written back by ``write_records``
 WRITTEN_COLUMNS = ("state", "lcm_state", "seq", "updated_at", "host_id", "target_host_id",
                    "resume_from", "command_id", "sched_message", "error", "deploy_id",
-                   "runtime", "resched")
+                   "runtime", "resched", "last_request_id")
 
 
 class VmRecord:
@@ -360,7 +384,7 @@ def driver_command(session, vm, transition):
     if transition.command == "migrate":
         target = session.get(Host, vm.target_host_id)
         args.update(dest_host=target.name, dest_uri=(target.monitoring or {}).get("URI"))
-    return messages.command(transition.command, vm.id, host.name, **args)
+    return messages.command(transition.command, vm.id, host.name, vm.last_request_id, **args)
 
 
 def driver_spec(vm, held=None):
@@ -470,11 +494,12 @@ def deploy_many(session, placements):
     # held in the session for step() and driver_command(), which read the host's name
     hosts = session.scalars(select(Host).where(Host.id.in_({h for _, h in placements}))).all()
     with session.no_autoflush:
-        attempt = session.begin_nested()
+        attempt, mark = session.begin_nested(), tracing.held(session)
         answers = deploy_batch(session, placements, lock_records(session, vm_ids),
                                reserve_last=True)
         if answers is None:
             attempt.rollback()
+            tracing.forget_since(session, mark)
             answers = deploy_batch(session, placements, lock_records(session, vm_ids),
                                    reserve_last=False)
         else:
@@ -729,12 +754,13 @@ def handle_results(session, results):
     hosts = session.scalars(select(Host).where(Host.id.in_(
         {h for vm in vms.values() for h in (vm.host_id, vm.target_host_id) if h}))).all()
     steps, moved = [], {}
-    for result in results:
-        vm = vms.get(result["vm_id"])
-        move = result_move(vm, result)
-        if move:
-            steps.append(step(session, vm, *move))
-            moved[vm.id] = vm
+    with tracing.detached():    # the results of many requests: each VM its own
+        for result in results:
+            vm = vms.get(result["vm_id"])
+            move = result_move(vm, result)
+            if move:
+                steps.append(step(session, vm, *move))
+                moved[vm.id] = vm
     write_records(session, list(moved.values()))
     write_steps(session, steps)
     del held, hosts

@@ -158,6 +158,7 @@ class VmRequest:
     group: int = None       # VM group id
     role: str = None
     current_host: int = None    # a RUNNING VM to move: it must leave this host
+    request_id: str = None      # of the last action on the VM: its log lines name it
 
     @property
     def priority(self):
