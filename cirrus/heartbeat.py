@@ -13,6 +13,7 @@ is harmless, the next one says the same, and one that waited in a queue for
 longer than ``status.down_after`` expires, so a backlog never makes a dead
 process look alive.
 """
+import itertools
 import logging
 import os
 import threading
@@ -32,9 +33,13 @@ EXCHANGE = messages.event_exchange(SOURCE)
 # first ones and the counts, not 2,500 names every few seconds
 SAMPLE = 20
 DEFAULTS = {"heartbeat_interval": 5, "down_after": 15, "forget_after": 3600}
+CONNECT_TIMEOUT = 5         # seconds
 
 _serving = {"queues": [], "hosts": []}
 _current = None
+# beats of this process, counted across restarts of its heartbeat (the gate's
+# around its forks), as the requests service keeps only a higher count
+_beats = itertools.count(1)
 
 
 def settings(cfg=None):
@@ -100,7 +105,7 @@ class Heartbeat:
         self.interval = interval
         self.expiration = expiration
         self.pid = os.getpid()
-        self.beats = 0
+        self.final = True           # a last beat, marked stopping, when stopped
         self.failing = False
         self.connection = None
         self.stopping = threading.Event()
@@ -110,7 +115,8 @@ class Heartbeat:
         self.thread.start()
         return self
 
-    def stop(self, timeout=5.0):
+    def stop(self, timeout=5.0, final=True):
+        self.final = final
         self.stopping.set()
         if self.thread.is_alive():
             self.thread.join(timeout)
@@ -118,20 +124,20 @@ class Heartbeat:
     def run(self):
         # a copy that a fork left in a child ends there: the child beats for itself
         while os.getpid() == self.pid:
-            final = self.stopping.is_set()
-            self.send(final)
-            if final:
+            if self.stopping.is_set():
+                if self.final:
+                    self.send(stopping=True)
                 self.close()
                 return
+            self.send()
             self.stopping.wait(self.interval)
 
     def send(self, stopping=False):
-        self.beats += 1
-        body = payload(self.identity, self.beats, stopping)
+        body = payload(self.identity, next(_beats), stopping)
         try:
             if self.connection is None:
                 self.connection = Connection(
-                    self.amqp_uri, connect_timeout=min(self.interval, 5), transport_options={
+                    self.amqp_uri, connect_timeout=CONNECT_TIMEOUT, transport_options={
                         "max_retries": 1, "client_properties": {
                             "connection_name": f"cirrus-heartbeat:{self.identity.name}"}})
                 EXCHANGE(self.connection.default_channel).declare()
@@ -171,7 +177,10 @@ def start(identity):
     return _current
 
 
-def stop(timeout=5.0):
-    """Send the last heartbeat, marked stopping; for a clean stop."""
+def stop(timeout=5.0, final=True):
+    """Send the last heartbeat, marked stopping, on a clean stop. Without
+    ``final``, just stop beating: before a fork, so that no beat is half
+    sent through a connection the child would share (each process then
+    starts its own)."""
     if _current is not None and _current.pid == os.getpid():
-        _current.stop(timeout)
+        _current.stop(timeout, final)
