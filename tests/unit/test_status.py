@@ -7,10 +7,11 @@ from types import SimpleNamespace
 import pytest
 from kombu import Queue
 
-from cirrus import cli, heartbeat
+from cirrus import heartbeat
 from cirrus.config import ConfigError
 from cirrus.instance import Identity
 from services.requests import status
+from tests.unit.test_cli_requests import run
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -114,14 +115,6 @@ class Api:
     def status(self, service=None):
         self.asked.append(service)
         return self.answer
-
-
-def run(capsys, monkeypatch, api, *argv):
-    monkeypatch.setattr(cli, "client", lambda args: api)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(list(argv))
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_status_prints_each_process_then_each_queue_once(capsys, monkeypatch):
