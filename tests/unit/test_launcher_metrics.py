@@ -2,7 +2,6 @@
 import io
 import json
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -93,8 +92,10 @@ def test_each_instance_gets_its_own_variables():
     assert "printer.2 | port 9412" in output.getvalue()
 
 
-def test_command_line_refuses_a_metrics_port_that_is_no_port():
-    result = subprocess.run([PY, "-m", "cirrus.launcher", "--metrics-port", "70000"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert "--metrics-port 70000: not a port number" in result.stderr
+def test_deploy_prometheus_reads_the_targets_file_the_launcher_writes():
+    import yaml
+    from cirrus import config
+    scrape_config, = yaml.safe_load((config.REPO_ROOT / "deploy" / "prometheus.yml")
+                                    .read_text())["scrape_configs"]
+    written = config.load(environ={})["metrics"]["targets_file"]
+    assert scrape_config["file_sd_configs"][0]["files"] == [written]
