@@ -14,6 +14,7 @@ path. The two that need the database (VMs per status, outbox rows waiting)
 are read when scraped, by the lifecycle service (``Metrics(cluster=True)``).
 """
 import logging
+import os
 import socket
 import time
 from contextlib import contextmanager
@@ -72,15 +73,18 @@ OUTBOX_LAG = Histogram("cirrus_outbox_lag_seconds", "From an outbox row written 
                        "transaction) to the broker confirming it published", buckets=BUCKETS)
 
 _server = None      # (httpd, thread) of the running HTTP server
-_endpoint = None
+_endpoint = None    # (url, pid of the process serving it)
 _cluster_collector = None
 
 
 # ---------------------------------------------------------------- serving
 
 def endpoint():
-    """``http://HOST:PORT/metrics`` of this process, or None before ``serve``."""
-    return _endpoint
+    """``http://HOST:PORT/metrics`` of this process, or None before ``serve``
+    (also in a forked child before it serves: the parent's is not its own)."""
+    if _endpoint is not None and _endpoint[1] == os.getpid():
+        return _endpoint[0]
+    return None
 
 
 def settings(cfg=None):
@@ -135,11 +139,11 @@ def serve(identity, index=0):
                     address, port, exc.strerror)
         httpd, thread = start_http_server(0, address)
     _server = (httpd, thread)
-    _endpoint = url(address, httpd.server_address[1], identity.host)
+    _endpoint = (url(address, httpd.server_address[1], identity.host), os.getpid())
     INSTANCE.clear()
     INSTANCE.labels(identity.service, identity.name, identity.host, identity.version).set(1)
-    log.info("metrics on %s", _endpoint)
-    return _endpoint
+    log.info("metrics on %s", _endpoint[0])
+    return _endpoint[0]
 
 
 def stop():
@@ -147,8 +151,9 @@ def stop():
     socket stays open in the parent)."""
     global _server, _endpoint
     if _server is not None:
-        httpd, _thread = _server
-        httpd.shutdown()
+        httpd, thread = _server
+        if thread.is_alive():   # in a forked child only green threads live on
+            httpd.shutdown()
         httpd.server_close()
         _server = _endpoint = None
 

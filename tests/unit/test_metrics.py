@@ -193,3 +193,27 @@ def test_scheduling_latency_from_the_vm_becoming_pending():
     metrics.scheduled(None)     # not known: not counted
     assert value("cirrus_scheduling_seconds_count") == count + 1
     assert 2 <= value("cirrus_scheduling_seconds_sum") - seconds < 10
+
+
+@pytest.mark.filterwarnings("ignore:Using fork")   # eventlet's, warning any fork
+def test_a_forked_child_reports_no_endpoint_until_it_serves_its_own(port_setting):
+    import os
+    port_setting(0)
+    parent = metrics.serve(instance.Identity("gate", "gate.1", "box", 1, "1", 0.0))
+    reading, writing = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            inherited = metrics.endpoint()
+            own = metrics.serve(instance.Identity("gate", "gate.1/1", "box", 2, "1", 0.0), 1)
+            names = scrape(own)["cirrus_instance_info"][0][0]["name"]
+            os.write(writing, f"{inherited} {own != parent} {names}".encode())
+        finally:
+            os._exit(0)
+    os.close(writing)
+    with os.fdopen(reading) as answer:
+        said = answer.read()
+    os.waitpid(pid, 0)
+    assert said == "None True gate.1/1"
+    assert metrics.endpoint() == parent
+    assert scrape(parent)["cirrus_instance_info"][0][0]["name"] == "gate.1"
