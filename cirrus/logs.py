@@ -23,13 +23,17 @@ from pathlib import Path
 
 import yaml
 
+from cirrus import instance
+
 FORMATS = ("json", "text")
 # where cirrus-launch's clusters write their files, and where `cirrus trace` looks
 # when logging.dir is not set
 DEFAULT_DIR = "/var/tmp/cirrus/logs"
-NOISY = ("kombu", "amqp", "nameko", "sqlalchemy", "alembic")
+# libraries whose INFO lines are not Cirrus's news (SpiffWorkflow: a dozen per approval run)
+NOISY = ("kombu", "amqp", "nameko", "sqlalchemy", "alembic", "spiff")
 
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+# built once; ASCII escapes are a little quicker than UTF-8 and any reader takes them
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 def settings(cfg=None):
@@ -102,26 +106,34 @@ class _Stamp:
         return f"{text}.{int((created - whole) * 1e6):06d}Z"
 
 
-def _context(record, current):
-    """(request id, VM id) of a record: its own ``extra``, else the current request's."""
-    found = record.__dict__
-    request_id, vm_id = current()
-    return found.get("request_id", request_id), found.get("vm_id", vm_id)
+class _Formatter(logging.Formatter):
+    """What both formats read of a record: its time, request, VM and traceback.
+    ``current`` gives the current (request id, VM id): cirrus.tracing.current."""
 
-
-class JsonFormatter(logging.Formatter):
     def __init__(self, current):
         super().__init__()
         self.current = current
         self.stamp = _Stamp()
 
+    def context(self, record):
+        """(request id, VM id): the line's own ``extra``, else the current request's."""
+        found = record.__dict__
+        request_id, vm_id = self.current()
+        return found.get("request_id", request_id), found.get("vm_id", vm_id)
+
+    def traceback(self, record):
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        return record.exc_text
+
+
+class JsonFormatter(_Formatter):
     def format(self, record):
         cached = record.__dict__.get("_cirrus_json")
         if cached is not None:
             return cached
-        from cirrus import instance
         identity = instance.current()
-        request_id, vm_id = _context(record, self.current)
+        request_id, vm_id = self.context(record)
         line = {"ts": self.stamp(record.created), "level": record.levelname,
                 "service": identity.service, "instance": identity.name,
                 "logger": record.name, "msg": record.getMessage()}
@@ -129,32 +141,25 @@ class JsonFormatter(logging.Formatter):
             line["request_id"] = request_id
         if vm_id is not None:
             line["vm_id"] = vm_id
-        if record.exc_info:
-            record.exc_text = record.exc_text or self.formatException(record.exc_info)
-        if record.exc_text:
-            line["exc"] = record.exc_text
+        traceback = self.traceback(record)
+        if traceback:
+            line["exc"] = traceback
         record._cirrus_json = text = _encode(line)
         return text
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_Formatter):
     """``2026-01-02T10:00:00.123456Z INFO cirrus.lifecycle: message [request R, VM 5]``"""
 
-    def __init__(self, current):
-        super().__init__()
-        self.current = current
-        self.stamp = _Stamp()
-
     def format(self, record):
-        request_id, vm_id = _context(record, self.current)
+        request_id, vm_id = self.context(record)
         about = ", ".join(part for part in (
             f"request {request_id}" if request_id else "",
             f"VM {vm_id}" if vm_id is not None else "") if part)
         text = (f"{self.stamp(record.created)} {record.levelname} {record.name}: "
                 f"{record.getMessage()}{f' [{about}]' if about else ''}")
-        if record.exc_info:
-            record.exc_text = record.exc_text or self.formatException(record.exc_info)
-        return f"{text}\n{record.exc_text}" if record.exc_text else text
+        traceback = self.traceback(record)
+        return f"{text}\n{traceback}" if traceback else text
 
 
 def file_name(instance_name):
@@ -167,7 +172,6 @@ class InstanceFile(logging.handlers.RotatingFileHandler):
     so a forked gate process that names itself again writes a file of its own."""
 
     def __init__(self, directory, max_bytes, backups):
-        from cirrus import instance
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.identity = instance.current()
@@ -175,7 +179,6 @@ class InstanceFile(logging.handlers.RotatingFileHandler):
                          backupCount=backups, encoding="utf-8", delay=True)
 
     def emit(self, record):
-        from cirrus import instance
         identity = instance.current()
         if identity is not self.identity:
             with self.lock:

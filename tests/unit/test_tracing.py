@@ -1,12 +1,16 @@
 """cirrus.tracing: how a request id is carried (headers, commands, results) and
 which request a Nameko worker works for."""
 import logging
+import os
 from types import SimpleNamespace
 
+import pytest
 from nameko.events import EventHandler
 from nameko.rpc import Rpc
 
-from cirrus import messages, outbox, tracing
+from cirrus import launcher, logs, messages, outbox, tracing
+from cirrus.cli import build_parser
+from cirrus.client import Client
 from services.drivers.simulated import SimulatedBackend
 from services.drivers.worker import command_fields, run_command, tracing_ids
 
@@ -124,3 +128,26 @@ def test_lines_wait_for_the_commit_and_a_rolled_back_savepoint_drops_its_own(cap
         tracing.committed(session)      # once only
     assert [(r.getMessage(), r.request_id, r.vm_id) for r in caplog.records] == [
         ("VM 1 first", "a", 1)]
+
+
+def test_the_cli_sends_the_request_id_it_is_given(capsys):
+    args = build_parser().parse_args(["--request-id", "mine-1", "vm", "list"])
+    assert args.request_id == "mine-1"
+    api = Client(address="127.0.0.1:1", token="t", request_id=args.request_id)
+    assert ("x-request-id", "mine-1") in api._metadata()
+    assert ("x-request-id", "given") in api._metadata("given")
+    api.close()
+    for bad in ("x" * 65, "tab\there", ""):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--request-id", bad, "vm", "list"])
+        assert "--request-id: " in capsys.readouterr().err
+
+
+def test_the_launcher_gives_its_children_a_log_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("CIRRUS_LOGGING_FORMAT", "json")
+    monkeypatch.delenv("CIRRUS_LOGGING_DIR", raising=False)
+    assert launcher.logging_env({"logging": {"dir": None}}) == logs.DEFAULT_DIR
+    assert (os.environ["CIRRUS_LOGGING_DIR"], os.environ["CIRRUS_LOGGING_FORMAT"]) == (
+        logs.DEFAULT_DIR, "text")
+    assert launcher.logging_env({}, str(tmp_path), "json") == str(tmp_path)
+    assert os.environ["CIRRUS_LOGGING_DIR"] == str(tmp_path)
