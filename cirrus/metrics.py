@@ -246,12 +246,15 @@ def _timed_unary(behaviour, method):
 
 def _counted_stream(behaviour, method):
     def answer(request, context):
-        failed = True
+        failed, code = True, None
         try:
             yield from behaviour(request, context)
             failed = False
+        except GeneratorExit:       # the watcher went away
+            code = "CANCELLED"
+            raise
         finally:
-            GRPC_CALLS.labels(method, grpc_code(context, failed)).inc()
+            GRPC_CALLS.labels(method, code or grpc_code(context, failed)).inc()
     return answer
 
 
@@ -329,7 +332,10 @@ class ClusterCollector:
             return
         per_status = dict.fromkeys(states.ALL_STATUSES, 0)
         for state, lcm_state, count in counts:
-            name = states.status(state, lcm_state)
+            try:
+                name = states.status(state, lcm_state)
+            except ValueError:      # a state this version does not know: as it is
+                name = state
             per_status[name] = per_status.get(name, 0) + count
         for name, count in per_status.items():
             vms.add_metric([name], count)

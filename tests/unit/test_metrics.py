@@ -149,6 +149,15 @@ def test_a_stream_is_counted_when_it_ends_and_not_timed():
     assert value("cirrus_grpc_seconds_count", method=method) == 0
 
 
+def test_a_stream_its_watcher_left_is_counted_cancelled():
+    method = "cirrus.v1.TestService/Follow"
+    stream = intercepted(lambda request, context: iter(range(10)), streaming=True,
+                         method="/" + method)("q", Context())
+    assert next(stream) == 0
+    stream.close()
+    assert value("cirrus_grpc_calls_total", method=method, code="CANCELLED") == 1
+
+
 def test_an_unknown_method_is_left_to_grpc():
     details = type("Details", (), {"method": "/nothing/Here"})
     assert metrics.GrpcMetrics().intercept_service(lambda d: None, details) is None
