@@ -107,6 +107,9 @@ def test_the_worker_turns_news_of_cirrus_domains_into_vm_events():
     worker.on_domain_event("node-e", "cirrus-12", backend.POWEROFF, "STOPPED/DESTROYED")
     assert list(worker.vm_events) == [
         {"host": "node-e", "vm_id": 12, "deploy_id": "cirrus-12", "state": backend.POWEROFF,
-         "reason": "STOPPED/DESTROYED", "at": worker.vm_events[0]["at"]}]
+         "reason": "STOPPED/DESTROYED", "at": worker.vm_events[0]["at"],
+         "request_id": worker.vm_events[0]["request_id"]}]
     assert worker.vm_events[0]["at"] >= before
+    # a request of its own, which lifecycle's transition carries on (cirrus trace)
+    assert len(worker.vm_events[0]["request_id"]) == 32
     assert worker.hurried == {"node-e"}     # and its host reports early: its domains changed

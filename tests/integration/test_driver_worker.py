@@ -218,7 +218,8 @@ def test_domain_changes_are_published_as_vm_events(node, bus):
     stopped = bus.wait_for(lambda k, b: k == messages.VM_EVENT and b["vm_id"] == vm["id"]
                            and b["state"] == "POWEROFF")
     assert stopped == {"host": node.host, "vm_id": vm["id"], "deploy_id": vm["deploy_id"],
-                       "state": "POWEROFF", "reason": "STOPPED/DESTROYED", "at": stopped["at"]}
+                       "state": "POWEROFF", "reason": "STOPPED/DESTROYED", "at": stopped["at"],
+                       "request_id": stopped["request_id"]}
     started = [b for k, b in bus.received if k == messages.VM_EVENT and b["vm_id"] == vm["id"]
                and b["state"] == "RUNNING"]
     assert started and started[0]["reason"] == "STARTED/BOOTED"
