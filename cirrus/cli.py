@@ -12,6 +12,7 @@ import queue
 import sys
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 
 from cirrus import states
@@ -522,7 +523,7 @@ class UsageError(Exception):
 
 def client(args):
     from cirrus.client import Client
-    return Client(address=args.address)
+    return Client(address=args.address, request_id=getattr(args, "request_id", None))
 
 
 def read_file(path):
@@ -898,6 +899,11 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--address", metavar="HOST:PORT",
                         help="the gateway (default: gateway.address:port of the configuration)")
+    parser.add_argument("--request-id", metavar="ID", type=request_id_text,
+                        help="the request id this command's calls carry, which `cirrus trace "
+                             "ID` follows across the services (default: a new one)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="say the request id on stderr")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
 
     as_json = argparse.ArgumentParser(add_help=False)
@@ -1091,10 +1097,46 @@ def build_parser():
     instantiate.add_argument("--name", help="default: the template's name")
     instantiate.add_argument("--hold", action="store_true", help="create the VM on hold")
     add_storage_and_network_commands(groups, command)
+    add_trace_command(groups)
     add_flow_commands(groups, command)
     add_request_management_commands(groups, command)
     add_gate_commands(groups, command)
+    add_status_command(groups, command)
     return parser
+
+
+def request_id_text(text):
+    """An ``x-request-id`` as the gateway takes it."""
+    if not text or len(text) > 64 or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 1 to 64 printable characters")
+    return text
+
+
+def cmd_trace(args):
+    from cirrus import logs
+    try:
+        return logs.trace(args.traced, args.files, as_json=args.json)
+    except logs.TraceError as exc:
+        print(f"cirrus trace: {exc}", file=sys.stderr)
+        return 1
+
+
+def add_trace_command(groups):
+    """Issue 9: one request's path through the services, from their log files."""
+    trace = groups.add_parser(
+        "trace", help="one request's timeline across the services, from their logs",
+        description="Print, in time order, every log line of request REQUEST_ID (the "
+                    "x-request-id of a call; `cirrus -v ...` says it): the gateway, requests, "
+                    "lifecycle, scheduler and driver workers, each with its instance and "
+                    "its offset from the first line.")
+    trace.add_argument("traced", metavar="REQUEST_ID")   # not --request-id, this call's own
+    trace.add_argument("files", nargs="*", metavar="FILE",
+                       help="JSON log files or directories of them, '-' for stdin (e.g. "
+                            "journalctl -o cat ... | cirrus trace ID -); default: the files "
+                            "in logging.dir, else /var/tmp/cirrus/logs")
+    trace.add_argument("--json", action="store_true",
+                       help="print the lines as JSON, each with its offset in seconds")
+    trace.set_defaults(func=cmd_trace)
 
 
 def add_gate_commands(groups, command):
@@ -1107,6 +1149,59 @@ def add_gate_commands(groups, command):
                                      "VMs deployed before no longer work; new deploys get "
                                      "new ones"),
             "a new OneGate secret (administrators): old tokens stop working at once")
+
+
+def queued(instance):
+    """Messages waiting in an instance's queues; a driver worker of many hosts
+    reports a sample of them, which this says."""
+    if not instance["queues"]:
+        return None
+    total = str(sum(q["messages"] or 0 for q in instance["queues"] if not q["missing"]))
+    if instance["queue_count"] > len(instance["queues"]):
+        total += f" (in {len(instance['queues'])} of {instance['queue_count']} queues)"
+    return total
+
+
+def queue_table(instances):
+    """Each queue once (instances of a service share theirs), with who consumes it."""
+    queues, users = {}, {}
+    for instance in instances:
+        for queue in instance["queues"]:
+            queues[queue["name"]] = queue
+            users.setdefault(queue["name"], []).append(instance["name"])
+    return format_table(["QUEUE", "MESSAGES", "CONSUMERS", "INSTANCES"],
+                        [[name, "missing" if q["missing"] else q["messages"],
+                          None if q["missing"] else q["consumers"], ",".join(users[name])]
+                         for name, q in sorted(queues.items())])
+
+
+def status_view(status):
+    instances = status["instances"]
+    if not instances:
+        return "no process has sent a heartbeat (is the requests service running?)"
+    table = format_table(
+        ["NAME", "SERVICE", "STATE", "HOST", "PID", "VERSION", "UPTIME", "LAST HEARD", "QUEUED"],
+        [[i["name"], i["service"], i["state"], i["host"], i["pid"], i["version"],
+          duration(i["uptime_seconds"]), duration(i["last_seen_seconds"]) + " ago", queued(i)]
+         for i in instances])
+    parts = [table]
+    if any(i["queues"] for i in instances):
+        parts.append(queue_table(instances))
+    parts.append(f"heartbeats every {status['heartbeat_interval']:g} s; DOWN after "
+                 f"{status['down_after']:g} s without one")
+    return "\n\n".join(parts)
+
+
+def add_status_command(groups, command):
+    """Issue 9: the platform's processes, as their heartbeats tell."""
+    status = command(groups, "status", lambda a: emit(a, client(a).status(a.service),
+                                                      status_view),
+                     "every process (services, gateway, gate, driver workers): UP, DOWN or "
+                     "STOPPED, version, uptime, last heard, queue depths (administrators and "
+                     "cloud administrators)")
+    status.add_argument("--service", metavar="NAME",
+                        help="only this kind: requests, scheduler, lifecycle, flow, gateway, "
+                             "gate or node")
 
 
 DATASTORE_TYPES = ("IMAGE", "SYSTEM")
@@ -1785,6 +1880,9 @@ def add_flow_commands(groups, command):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.request_id = args.request_id or uuid.uuid4().hex    # every call of this command
+    if args.verbose:
+        print(f"cirrus: request id {args.request_id}", file=sys.stderr)
     from cirrus.client import ClientError
     from cirrus.config import ConfigError
     try:

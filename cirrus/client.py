@@ -32,6 +32,7 @@ from cirrus.v1 import (
 from cirrus.v1 import cluster_pb2, cluster_pb2_grpc, vmgroup_pb2, vmgroup_pb2_grpc
 from cirrus.v1 import flow_pb2, flow_pb2_grpc
 from cirrus.v1 import gate_pb2, gate_pb2_grpc
+from cirrus.v1 import status_pb2, status_pb2_grpc
 from cirrus.v1 import (
     audit_pb2, audit_pb2_grpc, request_pb2, request_pb2_grpc, user_pb2, user_pb2_grpc,
 )
@@ -148,8 +149,10 @@ def resolve_id(ref, listing, kind):
 
 
 class Client:
-    def __init__(self, address=None, token=None, username=None, password=None, timeout=30):
+    def __init__(self, address=None, token=None, username=None, password=None, timeout=30,
+                 request_id=None):
         self.address = address or default_address()
+        self.request_id = request_id    # every call's x-request-id, unless one is given
         if token:
             self.credentials = {"token": token}
         elif username:
@@ -175,6 +178,7 @@ class Client:
         self.requests = request_pb2_grpc.RequestServiceStub(self.channel)
         self.audit = audit_pb2_grpc.AuditServiceStub(self.channel)
         self.gate = gate_pb2_grpc.GateServiceStub(self.channel)
+        self.status_service = status_pb2_grpc.StatusServiceStub(self.channel)
 
     def close(self):
         self.channel.close()
@@ -187,6 +191,7 @@ class Client:
 
     def _metadata(self, request_id=None):
         metadata = [("authorization", authorization(self.credentials))]
+        request_id = request_id or self.request_id
         if request_id:
             metadata.append(("x-request-id", request_id))
         return metadata
@@ -320,7 +325,7 @@ class Client:
         request = vm_pb2.CreateVmRequest(name=name, cpu=cpu, vcpu=vcpu, memory=memory,
                                          template=template or "", hold=hold,
                                          requirements=requirements, rank=rank, vmgroup=vmgroup)
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or self.request_id or uuid.uuid4().hex
         try:
             reply = self._call(self.vms.Create, request, request_id)
         except ClientError as exc:
@@ -748,7 +753,7 @@ class Client:
                                     template=template or "", hold=hold,
                                     requirements=requirements, rank=rank, vmgroup=vmgroup)
         return to_dict(self._call(self.requests.SubmitVm, request_pb2.SubmitVmRequest(
-            vm=vm, template_id=template_id), request_id or uuid.uuid4().hex))
+            vm=vm, template_id=template_id), request_id or self.request_id or uuid.uuid4().hex))
 
     def submit_flow(self, template_id, name=None, custom_attrs=None, networks=None,
                     request_id=None):
@@ -760,7 +765,7 @@ class Client:
             custom_attrs={str(k): str(v) for k, v in (custom_attrs or {}).items()},
             networks={str(k): int(v) for k, v in (networks or {}).items()})
         return to_dict(self._call(self.requests.SubmitFlow, request,
-                                  request_id or uuid.uuid4().hex))
+                                  request_id or self.request_id or uuid.uuid4().hex))
 
     def list_requests(self, waiting_for=None, state=None, mine=False):
         reply = self._call(self.requests.List, request_pb2.ListRequestsRequest(
@@ -813,6 +818,15 @@ class Client:
         """A new OneGate secret (administrators): every VM's token made
         before stops working, new deploys get new ones. {"rotated_at"}."""
         return to_dict(self._call(self.gate.RotateSecret, gate_pb2.RotateSecretRequest()))
+
+    # -------------------------------------------------------------- status
+
+    def status(self, service=None):
+        """Every process heard from (of ``service``): {"instances": [...],
+        "heartbeat_interval", "down_after"}; each instance with its state (UP,
+        DOWN, STOPPED), uptime, last heard, version and queue depths."""
+        return to_dict(self._call(self.status_service.List,
+                                  status_pb2.ListStatusRequest(service=service)))
 
 
 def deployed(service):

@@ -45,7 +45,11 @@ def current():
 
 def start(service, name=None):
     """What every process does first: knows who it is, then logs as that."""
+    from cirrus import heartbeat
+    from cirrus import metrics
     from cirrus.logs import setup_logging
     identity = identify(service, name)
     setup_logging(identity.service)
+    metrics.serve(identity)         # before the first heartbeat, which reports it
+    heartbeat.start(identity)
     return identity

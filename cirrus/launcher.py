@@ -12,10 +12,13 @@ then SIGKILL after 10 s).
 
 Every line a child writes is prefixed with its instance name
 (``lifecycle.1 | ...``); the supervisor's own lines start with ``cirrus:``,
-e.g. ``cirrus: started lifecycle.1 (pid 4242)``. Stdlib only, on purpose:
+e.g. ``cirrus: started lifecycle.1 (pid 4242)``. Each child serves Prometheus
+metrics on a port of its own (``--metrics-port``), all listed in a file_sd
+targets file that deploy/prometheus.yml reads. Stdlib only, on purpose:
 the supervisor must not depend on what it supervises.
 """
 import argparse
+import json
 import os
 import re
 import shlex
@@ -128,6 +131,10 @@ class ProcessSpec:
     count: int = 1
 
 
+def instance_names(spec):
+    return [f"{spec.name}.{i}" for i in range(1, spec.count + 1)]
+
+
 class _Instance:
     def __init__(self, name, argv):
         self.name = name
@@ -154,17 +161,17 @@ class Supervisor:
     restarts the ones that die, and stops them all on request."""
 
     def __init__(self, specs, console=None, env=None, stop_timeout=10.0,
-                 backoff=0.5, max_backoff=30.0, stable_after=10.0):
+                 backoff=0.5, max_backoff=30.0, stable_after=10.0, instance_env=None):
         self.console = console or Console()
         self.env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+        self.instance_env = instance_env or {}      # {name: more variables of that instance}
         self.stop_timeout = stop_timeout
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.stable_after = stable_after
         self._instances = {}
         for spec in specs:
-            for i in range(1, spec.count + 1):
-                name = f"{spec.name}.{i}"
+            for name in instance_names(spec):
                 if name in self._instances:
                     raise LaunchError(f"two processes are named {name}")
                 self._instances[name] = _Instance(name, list(spec.argv))
@@ -261,7 +268,8 @@ class Supervisor:
         """Start one instance (lock held)."""
         inst.proc = subprocess.Popen(
             inst.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=dict(self.env, CIRRUS_INSTANCE=inst.name),  # who it is: cirrus.instance
+            env=dict(self.env, CIRRUS_INSTANCE=inst.name,  # who it is: cirrus.instance
+                     **self.instance_env.get(inst.name, {})),
             start_new_session=True)  # own group: Ctrl-C reaches only us
         inst.started_at = time.monotonic()
         inst.restart_at = None
@@ -395,11 +403,85 @@ def run_once(argv, stop_requested=None, timeout=120.0, env=None):
                 return None, out, err
 
 
+def local_host(address):
+    """Where a client on this machine reaches a server listening on ``address``."""
+    address = str(address)
+    return "127.0.0.1" if address in ("0.0.0.0", "", "::", "[::]") else address
+
+
 def gateway_target(cfg):
     """Where a client on this machine reaches the gateway from the configuration."""
-    address = str(cfg["gateway"]["address"])
-    host = "127.0.0.1" if address in ("0.0.0.0", "", "::", "[::]") else address
-    return host, int(cfg["gateway"]["port"])
+    return local_host(cfg["gateway"]["address"]), int(cfg["gateway"]["port"])
+
+
+# -- metrics ---------------------------------------------------------------------
+
+def spec_service(spec):
+    """The service a spec's processes are (driver workers, simulator too: node)."""
+    return spec.name if spec.name in SERVICES else "node"
+
+
+def free_ports(count, host="127.0.0.1", tries=50):
+    """The first of ``count`` consecutive ports free right now, for processes
+    about to listen on them (a gate's processes use port, port + 1...)."""
+    for _ in range(tries):
+        socks = [socket.socket()]
+        try:
+            socks[0].bind((host, 0))
+            port = socks[0].getsockname()[1]
+            for offset in range(1, count):
+                socks.append(socket.socket())
+                socks[-1].bind((host, port + offset))
+            return port
+        except (OSError, OverflowError):
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise LaunchError(f"found no {count} consecutive free ports on {host} for metrics")
+
+
+def metrics_ports(specs, base, gate_processes=1, host="127.0.0.1"):
+    """``{instance name: metrics port}``: the Nth process in start order gets
+    ``base + N`` (N from 1: one process of each service gets the ports of
+    ``metrics.ports``); a gate takes one port per process (``gate.processes``).
+    ``base`` 0: free ports, picked now so the targets file can name them."""
+    ports, taken = {}, 0
+    for spec in specs:
+        width = gate_processes if spec.name == "gate" else 1
+        for name in instance_names(spec):
+            if base:
+                ports[name] = base + taken + 1
+                if ports[name] + width - 1 > 65535:
+                    raise LaunchError(f"--metrics-port {base}: {name} would get port "
+                                      f"{ports[name] + width - 1}, beyond 65535")
+            else:
+                ports[name] = free_ports(width, host)
+            taken += width
+    return ports
+
+
+def metrics_targets(specs, ports, gate_processes=1, host="127.0.0.1"):
+    """Prometheus file_sd groups, one per process: its endpoint, labelled
+    with its instance name (a gate's process N: ``gate.1/N``) and service."""
+    groups = []
+    for spec in specs:
+        for name in instance_names(spec):
+            processes = gate_processes if spec.name == "gate" else 1
+            for index in range(processes):
+                groups.append({"targets": [f"{host}:{ports[name] + index}"],
+                               "labels": {"instance": f"{name}/{index}" if index else name,
+                                          "cirrus_service": spec_service(spec)}})
+    return groups
+
+
+def write_targets(path, groups):
+    """Write a targets file whole (Prometheus never reads half of one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(groups, indent=1) + "\n")
+    os.replace(partial, path)
 
 
 def wait_for_port(host, port, timeout, stop_requested=None):
@@ -469,6 +551,30 @@ def banner(nodes, host, port):
     ])
 
 
+def serve_metrics(specs, cfg, base=None, targets_file=None):
+    """The metrics port of each instance (``--metrics-port``, else
+    metrics.base_port), written to the targets file; returns them."""
+    settings = cfg.get("metrics") or {}
+    base = int(settings.get("base_port", 9400)) if base is None else base
+    gate_processes = max(1, int((cfg.get("gate") or {}).get("processes", 1)))
+    host = local_host(settings.get("address") or "127.0.0.1")
+    ports = metrics_ports(specs, base, gate_processes, host)
+    targets_file = targets_file or settings.get("targets_file")
+    if targets_file:
+        write_targets(targets_file, metrics_targets(specs, ports, gate_processes, host))
+    return ports
+
+
+def logging_env(cfg, log_dir=None, log_format="text"):
+    """Have every child write its log file in ``log_dir`` (default:
+    logging.dir, else cirrus.logs.DEFAULT_DIR) and its console lines in
+    ``log_format``, through the environment they inherit; returns the directory."""
+    from cirrus import logs
+    log_dir = os.path.abspath(log_dir or logs.log_dir(cfg))
+    os.environ.update(CIRRUS_LOGGING_DIR=log_dir, CIRRUS_LOGGING_FORMAT=log_format)
+    return log_dir
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="cirrus-launch", description="Run a local Cirrus cluster under one supervisor.")
@@ -490,6 +596,19 @@ def build_parser():
                              "/var/tmp/sim-{node}.json\"")
     parser.add_argument("--no-migrate", action="store_true",
                         help="do not run `cirrus db upgrade` first")
+    parser.add_argument("--metrics-port", type=int, metavar="BASE",
+                        help="the Nth process serves its metrics on BASE+N (default "
+                             "metrics.base_port, 9400; 0: free ports)")
+    parser.add_argument("--metrics-targets", metavar="PATH",
+                        help="where to write the processes' metrics endpoints for Prometheus "
+                             "(file_sd; default metrics.targets_file)")
+    parser.add_argument("--log-dir", metavar="DIR",
+                        help="every process also writes its JSON log lines to "
+                             "DIR/<instance>.jsonl, which `cirrus trace` reads (default "
+                             "logging.dir, else /var/tmp/cirrus/logs)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="how the processes' lines look here (default text; the files "
+                             "are JSON either way)")
     parser.add_argument("--ready-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="how long the gateway and host creation may take (default 60)")
     parser.add_argument("--hosts-only", action="store_true",
@@ -513,6 +632,8 @@ def main(argv=None):
         else:
             nodes = [] if args.simulate else ["node-1"]
         node_arguments(args.node_args, "")
+        if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+            raise LaunchError(f"--metrics-port {args.metrics_port}: not a port number (0-65535)")
     except LaunchError as exc:
         parser.error(str(exc))
 
@@ -523,6 +644,7 @@ def main(argv=None):
         parser.error(str(exc))
     uri = args.uri or cfg.get("drivers", {}).get("uri") or "test:///default"
     host, port = gateway_target(cfg)
+    log_dir = logging_env(cfg, args.log_dir, args.log_format)
 
     console = Console()
     stop_requested = threading.Event()
@@ -548,8 +670,16 @@ def main(argv=None):
         return 0
 
     simulate = (args.simulate, args.prefix) if args.simulate else None
-    supervisor = Supervisor(cluster_specs(scale, nodes, uri, args.node_args, simulate), console)
+    specs = cluster_specs(scale, nodes, uri, args.node_args, simulate)
+    try:
+        ports = serve_metrics(specs, cfg, args.metrics_port, args.metrics_targets)
+    except (LaunchError, OSError, TypeError, ValueError) as exc:
+        console.note(f"error: metrics: {exc}")
+        return 1
+    supervisor = Supervisor(specs, console, instance_env={
+        name: {"CIRRUS_METRICS_PORT": str(port)} for name, port in ports.items()})
     console.make_room(["migrate"])
+    console.note(f"logs in {log_dir}/<instance>.jsonl (`cirrus trace REQUEST_ID` reads them)")
     code = 0
     try:
         if not args.no_migrate:

@@ -29,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 log = logging.getLogger("cirrus.metrics")
 
 DEFAULT_PORTS = {"requests": 9401, "scheduler": 9402, "lifecycle": 9403, "flow": 9404,
-                 "gateway": 9405, "gate": 9406, "node": 9407}
+                 "gateway": 9405, "gate": 9450, "node": 9407}
 
 # seconds; calls and handlers from a millisecond to a batch of thousands of VMs
 BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)

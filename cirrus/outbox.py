@@ -17,15 +17,16 @@ driver results a command id).
 """
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 
 import amqp
 from amqp import spec
 from kombu import Connection
-from sqlalchemy import Text, cast, select
+from sqlalchemy import Text, cast, extract, func, select
 
-from cirrus import bulk, messages
+from cirrus import bulk, messages, metrics, tracing
 from cirrus.db.models import Outbox, utcnow
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,11 @@ _INSERT = bulk.insert(_outbox, ("exchange", "routing_key", "payload", "headers")
 def add_many(session, rows):
     """Write messages, each a dict of exchange, routing_key, payload and
     headers, in one INSERT; their ids are kept in ``session.info`` for the
-    relay to publish after commit."""
+    relay to publish after commit. A row without a request id in its headers
+    takes the current one (cirrus.tracing), which Nameko hands the handler."""
     if not rows:
         return
-    ids = session.execute(_INSERT, bulk.params(rows)).scalars().all()
+    ids = session.execute(_INSERT, bulk.params(tracing.stamp(rows))).scalars().all()
     session.info.setdefault("outbox", []).extend(ids)
 
 
@@ -84,7 +86,10 @@ def claim(rows_wanted):
                                     .scalar_subquery()))
             # the payload as the JSON text it is stored as: published as it is
             .returning(_outbox.c.id, _outbox.c.exchange, _outbox.c.routing_key,
-                       cast(_outbox.c.payload, Text).label("payload"), _outbox.c.headers))
+                       cast(_outbox.c.payload, Text).label("payload"), _outbox.c.headers,
+                       # seconds since written, by the database's clock (for the lag metric)
+                       extract("epoch", func.clock_timestamp() - _outbox.c.created_at)
+                       .label("waited")))
 
 
 class ConfirmingPublisher:
@@ -212,6 +217,7 @@ class Relay:
             with session.begin():
                 yield session
             written = session.info.pop("outbox", [])
+            tracing.committed(session)      # the log lines of what it did
         if written:
             self.after_commit(written)
 
@@ -258,7 +264,10 @@ class Relay:
         with self.session_factory() as session, session.begin():
             rows = sorted(session.execute(claim(rows_wanted)).all(), key=lambda r: r.id)
             if rows:
+                started = time.monotonic()
                 self.publisher.publish_all(rows)
+                metrics.outbox_published([row.waited for row in rows],
+                                         time.monotonic() - started)
             return len(rows)
 
     def publish_ids(self, ids):

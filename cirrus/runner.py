@@ -44,7 +44,7 @@ def main(argv=None):
     parser.add_argument("service", choices=sorted(SERVICES))
     args = parser.parse_args(argv)
 
-    from cirrus import instance
+    from cirrus import heartbeat, instance
     instance.start(args.service)
     from nameko.runners import ServiceRunner
 
@@ -57,8 +57,10 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     runner.start()
+    heartbeat.serving(heartbeat.nameko_queues(runner.containers))
     logging.getLogger("cirrus").info("%s started", args.service)
     runner.wait()
+    heartbeat.stop()
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ import uuid
 from kombu import Connection, Consumer, Producer, Queue
 from kombu.exceptions import OperationalError
 
-from cirrus import config, instance, messages
+from cirrus import config, heartbeat, instance, messages, tracing
+from cirrus import metrics
 from services.drivers.backend import MV_DIRECTIONS, domain_name, vm_id_of
 from services.drivers.reports import ReportSchedule, significant_change
 
@@ -172,7 +173,13 @@ def command_problem(cmd):
 def command_fields(cmd):
     """The fields a result echoes, from whatever arrived."""
     cmd = cmd if isinstance(cmd, dict) else {}
-    return {key: cmd.get(key) for key in ("id", "action", "vm_id", "host")}
+    return {key: cmd.get(key) for key in ("id", "action", "vm_id", "host", "request_id")}
+
+
+def tracing_ids(cmd):
+    """(request id, VM id) of whatever arrived as a command, for its log lines."""
+    fields = command_fields(cmd)
+    return fields["request_id"], fields["vm_id"]
 
 
 def run_command(backend, cmd, shutdown_timeout):
@@ -183,7 +190,8 @@ def run_command(backend, cmd, shutdown_timeout):
         return messages.result(command_fields(cmd), False, error=problem)
     vm = cmd["args"]["vm"]
     try:
-        info = ACTIONS[cmd["action"]](backend, vm, cmd["args"], shutdown_timeout)
+        with metrics.driver_action(cmd["action"]):
+            info = ACTIONS[cmd["action"]](backend, vm, cmd["args"], shutdown_timeout)
         json.dumps(info)        # fail here, not later when publishing the result
     except Exception as exc:     # any driver failure is the command's FAILURE
         error = str(exc) or type(exc).__name__
@@ -371,8 +379,10 @@ class NodeWorker:
         self.outbox.extend((None, messages.HOST_MONITOR, report) for report in reports.values())
         while self.outbox:
             message, event_type, body = self.outbox[0]
+            # Nameko gives lifecycle's handler the request id of these headers
             producer.publish(body, exchange=self.events, routing_key=event_type,
-                             serializer="json", delivery_mode=2, retry=False)
+                             serializer="json", delivery_mode=2, retry=False,
+                             headers=tracing.headers(body.get("request_id")))
             self.outbox.popleft()
             # a delivery from a channel lost since will be redelivered anyway
             if message is not None and message.channel is channel:
@@ -401,7 +411,8 @@ class NodeWorker:
             self.on_control(agent, body[CONTROL_KEY], message)
             return
         if message.delivery_info.get("redelivered"):
-            log.info("redelivered command %s", command_fields(body)["id"])
+            log.info("redelivered command %s", command_fields(body)["id"],
+                     extra=tracing.fields(*tracing_ids(body)))
         try:
             future = self.pool.submit(self.execute, agent, body)
         except RuntimeError:
@@ -436,11 +447,12 @@ class NodeWorker:
         """In a pool thread. Commands for one VM (e.g. a redelivered deploy and
         its first copy) run one after the other, never side by side."""
         if command_problem(cmd):
-            return run_command(agent.backend, cmd, self.shutdown_timeout)
+            with tracing.bound(*tracing_ids(cmd)):
+                return run_command(agent.backend, cmd, self.shutdown_timeout)
         key = (agent.name, cmd["vm_id"])
         with self.vm_locks_guard:
             lock = self.vm_locks.setdefault(key, threading.Lock())
-        with lock:
+        with lock, tracing.bound(*tracing_ids(cmd)):
             result = run_command(agent.backend, cmd, self.shutdown_timeout)
         if cmd["action"] == "delete" and result["success"]:
             with self.vm_locks_guard:
@@ -530,8 +542,11 @@ class NodeWorker:
         vm_id = vm_id_of(deploy_id)
         if vm_id is None:
             return      # not a domain Cirrus made
+        # a change the hypervisor reports is a request of its own, which lifecycle's
+        # transition and whatever follows carry
         self.vm_events.append({"host": host, "vm_id": vm_id, "deploy_id": deploy_id,
-                               "state": state, "reason": reason, "at": now_iso()})
+                               "state": state, "reason": reason, "at": now_iso(),
+                               "request_id": tracing.new_id()})
         self.wake()
         self.request_report(host)
 
@@ -826,6 +841,7 @@ def main(argv=None):
         instance.start("node", os.environ.get("CIRRUS_INSTANCE") or "node:" + args.host)
         hosts = {args.host: make_backend(args, settings, args.host)}
         prefetch = None
+    heartbeat.serving([messages.node_queue(name).name for name in names], names)
     worker = NodeWorker(hosts, cfg["amqp"]["uri"], threads=threads,
                         monitor_interval=args.monitor_interval,
                         shutdown_timeout=float(settings.get("shutdown_timeout", 30)),
@@ -845,6 +861,7 @@ def main(argv=None):
         threading.Thread(target=register_hosts, args=(cfg["amqp"]["uri"], names, worker),
                          name="register", daemon=True).start()
     worker.run()
+    heartbeat.stop()
     if worker.running:
         # a command stuck in the hypervisor must not keep the process alive past
         # its grace: its message was never acked, so it goes back to the queue

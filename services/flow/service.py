@@ -18,6 +18,8 @@ from nameko.timer import timer
 
 from cirrus import config, messages
 from cirrus.dependencies import OutboxRelay
+from cirrus.metrics import Metrics
+from cirrus.tracing import Tracing
 from cirrus.errors import CirrusError
 from services.flow import engine
 
@@ -71,6 +73,8 @@ class FlowService:
     name = messages.FLOW
 
     relay = OutboxRelay()
+    metrics = Metrics()
+    trace = Tracing()
     lifecycle_rpc = RpcProxy(messages.LIFECYCLE)
     reconciles = Reconciles()
     services_of_vms = ServiceOfVm()

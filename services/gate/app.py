@@ -10,6 +10,7 @@ restrictions (403) -> the change, audited.
 import contextlib
 import json
 import logging
+import time
 
 import psycopg2
 import sqlalchemy.exc
@@ -19,7 +20,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound as NoRoute, RequestEn
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
-from cirrus import errors
+from cirrus import errors, metrics
 from services.gate import protocol, security, store
 from services.gate.protocol import (BadRequest, Conflict, Forbidden, GateError, NotFound,
                                     TooLarge, Unauthorized, Unavailable)
@@ -34,6 +35,7 @@ ROUTES = Map([
     Rule("/vms/<vm>/action", endpoint="vm_action", methods=["POST"]),
     Rule("/service/role/<role>", endpoint="scale", methods=["PUT"]),
 ], strict_slashes=False)
+ROUTE_KEY = "cirrus.route"     # the environ key of the route a request matched
 
 # a CirrusError from lifecycle or flow, as the guest sees it
 STATUS_OF = {"InvalidArgument": BadRequest, "TemplateError": BadRequest, "NotFound": NotFound,
@@ -74,7 +76,11 @@ class Gate:
         self.limiter = security.RateLimiter(settings.rate, settings.burst)
 
     def __call__(self, environ, start_response):
-        return self.respond(environ)(environ, start_response)
+        started = time.perf_counter()
+        response = self.respond(environ)
+        metrics.gate_request(environ.get(ROUTE_KEY), response.status_code,
+                             time.perf_counter() - started)
+        return response(environ, start_response)
 
     def respond(self, environ):
         override = environ.get("HTTP_X_HTTP_METHOD_OVERRIDE")
@@ -87,8 +93,9 @@ class Gate:
         request = Request(environ)
         request.max_content_length = self.settings.max_body
         try:
-            endpoint, args = ROUTES.bind_to_environ(environ).match()
-            return getattr(self, endpoint)(request, **args)
+            rule, args = ROUTES.bind_to_environ(environ).match(return_rule=True)
+            environ[ROUTE_KEY] = f"{request.method} {rule.rule}"     # for the metrics
+            return getattr(self, rule.endpoint)(request, **args)
         except NoRoute:
             return self.error(BadRequest(f"unknown route {request.path[:100]}; see GET /"))
         except MethodNotAllowed as exc:

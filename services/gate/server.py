@@ -104,6 +104,7 @@ def make_app(cfg):
 def serve(sock, cfg, name, children=()):
     """Answer on ``sock`` until SIGTERM/SIGINT, which stops ``children`` first."""
     from eventlet import wsgi
+    from cirrus import heartbeat
     app, rpc = make_app(cfg)
     log.info("%s listening on %s:%s", name, *sock.getsockname()[:2])
 
@@ -113,6 +114,11 @@ def serve(sock, cfg, name, children=()):
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        # in a green thread: the handler may run in the hub, which cannot wait
+        eventlet.spawn_n(leave)
+
+    def leave():
+        heartbeat.stop()
         rpc.close()
         os._exit(0)
 
@@ -134,7 +140,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from cirrus import config
-    from cirrus import instance
+    from cirrus import heartbeat, instance
+    from cirrus import metrics
     instance.start("gate")
     cfg = config.get()
     gate = cfg.get("gate") or {}
@@ -150,9 +157,12 @@ def main(argv=None):
         print(f"cirrus-gate: cannot listen on {address}:{port}: {exc.strerror}", file=sys.stderr)
         return 2
     children = []
+    heartbeat.stop(final=False)         # started again in each process after the forks
     for index in range(1, processes):
         pid = os.fork()
         if pid == 0:
+            heartbeat.start(instance.identify("gate", f"{instance.current().name}/{index}"))
+            metrics.serve(instance.current(), index)     # on its own port: the gate's + index
             if reuse_port:
                 sock.close()            # the parent's; this process answers on its own
                 sock = listen(address, port, True)
@@ -160,6 +170,7 @@ def main(argv=None):
             os._exit(0)
         children.append(pid)
 
+    heartbeat.start(instance.current())
     log.info("gate started on %s:%s (%d process(es))", address, port, processes)
     serve(sock, cfg, f"gate process 1/{processes}", children)
     return 0

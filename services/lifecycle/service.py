@@ -12,8 +12,10 @@ from nameko.extensions import DependencyProvider
 from nameko.rpc import rpc
 from nameko.timer import timer
 
-from cirrus import config, messages
+from cirrus import config, messages, tracing
 from cirrus.dependencies import OutboxRelay
+from cirrus.metrics import Metrics
+from cirrus.tracing import Tracing
 from cirrus.errors import CirrusError
 from services.lifecycle import (accounting, clusters, images, logic, monitoring, user_template,
                                 vnets)
@@ -72,6 +74,8 @@ class LifecycleService:
     name = messages.LIFECYCLE
 
     relay = OutboxRelay()
+    metrics = Metrics(cluster=True)    # also VMs per status, outbox rows waiting
+    trace = Tracing()
     results = Batches()
     creates = Batches()
 
@@ -82,7 +86,8 @@ class LifecycleService:
                  request_id=None):
         return self.creates.apply(
             {"owner_id": owner_id, "name": name, "cpu": cpu, "vcpu": vcpu, "memory": memory,
-             "template": template, "hold": hold, "request_id": request_id},
+             "template": template, "hold": hold, "request_id": request_id,
+             "last_request_id": tracing.request_id()},   # the batch serves many requests
             self.allocate_batch)
 
     def allocate_batch(self, creates):

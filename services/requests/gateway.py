@@ -39,7 +39,8 @@ import cirrus  # noqa: F401  (before nameko: silences eventlet's deprecation war
 from nameko.exceptions import RemoteError, RpcTimeout, UnknownService  # noqa: E402
 from nameko.standalone.rpc import ClusterRpcProxy  # noqa: E402
 
-from cirrus import config, messages, states  # noqa: E402
+from cirrus import config, messages, states, tracing  # noqa: E402
+from cirrus.metrics import GrpcMetrics  # noqa: E402
 from cirrus.errors import grpc_status_name  # noqa: E402
 # grpc_status_name finds error kinds among the CirrusError subclasses defined
 # in this process: import the modules that define more (TemplateError)
@@ -56,6 +57,7 @@ from cirrus.v1 import (  # noqa: E402
 )
 from cirrus.v1 import flow_pb2, flow_pb2_grpc  # noqa: E402
 from cirrus.v1 import gate_pb2, gate_pb2_grpc  # noqa: E402
+from cirrus.v1 import status_pb2, status_pb2_grpc  # noqa: E402
 from cirrus.v1 import (  # noqa: E402
     audit_pb2, audit_pb2_grpc, request_pb2, request_pb2_grpc, user_pb2, user_pb2_grpc,
 )
@@ -81,6 +83,7 @@ API_SERVICES = [
     request_pb2.DESCRIPTOR.services_by_name["RequestService"],
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
     gate_pb2.DESCRIPTOR.services_by_name["GateService"],
+    status_pb2.DESCRIPTOR.services_by_name["StatusService"],
 ]
 LOGIN_METHOD = "/cirrus.v1.SessionService/Login"
 # callable without credentials, so grpcurl and load balancers can probe
@@ -357,14 +360,14 @@ class Call:
 
     def invoke(self, method, *args, **kwargs):
         started = time.monotonic()
-        try:
-            result = self.requests.call(method, *args, request_id=self.request_id, **kwargs)
-        except CallFailed as exc:
-            log.info("%s %s -> %s: %s (%.0f ms)", self.request_id, self.name, exc.code.name,
-                     exc.details, (time.monotonic() - started) * 1000)
-            self.context.abort(exc.code, exc.details)
-        log.info("%s %s -> OK (%.0f ms)", self.request_id, self.name,
-                 (time.monotonic() - started) * 1000)
+        with tracing.bound(self.request_id):    # this thread's log lines name the request
+            try:
+                result = self.requests.call(method, *args, request_id=self.request_id, **kwargs)
+            except CallFailed as exc:
+                log.info("%s -> %s: %s (%.0f ms)", self.name, exc.code.name, exc.details,
+                         (time.monotonic() - started) * 1000)
+                self.context.abort(exc.code, exc.details)
+            log.info("%s -> OK (%.0f ms)", self.name, (time.monotonic() - started) * 1000)
         return result
 
 
@@ -508,7 +511,7 @@ class Watches:
                     yield message
         finally:
             hub.unsubscribe(events)
-            log.info("%s %s stream closed", call.request_id, call.name)
+            log.info("%s stream closed", call.name, extra=tracing.fields(call.request_id))
 
 
 class WatchStream:
@@ -1101,6 +1104,14 @@ class GateServicer(Servicer, gate_pb2_grpc.GateServiceServicer):
                     self.call(context, "RotateSecret")("rotate_gate_secret"))
 
 
+class StatusServicer(Servicer, status_pb2_grpc.StatusServiceServicer):
+    """The platform's processes as their heartbeats tell (issue 9)."""
+
+    def List(self, request, context):
+        return fill(status_pb2.ListStatusResponse(),
+                    self.call(context, "List")("status", optional(request, "service")))
+
+
 # ----------------------------------------------------------------- server
 
 class Gateway:
@@ -1115,7 +1126,8 @@ class Gateway:
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                              thread_name_prefix="grpc"),
-                                  interceptors=[AuthInterceptor()])
+                                  # counted first: a refused call too
+                                  interceptors=[GrpcMetrics(), AuthInterceptor()])
         vm_pb2_grpc.add_VirtualMachineServiceServicer_to_server(
             VirtualMachineServicer(self.requests, self.hub, self.watches), self.server)
         host_pb2_grpc.add_HostServiceServicer_to_server(HostServicer(self.requests), self.server)
@@ -1139,6 +1151,8 @@ class Gateway:
             FlowServicer(self.requests, self.flow_hub, self.watches), self.server)
         self.add_request_management(self.server)
         gate_pb2_grpc.add_GateServiceServicer_to_server(GateServicer(self.requests), self.server)
+        status_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(self.requests),
+                                                            self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [s.full_name for s in API_SERVICES]
         reflection.enable_server_reflection(
@@ -1176,7 +1190,7 @@ class Gateway:
 
 
 def main(argv=None):
-    from cirrus import instance
+    from cirrus import heartbeat, instance
     instance.start("gateway")
     gateway = Gateway(config.get())
     stopping = threading.Event()
@@ -1190,6 +1204,7 @@ def main(argv=None):
     while not stopping.wait(1):
         pass
     gateway.stop()
+    heartbeat.stop()
 
 
 if __name__ == "__main__":

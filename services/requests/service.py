@@ -15,14 +15,16 @@ from nameko.rpc import rpc
 from nameko.timer import timer
 from sqlalchemy import select
 
-from cirrus import auth, config, messages, states
+from cirrus import auth, config, heartbeat, messages, states
 from cirrus.db.models import User, utcnow
 from cirrus.dependencies import Database, OutboxRelay, Rpc
+from cirrus.metrics import Metrics
+from cirrus.tracing import Tracing
 from cirrus.errors import (CirrusError, FailedPrecondition, InvalidArgument, NotFound,
-                           PermissionDenied, Unauthenticated)
+                           PermissionDenied, Unauthenticated, Unavailable)
 from cirrus.template import vm_resources as template_resources
 from services.lifecycle import devices
-from services.requests import approvals, audit, cmdb, provisioning, quotas, users
+from services.requests import approvals, audit, cmdb, provisioning, quotas, status, users
 from cirrus.expressions import ExpressionError, compile_rank, compile_requirements
 from cirrus.template import parse, vm_resources
 
@@ -106,6 +108,8 @@ class RequestsService:
     name = "requests"
 
     db = Database()
+    metrics = Metrics()
+    trace = Tracing(log_calls=True)
     lifecycle = Rpc(messages.LIFECYCLE)
     flow = Rpc(messages.FLOW)
 
@@ -834,6 +838,29 @@ class RequestsService:
             at = devices.rotate_platform_secret(session)
             audit.record(session, caller, "gate.secret.rotated", "setting", "gate.secret")
         return {"rotated_at": at.isoformat()}
+
+    # status (issue 9)
+
+    @api
+    def status(self, credentials, service=None):
+        """Every process heard from (of ``service``): UP, DOWN or STOPPED,
+        uptime, last heard, version, its queues' depths. Administrators and
+        cloud administrators."""
+        if self.user(credentials)["role"] not in status.ROLES:
+            raise PermissionDenied("the platform's status is for administrators and cloud "
+                                   "administrators")
+        with self.db() as session, session.begin():
+            return status.report(session, config.get()["amqp"]["uri"], heartbeat.settings(),
+                                 service)
+
+    @event_handler(heartbeat.SOURCE, heartbeat.HEARTBEAT)
+    def on_heartbeat(self, beat):
+        """A process's heartbeat becomes its row in ``instances``."""
+        try:
+            with self.db() as session, session.begin():
+                status.record(session, beat)
+        except Unavailable as exc:      # a lost beat is harmless: the next says the same
+            log.warning("heartbeat of %s not kept: %s", beat.get("name"), exc)
 
     # users and groups
 

@@ -25,9 +25,11 @@ from nameko.rpc import RpcProxy
 from nameko.timer import timer
 from sqlalchemy import and_, or_, select
 
-from cirrus import config, messages
+from cirrus import config, messages, metrics, tracing
 from cirrus.db.models import Cluster, Host, VirtualMachine, VmGroup
 from cirrus.dependencies import Database
+from cirrus.metrics import Metrics
+from cirrus.tracing import Tracing
 from cirrus.expressions import compile_rank
 from services.scheduler.placement import Group, Planner, VmRequest, host_view, policy_name
 
@@ -97,6 +99,8 @@ class SchedulerService:
     name = "scheduler"
 
     db = Database()
+    metrics = Metrics()
+    trace = Tracing()
     lifecycle = RpcProxy(messages.LIFECYCLE)
     queue = PassQueue()
 
@@ -123,8 +127,9 @@ class SchedulerService:
 
     def one_pass(self, vm_ids):
         settings = SETTINGS
+        self.pending_since = {}     # for the scheduling latency of the VMs placed
         with self.db() as session:
-            vms, old_messages = waiting_vms(session, vm_ids, settings.max_vm)
+            vms, old_messages = waiting_vms(session, vm_ids, settings.max_vm, self.pending_since)
             if not vms:
                 return
             hosts = monitored_hosts(session)
@@ -178,7 +183,9 @@ class SchedulerService:
             vm, host = hosts[answer["vm_id"]]
             if answer["outcome"] == "deployed":
                 reasons.pop(vm.id, None)
-                log.info("VM %s placed on %s", vm.id, host.name)
+                metrics.scheduled(self.pending_since.get(vm.id))
+                log.info("VM %s placed on %s", vm.id, host.name,
+                         extra=tracing.fields(vm.request_id, vm.id))
             elif answer["outcome"] == "host_unfit":
                 planner.forget(host)
                 reasons[vm.id] = answer["reason"]
@@ -198,8 +205,9 @@ class SchedulerService:
             reasons[vm.id] = reason
             return
         try:
-            self.lifecycle.vm_action(vm.id, "migrate", {"host_id": host.id,
-                                                         "live": SETTINGS.live_migration})
+            with self.trace.acting_for(vm.request_id, vm.id):    # not the pass's request
+                self.lifecycle.vm_action(vm.id, "migrate", {"host_id": host.id,
+                                                             "live": SETTINGS.live_migration})
         except RemoteError as err:
             if err.exc_type != "FailedPrecondition":
                 raise
@@ -209,17 +217,20 @@ class SchedulerService:
                 reasons[vm.id] = err.value
             return
         reasons.pop(vm.id, None)
-        log.info("VM %s rescheduled to %s", vm.id, host.name)
+        log.info("VM %s rescheduled to %s", vm.id, host.name,
+                 extra=tracing.fields(vm.request_id, vm.id))
 
 
 # ---------------------------------------------------------------- reading a pass
 
-def waiting_vms(session, vm_ids=None, limit=0):
+def waiting_vms(session, vm_ids=None, limit=0, since=None):
     """The VMs to place (PENDING) or move (RUNNING with resched), as
-    VmRequests, and their current scheduling messages."""
+    VmRequests, and their current scheduling messages; ``since``, a dict,
+    gets each one's last change (when it became PENDING)."""
     vms = VirtualMachine
     query = select(vms.id, vms.cpu, vms.memory, vms.template, vms.sched_message, vms.state,
-                   vms.host_id, vms.vmgroup_id, vms.vmgroup_role).where(or_(
+                   vms.host_id, vms.vmgroup_id, vms.vmgroup_role, vms.updated_at,
+                   vms.last_request_id).where(or_(
                        vms.state == "PENDING",
                        and_(vms.state == "ACTIVE", vms.lcm_state == "RUNNING",
                             vms.resched.is_(True))))
@@ -233,8 +244,10 @@ def waiting_vms(session, vm_ids=None, limit=0):
         requests.append(VmRequest(
             row.id, int(round(row.cpu * 100)), row.memory, row.template or {},
             row.vmgroup_id, row.vmgroup_role,
-            row.host_id if row.state == "ACTIVE" else None))
+            row.host_id if row.state == "ACTIVE" else None, row.last_request_id))
         old[row.id] = row.sched_message
+        if since is not None:
+            since[row.id] = row.updated_at
     return requests, old
 
 

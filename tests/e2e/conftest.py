@@ -60,9 +60,12 @@ class Cluster:
                     "CIRRUS_DRIVERS_DATASTORE": str(self.datastore),
                     "CIRRUS_DRIVERS_PARKING": str(self.parking),
                     "CIRRUS_DRIVERS_MONITOR_INTERVAL": "1",
-                    "CIRRUS_SCHEDULER_SWEEP_INTERVAL": "2"}
+                    "CIRRUS_SCHEDULER_SWEEP_INTERVAL": "2",
+                    # its processes' log files, which `cirrus trace` reads by default
+                    "CIRRUS_LOGGING_DIR": str(tmp_path / "logs")}
         for key in ("CIRRUS_TOKEN", "CIRRUS_USER", "CIRRUS_PASSWORD", "CIRRUS_CONFIG"):
             self.env.pop(key, None)
+        self.metrics_targets = tmp_path / "metrics-targets.json"
         self.proc = None
 
     def start(self):
@@ -76,6 +79,8 @@ class Cluster:
             args += ["--scale", self.scale]
         if self.node_args:
             args += ["--node-args", self.node_args]
+        # free metrics ports: clusters running at once never clash
+        args += ["--metrics-port", "0", "--metrics-targets", str(self.metrics_targets)]
         self.proc = Proc(args, self.env, self.tmp / "cluster.log").start()
         self.proc.wait_for("cirrus: cluster ready", timeout=180 if self.simulate else 120)
         return self
@@ -135,6 +140,12 @@ class Cluster:
         """Current pid of a supervised instance, e.g. ``lifecycle.1``."""
         found = re.findall(rf"started {re.escape(instance)} \(pid (\d+)\)", self.proc.output())
         return int(found[-1]) if found else None
+
+    def metrics_urls(self):
+        """``{instance name: /metrics URL}`` of every process, from the targets
+        file cirrus-launch wrote (a gate's process N: ``gate.1/N``)."""
+        return {group["labels"]["instance"]: f"http://{group['targets'][0]}/metrics"
+                for group in json.loads(self.metrics_targets.read_text())}
 
     def kill(self, instance, sig=signal.SIGKILL):
         pid = self.pids(instance)

@@ -99,11 +99,15 @@ def test_cluster_specs_scale_services_and_run_one_worker_per_node():
     assert specs["n2"].argv[1:] == ["--host", "n2", "--uri", "test:///default"]
 
 
-def test_command_line_rejects_a_bad_scale_naming_it():
-    result = subprocess.run([PY, "-m", "cirrus.launcher", "--scale", "schedular=2"],
+@pytest.mark.parametrize("args, message", [
+    (["--scale", "schedular=2"], "unknown service 'schedular'"),
+    (["--metrics-port", "70000"], "--metrics-port 70000: not a port number"),
+])
+def test_command_line_rejects_a_bad_argument_naming_it(args, message):
+    result = subprocess.run([PY, "-m", "cirrus.launcher", *args],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "unknown service 'schedular'" in result.stderr
+    assert message in result.stderr
 
 
 def test_hosts_only_fails_clearly_when_no_gateway_listens():

@@ -168,9 +168,11 @@ def test_scaled_instances_and_the_others_never_share_a_metrics_port():
             scaled[f"{name}.{instance}"] = metrics.choose_port(name, cfg=cfg)
     for name in ("gateway", "gate", "node"):
         assert "CIRRUS_METRICS_PORT" not in environment(units()[PROGRAMS[name]])
-    others = {metrics.choose_port("gateway", cfg=CONFIG), metrics.choose_port("node", cfg=CONFIG),
-              *(metrics.choose_port("gate", index, cfg=CONFIG) for index in range(4))}
+    others = [metrics.choose_port("gateway", cfg=CONFIG), metrics.choose_port("node", cfg=CONFIG),
+              *(metrics.choose_port("gate", index, cfg=CONFIG) for index in range(10))]
     assert 0 not in scaled.values() and len(set(scaled.values())) == len(scaled), scaled
+    assert len(set(others)) == len(others), others     # a gate of 10 processes beside a node
+    others = set(others)
     assert others.isdisjoint(scaled.values()), (others, scaled)
 
 
