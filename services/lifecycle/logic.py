@@ -674,11 +674,22 @@ def vm_action(session, vm_id, action, options=None):
     if action == "migrate":
         return migrate(session, vm, needed_host(action, options), options.get("live", False))
     current = vm_status(vm)
+    if replayed(vm, current, f"{action}_hard" if hard else action):
+        return vm
     if action in ("resched", "unresched") and allows(current, action):
         vm.resched = action == "resched"
     if action == "resume" and current in ("STOPPED", "UNDEPLOYED"):
         vm.resume_from = current        # the next deploy brings the VM back from there
     return apply(session, vm, f"{action}_hard" if hard else action)
+
+
+def replayed(vm, current, action):
+    """True when this very request already moved ``vm`` and ``action`` no
+    longer applies: the call came again because the instance that made the
+    move died before answering (RPC messages are acked late), so it answers
+    as the first did instead of refusing what it already did."""
+    request_id = tracing.request_id()
+    return bool(request_id) and request_id == vm.last_request_id and not allows(current, action)
 
 
 FENCED_HOST_STATES = ("ERROR", "OFFLINE")

@@ -5,7 +5,7 @@ import uuid
 import pytest
 from sqlalchemy import func, select
 
-from cirrus import db, messages
+from cirrus import db, messages, tracing
 from cirrus.db.models import Host, Outbox, User, VirtualMachine, VmHistory
 from cirrus.errors import FailedPrecondition, InvalidArgument
 from services.lifecycle import logic, monitoring
@@ -108,6 +108,24 @@ def test_terminating_a_done_vm_is_refused_with_the_states_it_needs(factory, admi
         assert vm.state == "DONE"
         with pytest.raises(FailedPrecondition, match="DONE.*RUNNING"):
             logic.vm_action(s, vm.id, "terminate")
+
+
+def test_an_action_delivered_again_answers_as_the_first_and_another_request_is_refused(
+        factory, admin_id, host):
+    """RPC messages are acked late: a lifecycle killed after committing a
+    terminate but before answering gets the call delivered again, under the
+    same request id, to another instance."""
+    with factory() as s, s.begin():
+        vm = running_vm(s, admin_id, host, "replay")
+        with tracing.bound("req-terminate"):
+            logic.vm_action(s, vm.id, "terminate", {"hard": True})
+            seq = vm.seq
+            again = logic.vm_action(s, vm.id, "terminate", {"hard": True})
+        assert (logic.vm_status(again), again.seq) == ("SHUTDOWN", seq)
+        with tracing.bound("req-other"), pytest.raises(FailedPrecondition, match="SHUTDOWN"):
+            logic.vm_action(s, vm.id, "terminate", {"hard": True})
+        with pytest.raises(FailedPrecondition, match="SHUTDOWN"):
+            logic.vm_action(s, vm.id, "terminate", {"hard": True})     # no request at all
 
 
 def test_concurrent_deploys_never_overcommit_a_host(factory, admin_id, host):
