@@ -2,7 +2,9 @@
 
 The file is ``deploy/cirrus.yaml`` unless CIRRUS_CONFIG names another. A key
 ``section: {key: value}`` is overridden by ``CIRRUS_SECTION_KEY``; the value is
-read as YAML, so numbers and booleans keep their type.
+read as YAML, so numbers and booleans keep their type. Every key of the shipped
+file can be set so, even when an operator's own file leaves it out (the
+launcher sets CIRRUS_LOGGING_DIR and CIRRUS_METRICS_PORT for its children).
 """
 import os
 from pathlib import Path
@@ -39,11 +41,16 @@ def load(path=None, environ=None):
         raise ConfigError(f"configuration file not found: {path}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    for key_path, _ in list(_flatten(tree)):
+    known = {key_path for key_path, _ in _flatten(tree)}
+    if path.resolve() != DEFAULT_PATH:
+        known |= {key_path for key_path, _ in _flatten(yaml.safe_load(DEFAULT_PATH.read_text()))}
+    for key_path in sorted(known):
         name = env_name(key_path)
         if name in environ:
             node = tree
             for part in key_path[:-1]:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}     # a section the file leaves out, or leaves empty
                 node = node[part]
             node[key_path[-1]] = yaml.safe_load(environ[name])
     return tree

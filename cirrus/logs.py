@@ -21,8 +21,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-
 from cirrus import instance
 
 FORMATS = ("json", "text")
@@ -39,13 +37,7 @@ _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 def settings(cfg=None):
     """The ``logging:`` section with its defaults; ConfigError names a bad value."""
     from cirrus import config
-    section = dict((cfg if cfg is not None else config.get()).get("logging") or {})
-    for key in ("format", "level", "dir", "max_bytes", "backups"):
-        # a configuration file without these keys: CIRRUS_LOGGING_* still set them
-        # (the launcher sets CIRRUS_LOGGING_DIR for its children)
-        name = config.env_name(("logging", key))
-        if key not in section and name in os.environ:
-            section[key] = yaml.safe_load(os.environ[name])
+    section = (cfg if cfg is not None else config.get()).get("logging") or {}
     out = {"format": section.get("format") or "json",
            "level": os.environ.get("CIRRUS_LOG_LEVEL") or section.get("level") or "INFO",
            "dir": section.get("dir") or None,

@@ -23,6 +23,14 @@ def test_every_key_is_overridden_by_its_variable_keeping_its_type(cfg_file):
     assert cfg["drivers"]["uri"] == "qemu:///system"
 
 
+def test_a_shipped_key_the_file_leaves_out_is_still_set_by_its_variable(cfg_file):
+    cfg = config.load(cfg_file, environ={"CIRRUS_LOGGING_DIR": "/var/log/cirrus",
+                                         "CIRRUS_METRICS_PORT": "0",
+                                         "CIRRUS_NOSUCH_KEY": "x"})
+    assert cfg["logging"] == {"dir": "/var/log/cirrus"} and cfg["metrics"] == {"port": 0}
+    assert "nosuch" not in cfg
+
+
 def test_the_file_itself_is_chosen_by_cirrus_config(cfg_file):
     assert config.load(environ={"CIRRUS_CONFIG": str(cfg_file)})["amqp"]["uri"] == "amqp://a/"
 

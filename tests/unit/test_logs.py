@@ -124,12 +124,13 @@ def test_settings_name_a_bad_value(monkeypatch):
             logs.settings({"logging": section})
 
 
-def test_the_environment_sets_logging_even_without_a_section(monkeypatch):
-    monkeypatch.setenv("CIRRUS_LOGGING_DIR", "/tmp/there")
-    assert logs.settings({})["dir"] == "/tmp/there"
+def test_the_environment_sets_logging_even_without_a_section(tmp_path):
+    without = tmp_path / "cirrus.yaml"
+    without.write_text("amqp:\n  uri: amqp://a/\n")
+    cfg = config.load(without, environ={"CIRRUS_LOGGING_DIR": "/tmp/there"})
+    assert logs.settings(cfg)["dir"] == "/tmp/there"
     assert logs.log_dir({"logging": {"dir": "/tmp/here"}}) == "/tmp/here"
-    monkeypatch.delenv("CIRRUS_LOGGING_DIR")
-    assert logs.log_dir({}) == logs.DEFAULT_DIR
+    assert logs.log_dir(config.load(without, environ={})) == logs.DEFAULT_DIR
 
 
 # ---------------------------------------------------------------- reading them back
