@@ -10,6 +10,8 @@
 """
 import uuid
 
+import amqp.exceptions
+import kombu.exceptions
 from kombu import Exchange, Queue
 from nameko.standalone.events import get_event_exchange
 
@@ -23,6 +25,9 @@ HOST_MONITOR = "host.monitor"
 VM_EVENT = "vm.event"       # a domain changed state on its own (libvirt lifecycle event)
 FLOW = "flow"               # the OneFlow service (services/flow)
 FLOW_SERVICE = "flow.service"   # a service's or a role's state or cardinality changed
+
+# what a lost or refused broker connection raises through kombu and amqp
+BROKER_ERRORS = (OSError, kombu.exceptions.OperationalError, amqp.exceptions.ConnectionError)
 
 COMMANDS = Exchange("cirrus.commands", type="direct", durable=True, delivery_mode=2)
 

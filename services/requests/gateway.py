@@ -27,9 +27,7 @@ import uuid
 from concurrent import futures
 from datetime import datetime, timezone
 
-import amqp.exceptions
 import grpc
-import kombu.exceptions
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -88,8 +86,6 @@ API_SERVICES = [
 LOGIN_METHOD = "/cirrus.v1.SessionService/Login"
 # callable without credentials, so grpcurl and load balancers can probe
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-# failures of the broker connection rather than of the call
-BROKER_ERRORS = (OSError, kombu.exceptions.OperationalError, amqp.exceptions.ConnectionError)
 AUTH_HELP = "send 'authorization: Bearer <token>' or 'authorization: Basic <base64 user:password>'"
 
 
@@ -316,7 +312,7 @@ class Requests:
             self._discard(local)
             # nameko's standalone proxy says RuntimeError when the broker took
             # its reply consumer down: that too is the broker, and a fresh proxy fixes it
-            if isinstance(exc, BROKER_ERRORS) or "has been disconnected" in str(exc):
+            if isinstance(exc, messages.BROKER_ERRORS) or "has been disconnected" in str(exc):
                 raise CallFailed(grpc.StatusCode.UNAVAILABLE,
                                  f"cannot reach the requests service: {exc}") from exc
             log.exception("requests.%s failed", method)

@@ -8,11 +8,11 @@ heard from for ``status.forget_after`` seconds are forgotten.
 from datetime import datetime, timedelta
 
 import amqp.exceptions
-import kombu.exceptions
 from kombu import Connection
 from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.dialects.postgresql import insert
 
+from cirrus import messages
 from cirrus.db import iso
 from cirrus.db.models import Instance
 from cirrus.errors import InvalidArgument, Unavailable
@@ -20,7 +20,6 @@ from cirrus.errors import InvalidArgument, Unavailable
 # the kinds of process, in the order status lists them
 SERVICES = ("requests", "scheduler", "lifecycle", "flow", "gateway", "gate", "node")
 ROLES = ("admin", "cloud-admin")     # who may see the status
-BROKER_ERRORS = (OSError, kombu.exceptions.OperationalError, amqp.exceptions.ConnectionError)
 BEAT_FIELDS = ("service", "host", "pid", "version", "started_at", "beat", "metrics_url",
                "queues", "queue_count", "hosts", "host_count")
 
@@ -73,7 +72,7 @@ def queue_depths(amqp_uri, names, timeout=5):
                     depths[name] = {"name": name, "messages": None, "consumers": None,
                                     "missing": True}
                     channel = conn.channel()    # the broker closed the one that asked
-    except BROKER_ERRORS as exc:
+    except messages.BROKER_ERRORS as exc:
         raise Unavailable(f"cannot reach the message broker for queue depths: {exc}") from None
     return depths
 
