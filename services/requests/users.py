@@ -48,19 +48,20 @@ def user_dict(session, user):
 
 def find_user(session, ref):
     """A user by id (int) or name."""
-    column = User.id if isinstance(ref, int) else User.name
-    user = session.scalar(select(User).where(column == ref))
-    if user is None:
-        raise NotFound(f"user {ref!r} does not exist")
-    return user
+    return _find(session, User, "user", ref)
 
 
 def find_group(session, ref):
-    column = Group.id if isinstance(ref, int) else Group.name
-    group = session.scalar(select(Group).where(column == ref))
-    if group is None:
-        raise NotFound(f"group {ref!r} does not exist")
-    return group
+    """A group by id (int) or name."""
+    return _find(session, Group, "group", ref)
+
+
+def _find(session, model, what, ref):
+    column = model.id if isinstance(ref, int) else model.name
+    row = session.scalar(select(model).where(column == ref))
+    if row is None:
+        raise NotFound(f"{what} {ref!r} does not exist")
+    return row
 
 
 def create_user(session, name, password, role="user", groups=()):
