@@ -50,8 +50,7 @@ import uuid
 from kombu import Connection, Consumer, Producer, Queue
 from kombu.exceptions import OperationalError
 
-from cirrus import config, heartbeat, instance, messages, tracing
-from cirrus import metrics
+from cirrus import config, heartbeat, instance, messages, metrics, tracing
 from services.drivers.backend import MV_DIRECTIONS, domain_name, vm_id_of
 from services.drivers.reports import ReportSchedule, significant_change
 
@@ -446,14 +445,14 @@ class NodeWorker:
     def execute(self, agent, cmd):
         """In a pool thread. Commands for one VM (e.g. a redelivered deploy and
         its first copy) run one after the other, never side by side."""
-        if command_problem(cmd):
-            with tracing.bound(*tracing_ids(cmd)):
+        with tracing.bound(*tracing_ids(cmd)):
+            if command_problem(cmd):
                 return run_command(agent.backend, cmd, self.shutdown_timeout)
-        key = (agent.name, cmd["vm_id"])
-        with self.vm_locks_guard:
-            lock = self.vm_locks.setdefault(key, threading.Lock())
-        with lock, tracing.bound(*tracing_ids(cmd)):
-            result = run_command(agent.backend, cmd, self.shutdown_timeout)
+            key = (agent.name, cmd["vm_id"])
+            with self.vm_locks_guard:
+                lock = self.vm_locks.setdefault(key, threading.Lock())
+            with lock:
+                result = run_command(agent.backend, cmd, self.shutdown_timeout)
         if cmd["action"] == "delete" and result["success"]:
             with self.vm_locks_guard:
                 self.vm_locks.pop(key, None)      # the VM is gone from this node

@@ -140,8 +140,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from cirrus import config
-    from cirrus import heartbeat, instance
-    from cirrus import metrics
+    from cirrus import heartbeat, instance, metrics
     instance.start("gate")
     cfg = config.get()
     gate = cfg.get("gate") or {}
@@ -161,8 +160,9 @@ def main(argv=None):
     for index in range(1, processes):
         pid = os.fork()
         if pid == 0:
-            heartbeat.start(instance.identify("gate", f"{instance.current().name}/{index}"))
-            metrics.serve(instance.current(), index)     # on its own port: the gate's + index
+            identity = instance.identify("gate", f"{instance.current().name}/{index}")
+            metrics.serve(identity, index)      # on its own port (the gate's + index), which
+            heartbeat.start(identity)           # the first beat then reports
             if reuse_port:
                 sock.close()            # the parent's; this process answers on its own
                 sock = listen(address, port, True)
