@@ -1,13 +1,37 @@
-"""Nameko dependency providers shared by the services."""
+"""Nameko dependency providers, and one entrypoint, shared by the services."""
 from contextlib import contextmanager
 
 import eventlet
+from kombu import Queue, binding
+from nameko.events import EventHandler
 from nameko.exceptions import RemoteError
 from nameko.extensions import DependencyProvider
 from nameko.rpc import RpcProxy
 
-from cirrus import config, db, errors
+from cirrus import config, db, errors, messages
 from cirrus.outbox import Relay
+
+
+class VmStateHandler(EventHandler):
+    """``@vm_state_handler(*patterns)``: a Nameko event_handler of lifecycle's
+    ``vm.state`` events whose queue is bound only to ``patterns``
+    (``messages.VM_STATE_*``), so the broker drops the changes this handler
+    would ignore. The queue keeps event_handler's name."""
+
+    def __init__(self, *patterns, **kwargs):
+        super().__init__(messages.LIFECYCLE, messages.VM_STATE, **kwargs)
+        self.patterns = patterns
+
+    def setup(self):
+        super().setup()
+        queue = self.queue
+        self.queue = Queue(queue.name, durable=queue.durable, auto_delete=queue.auto_delete,
+                           exclusive=queue.exclusive,
+                           bindings=[binding(queue.exchange, routing_key=pattern)
+                                     for pattern in self.patterns])
+
+
+vm_state_handler = VmStateHandler.decorator
 
 
 class Database(DependencyProvider):

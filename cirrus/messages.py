@@ -2,12 +2,14 @@
 
 - Events are Nameko events, so Nameko ``event_handler``s receive them: VM state
   changes come from ``lifecycle`` (event types ``vm.state`` and ``host.state``, and
-  ``vm.updated`` for a VM's user template), driver results, host monitoring and hypervisor
+  ``vm.updated`` for a VM's user template; a ``vm.state`` event's routing key
+  says what changed, see ``vm_state_key``), driver results, host monitoring and hypervisor
   events from ``node`` (``command.result``, ``host.monitor``, ``vm.event``), OneFlow
   services' changes from ``flow`` (``flow.service``).
 - Driver commands go to one durable queue per host, ``cirrus.node.<host>``,
   through the direct exchange ``cirrus.commands``.
 """
+import functools
 import uuid
 
 import amqp.exceptions
@@ -36,6 +38,7 @@ DRIVER_ACTIONS = ("deploy", "shutdown", "cancel", "poll", "save", "restore", "re
                   "migrate", "clone", "mv", "delete")
 
 
+@functools.cache    # one per source: every outbox event row asks for its name
 def event_exchange(source):
     """The exchange Nameko's event_handler binds to for events of ``source``."""
     return get_event_exchange(source, {})
@@ -44,6 +47,24 @@ def event_exchange(source):
 def node_queue(host):
     return Queue(f"cirrus.node.{host}", COMMANDS, routing_key=host, durable=True,
                  auto_delete=False)
+
+
+def vm_state_key(status, freed=False, resched=False, in_flow=False):
+    """The routing key of a ``vm.state`` event:
+    ``vm.state.<STATUS>.<freed|kept>.<resched|stays>.<flow|alone>`` (freed: the
+    VM gave a host's capacity back; resched: it asks to move; flow: it is a
+    OneFlow role's VM). Each consumer binds to the changes it acts on, below,
+    instead of hearing every step of every VM."""
+    return ".".join((VM_STATE, status, "freed" if freed else "kept",
+                     "resched" if resched else "stays", "flow" if in_flow else "alone"))
+
+
+# binding patterns over vm_state_key (topic: * is one word, # any number)
+VM_STATE_ANY = (f"{VM_STATE}.#",)
+VM_STATE_TO_PLACE = (f"{VM_STATE}.PENDING.#", f"{VM_STATE}.*.freed.#",
+                     f"{VM_STATE}.RUNNING.*.resched.*")     # the scheduler's
+VM_STATE_DONE = (f"{VM_STATE}.DONE.#",)
+VM_STATE_IN_FLOW = (f"{VM_STATE}.*.*.*.flow",)
 
 
 def vm_event_key(state, lcm_state, vm_id):

@@ -47,7 +47,7 @@ def join_node(lifecycle, amqp_uri, name, cpu=400, memory_mb=4096):
 def vm_events(amqp_uri):
     conn = Connection(amqp_uri)
     queue = Queue(exchange=messages.event_exchange(messages.LIFECYCLE),
-                  routing_key=messages.VM_STATE, exclusive=True, auto_delete=True)
+                  routing_key=messages.VM_STATE_ANY[0], exclusive=True, auto_delete=True)
     seen = []
     consumer = Consumer(conn, [queue], callbacks=[lambda body, msg: (seen.append(body), msg.ack())],
                         accept=["json"])

@@ -17,7 +17,7 @@ from nameko.rpc import RpcProxy, rpc
 from nameko.timer import timer
 
 from cirrus import config, messages
-from cirrus.dependencies import OutboxRelay
+from cirrus.dependencies import OutboxRelay, vm_state_handler
 from cirrus.metrics import Metrics
 from cirrus.tracing import Tracing
 from cirrus.errors import CirrusError
@@ -177,7 +177,7 @@ class FlowService:
 
     # -------------------------------------------------------------- events
 
-    @event_handler(messages.LIFECYCLE, messages.VM_STATE)
+    @vm_state_handler(*messages.VM_STATE_IN_FLOW)
     def on_vm_state(self, event):
         self.vm_changed(event["id"])
         if event.get("status") == "DONE":

@@ -428,7 +428,8 @@ class EventHub:
                     queue_ = Queue(f"cirrus.gateway.{self.event_type}."
                                    f"{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
                                    exchange=messages.event_exchange(self.source),
-                                   routing_key=self.event_type,
+                                   # the type, and any key under it (vm.state.<STATUS>...)
+                                   routing_key=f"{self.event_type}.#",
                                    exclusive=True, auto_delete=True, durable=False)
                     with Consumer(conn, queues=[queue_], callbacks=[self._on_message],
                                   accept=["json"], no_ack=True):

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from cirrus import auth, config, heartbeat, messages, states
 from cirrus.db.models import User, utcnow
-from cirrus.dependencies import Database, OutboxRelay, Rpc
+from cirrus.dependencies import Database, OutboxRelay, Rpc, vm_state_handler
 from cirrus.metrics import Metrics
 from cirrus.tracing import Tracing
 from cirrus.errors import (CirrusError, FailedPrecondition, InvalidArgument, NotFound,
@@ -993,7 +993,7 @@ class RequestsService:
 
     # events and timers
 
-    @event_handler(messages.LIFECYCLE, messages.VM_STATE)
+    @vm_state_handler(*messages.VM_STATE_DONE)
     def on_vm_state(self, event):
         """A VM at DONE gives its quota back (once, however often the event comes)."""
         if event.get("status") != "DONE":

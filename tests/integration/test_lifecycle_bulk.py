@@ -55,7 +55,7 @@ def written(s, vm_id):
         if row.exchange == messages.COMMANDS.name:
             if payload["vm_id"] != vm_id:
                 continue
-        elif row.routing_key != messages.VM_STATE or payload["id"] != vm_id:
+        elif not row.routing_key.startswith(messages.VM_STATE + ".") or payload["id"] != vm_id:
             continue
         if row.exchange == messages.COMMANDS.name:
             spec = payload["args"]["vm"]

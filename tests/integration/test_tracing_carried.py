@@ -27,7 +27,7 @@ def sent(s, vm_id):
     for row in s.scalars(select(Outbox).order_by(Outbox.id)):
         if row.exchange == messages.COMMANDS.name and row.payload["vm_id"] == vm_id:
             out.append(("command", row.payload["action"], row.payload["request_id"]))
-        elif row.routing_key == messages.VM_STATE and row.payload["id"] == vm_id:
+        elif row.routing_key.startswith(messages.VM_STATE + ".") and row.payload["id"] == vm_id:
             out.append(("event", row.payload["status"], row.headers.get(tracing.HEADER)))
     return out
 
@@ -143,7 +143,8 @@ def lifecycle_logs(cirrus_env, tmp_path_factory):
 
 def test_a_calls_request_id_reaches_the_events_and_commands_it_causes(lifecycle_logs,
                                                                       amqp_uri):
-    events = Listener(amqp_uri, messages.event_exchange(messages.LIFECYCLE), messages.VM_STATE)
+    events = Listener(amqp_uri, messages.event_exchange(messages.LIFECYCLE),
+                      messages.VM_STATE_ANY[0])
     request_id = f"svc-{uuid.uuid4().hex[:8]}"
     rpc_config = {"AMQP_URI": amqp_uri, "serializer": "json"}
     try:
