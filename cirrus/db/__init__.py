@@ -3,7 +3,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from cirrus import config
 from cirrus.errors import NotFound, Unavailable
@@ -91,6 +91,27 @@ def get_row(session, model, row_id, what, lock=False):
     if row is None:
         raise NotFound(f"{what} {row_id} does not exist")
     return row
+
+
+def per_transaction(session, key, make=dict):
+    """``session``'s value for ``key``, made by ``make`` at first use and
+    forgotten when the session's outermost transaction ends: what a
+    transaction keeps of what it read or has yet to write."""
+    kept = session.info.setdefault("per_transaction", {})
+    if key not in kept:
+        kept[key] = make()
+    return kept[key]
+
+
+def forget_per_transaction(session, key):
+    """Drop ``key`` before the end (a savepoint that wrote it rolled back)."""
+    session.info.get("per_transaction", {}).pop(key, None)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _end_of_transaction(session, transaction):
+    if transaction.parent is None:
+        session.info.pop("per_transaction", None)
 
 
 def iso(value):

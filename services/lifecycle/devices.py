@@ -26,7 +26,7 @@ import secrets
 
 from sqlalchemy import select, text
 
-from cirrus import config
+from cirrus import bulk, config, db
 from cirrus.db.models import Image, VmDevices, utcnow
 from cirrus.errors import CirrusError, FailedPrecondition, InvalidArgument
 from services.drivers.backend import disk_specs, disk_target, sections
@@ -243,11 +243,31 @@ def nic_network(session, nic, where):
 
 # ---------------------------------------------------------------- at deploy and at the end
 
+class Held:
+    """A ``vm_devices`` row as a plain record (vm_id, disks, nics, context,
+    token, started_at): deploys and driver results handle thousands at once."""
+
+    def __init__(self, mapping):
+        self.__dict__.update(mapping)
+
+
+_held = VmDevices.__table__
+HELD_COLUMNS = tuple(column.name for column in _held.c)
+_INSERT_HELD = bulk.insert(_held, HELD_COLUMNS)
+
+
+def known(session):
+    """This transaction's view of ``vm_devices``: {vm_id: Held, or None for
+    none}, with the rows taken or given back and not written yet (``write``)."""
+    return db.per_transaction(session, "vm_devices",
+                              lambda: {"rows": {}, "taken": {}, "given_back": set()})
+
+
 def take(session, vm):
     """Take what ``vm`` needs for its placement; None when done (or already
     held: a stopped or undeployed VM keeps its devices), else the reason it
-    must wait, with nothing kept."""
-    if vm.resume_from and session.get(VmDevices, vm.id) is not None:
+    must wait, with nothing kept. The row is written by ``write``."""
+    if vm.resume_from and held_by(session, vm) is not None:
         return None     # only a resumed VM may still hold them: no query for the others
     try:
         held = build(session, vm)
@@ -255,22 +275,46 @@ def take(session, vm):
         vnets.release_leases(session, vm.id)
         images.forget_vm(session, vm.id)
         return str(why)
-    session.add(held)
-    # deploy_many flushes its rows at the end: until then a query would not find this one
-    taken_now(session)[vm.id] = held
+    view = known(session)
+    view["rows"][vm.id] = view["taken"][vm.id] = held
     return None
 
 
-def taken_now(session):
-    """{vm_id: VmDevices} taken in this session and maybe not flushed yet."""
-    return session.info.setdefault("vm_devices", {})
+def load(session, vm_ids):
+    """Read the devices of ``vm_ids`` in one query, for ``held_by``."""
+    rows = known(session)["rows"]
+    wanted = sorted(set(vm_ids) - set(rows))
+    if wanted:
+        rows.update(dict.fromkeys(wanted))
+        for row in session.execute(select(_held).where(_held.c.vm_id.in_(wanted))):
+            rows[row.vm_id] = Held(row._mapping)
 
 
 def held_by(session, vm):
-    held = taken_now(session).get(vm.id)
-    if held is not None and held in session:    # not dropped by a rollback
-        return held
-    return session.get(VmDevices, vm.id)
+    """What ``vm`` holds (a Held), or None."""
+    rows = known(session)["rows"]
+    if vm.id not in rows:
+        load(session, [vm.id])
+    return rows[vm.id]
+
+
+def write(session):
+    """Write the devices taken and given back since the last write: one
+    INSERT and one DELETE for all of them."""
+    view = known(session)
+    taken, given_back = view["taken"], view["given_back"]
+    if given_back:
+        session.execute(_held.delete().where(_held.c.vm_id.in_(sorted(given_back))))
+    if taken:
+        session.execute(_INSERT_HELD, bulk.params([{name: getattr(held, name)
+                                                    for name in HELD_COLUMNS}
+                                                   for held in taken.values()]))
+    view["taken"], view["given_back"] = {}, set()
+
+
+def forget(session):
+    """Drop this transaction's view: a savepoint that took devices rolled back."""
+    db.forget_per_transaction(session, "vm_devices")
 
 
 def build(session, vm):
@@ -302,8 +346,8 @@ def build(session, vm):
                            gate_setting("endpoint", DEFAULT_ONEGATE_ENDPOINT))
     token = (vm_token(platform_secret(session), vm.id, started_at)
              if context["TOKEN"] == "YES" else None)
-    return VmDevices(vm_id=vm.id, disks=disks, nics=nics, context=context, token=token,
-                     started_at=started_at)
+    return Held({"vm_id": vm.id, "disks": disks, "nics": nics, "context": context,
+                 "token": token, "started_at": started_at})
 
 
 def release(session, vm):
@@ -315,11 +359,10 @@ def release(session, vm):
         return
     vnets.release_leases(session, vm.id)
     images.release_images(session, vm.id, set((vm.runtime or {}).get("saved") or ()))
-    taken_now(session).pop(vm.id, None)
-    if held in session.new:
-        session.expunge(held)
-    else:
-        session.delete(held)
+    view = known(session)
+    view["rows"][vm.id] = None
+    if view["taken"].pop(vm.id, None) is None:     # written before: delete the row
+        view["given_back"].add(vm.id)
 
 
 def for_driver(session, vm):

@@ -14,10 +14,9 @@ import logging
 from sqlalchemy import bindparam, or_, select, text, tuple_, update
 from sqlalchemy.orm import aliased
 
-from cirrus import bulk, messages, outbox, tracing
+from cirrus import bulk, db, messages, outbox, tracing
 from cirrus.db import get_row, iso
-from cirrus.db.models import (Host, Template, User, VirtualMachine, VmDevices, VmHistory,
-                               utcnow)
+from cirrus.db.models import Host, Template, User, VirtualMachine, VmHistory, utcnow
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from cirrus.states import (FAILED_FROM, MIGRATING, ON_HOST, SHORT_NAMES, TRANSIENT,
                            TransitionError, allows, next_transition, result_action, split,
@@ -197,9 +196,9 @@ def step(session, vm, action, message=None):
         vm.command_id = cmd["id"]
         rows.append(outbox.command_row(cmd))
         sent = f"; {cmd['action']} sent to {cmd['host']}"
-    host = session.get(Host, vm.host_id) if vm.host_id else None
-    rows.append(outbox.event_row(messages.LIFECYCLE, messages.VM_STATE,
-                                 state_event(vm, host.name if host else None, freed),
+    host = host_row(session, vm.host_id)
+    event = state_event(vm, host.name if host else None, freed)
+    rows.append(outbox.event_row(messages.LIFECYCLE, state_event_key(vm, event), event,
                                  tracing.headers(request_id)))
     tracing.log_after_commit(session, log, "VM %s: %s -> %s (%s)%s", vm.id, current,
                              transition.target, action, sent, request_id=request_id,
@@ -212,10 +211,12 @@ _HISTORY_INSERT = bulk.insert(VmHistory.__table__, HISTORY_COLUMNS)
 
 
 def write_steps(session, steps):
-    """The history and outbox rows of ``steps``, in one INSERT each, and their
-    changes of the hosts' usage, summed per host and written in host id
+    """The devices the VMs took or gave back (``devices.write``), the history
+    and outbox rows of ``steps``, in one INSERT each, and their changes of
+    the hosts' usage, summed per host and written in host id
     order: transactions that change several hosts lock them in one order,
     as deploy_many does, and never wait for each other in a cycle."""
+    devices.write(session)
     if steps:
         session.execute(_HISTORY_INSERT, bulk.params([history for history, _, _ in steps]))
         outbox.add_many(session, [row for _, rows, _ in steps for row in rows])
@@ -370,11 +371,21 @@ def unfit_reason(session, vm, host_id):
             f"and {host.max_mem - host.reserved_mem - host.mem_usage} MB free")
 
 
+def host_row(session, host_id):
+    """The Host ``host_id`` (None for none), for its name and URI: looked up
+    once per transaction, since a batch's steps ask for the same few hosts."""
+    if host_id is None:
+        return None
+    hosts = db.per_transaction(session, "hosts")
+    if host_id not in hosts:
+        hosts[host_id] = session.get(Host, host_id)
+    return hosts[host_id]
+
+
 def driver_command(session, vm, transition):
     """The command entering ``transition.target`` sends, addressed to the VM's
     host or, for the later steps of a migration, to the target host."""
-    host_id = vm.target_host_id if transition.on_target else vm.host_id
-    host = session.get(Host, host_id) if host_id else None
+    host = host_row(session, vm.target_host_id if transition.on_target else vm.host_id)
     if host is None:
         raise FailedPrecondition(
             f"VM {vm.id}: no host to send {transition.command} to ({transition.target})")
@@ -382,7 +393,7 @@ def driver_command(session, vm, transition):
     if transition.command == "mv" and args["direction"] == "in" and vm.runtime.get("vm_dir"):
         args["from_dir"] = vm.runtime["vm_dir"]     # where save or mv out left the files
     if transition.command == "migrate":
-        target = session.get(Host, vm.target_host_id)
+        target = host_row(session, vm.target_host_id)
         args.update(dest_host=target.name, dest_uri=(target.monitoring or {}).get("URI"))
     return messages.command(transition.command, vm.id, host.name, vm.last_request_id, **args)
 
@@ -402,6 +413,13 @@ def state_event(vm, host_name, freed=False):
             "lcm_state": vm.lcm_state, "status": vm_status(vm), "seq": vm.seq,
             "host": host_name, "host_id": vm.host_id, "resched": bool(vm.resched),
             "error": vm.error, "at": iso(vm.updated_at), "freed": freed}
+
+
+def state_event_key(vm, event):
+    """The routing key of ``vm``'s ``event``; a role VM of a OneFlow service
+    has the service's SERVICE_ID in its template."""
+    return messages.vm_state_key(event["status"], event["freed"], event["resched"],
+                                 "SERVICE_ID" in (vm.template or {}))
 
 
 # the deploy path brings back what a stop or an undeploy put away
@@ -500,6 +518,7 @@ def deploy_many(session, placements):
         if answers is None:
             attempt.rollback()
             tracing.forget_since(session, mark)
+            devices.forget(session)
             answers = deploy_batch(session, placements, lock_records(session, vm_ids),
                                    reserve_last=False)
         else:
@@ -760,8 +779,8 @@ def handle_results(session, results):
     command it answered no longer in flight), then the VM rows, history and
     outbox are written with one statement each."""
     vms = lock_records(session, {result["vm_id"] for result in results})
-    # in the session's identity map for driver_command: host names, the VMs' devices
-    held = session.scalars(select(VmDevices).where(VmDevices.vm_id.in_(sorted(vms)))).all()
+    devices.load(session, vms)     # for driver_command
+    # in the session's identity map for driver_command: host names
     hosts = session.scalars(select(Host).where(Host.id.in_(
         {h for vm in vms.values() for h in (vm.host_id, vm.target_host_id) if h}))).all()
     steps, moved = [], {}
@@ -774,7 +793,7 @@ def handle_results(session, results):
                 moved[vm.id] = vm
     write_records(session, list(moved.values()))
     write_steps(session, steps)
-    del held, hosts
+    del hosts
     return len(steps)
 
 
