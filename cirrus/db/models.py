@@ -71,6 +71,9 @@ class Host(Base):
     monitoring: Mapped[dict] = mapped_column(JSONB, default=dict)
     last_monitored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # bumped by a trigger (migration 0010) when what the scheduler derives the
+    # host's attributes from changes, so schedulers re-read only changed hosts
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class VirtualMachine(Base):

@@ -116,6 +116,11 @@ class HostView:
         self.version += 1
         self._sync()
 
+    def renewed(self, cpu_usage, mem_usage, running_vms):
+        """This host for a new pass, with the usage given (``attributes`` copied)."""
+        return HostView(self.id, self.name, self.max_cpu, self.max_mem, cpu_usage, mem_usage,
+                        running_vms, dict(self.attributes))
+
     def _sync(self):
         self.attributes.update(CPU_USAGE=self.cpu_usage, MEM_USAGE=self.mem_usage,
                                RUNNING_VMS=self.running_vms)

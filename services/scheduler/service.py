@@ -27,7 +27,7 @@ from sqlalchemy import and_, or_, select
 
 from cirrus import config, messages, metrics, tracing
 from cirrus.db.models import Cluster, Host, VirtualMachine, VmGroup
-from cirrus.dependencies import Database
+from cirrus.dependencies import Database, vm_state_handler
 from cirrus.metrics import Metrics
 from cirrus.tracing import Tracing
 from cirrus.expressions import compile_rank
@@ -95,6 +95,18 @@ class PassQueue(DependencyProvider):
                 self.lock.release()
 
 
+class HostCache(DependencyProvider):
+    """The hosts' views between passes (``monitored_hosts``): a pass over
+    2,500 unchanged hosts reads their usage, not their templates and
+    monitoring."""
+
+    def setup(self):
+        self.known = {}
+
+    def get_dependency(self, worker_ctx):
+        return self.known
+
+
 class SchedulerService:
     name = "scheduler"
 
@@ -103,8 +115,9 @@ class SchedulerService:
     trace = Tracing()
     lifecycle = RpcProxy(messages.LIFECYCLE)
     queue = PassQueue()
+    known_hosts = HostCache()
 
-    @event_handler(messages.LIFECYCLE, messages.VM_STATE)
+    @vm_state_handler(*messages.VM_STATE_TO_PLACE)
     def on_vm_state(self, event):
         if event["status"] == "PENDING" or (event["status"] == "RUNNING" and event.get("resched")):
             self.schedule([event["id"]])
@@ -132,7 +145,7 @@ class SchedulerService:
             vms, old_messages = waiting_vms(session, vm_ids, settings.max_vm, self.pending_since)
             if not vms:
                 return
-            hosts = monitored_hosts(session)
+            hosts = monitored_hosts(session, self.known_hosts)
             groups = vm_groups(session, {vm.group for vm in vms if vm.group is not None})
         planner = Planner(hosts, settings.policy, settings.rank, groups, settings.max_host)
         reasons = {}
@@ -251,13 +264,30 @@ def waiting_vms(session, vm_ids=None, limit=0, since=None):
     return requests, old
 
 
-def monitored_hosts(session):
+def monitored_hosts(session, known=None):
+    """A HostView of every MONITORED host, for one pass. ``known`` (a dict
+    kept between passes: HostCache) holds each host's view as of its
+    revision and its cluster's template; a pass reads every host's usage,
+    and all of a host only when one of those changed."""
+    known = {} if known is None else known
     clusters = dict(session.execute(select(Cluster.id, Cluster.template)).all())
-    rows = session.execute(select(
-        Host.id, Host.name, Host.cluster_id, Host.max_cpu, Host.max_mem, Host.reserved_cpu,
-        Host.reserved_mem, Host.cpu_usage, Host.mem_usage, Host.running_vms, Host.template,
-        Host.monitoring).where(Host.state == "MONITORED"))
-    return [host_view(row._mapping, clusters.get(row.cluster_id)) for row in rows]
+    usage = session.execute(select(
+        Host.id, Host.revision, Host.cluster_id, Host.cpu_usage, Host.mem_usage,
+        Host.running_vms).where(Host.state == "MONITORED")).all()
+    stale = [row.id for row in usage if known.get(row.id, (None, None))[:2]
+             != (row.revision, clusters.get(row.cluster_id))]
+    if stale:
+        for row in session.execute(select(
+                Host.id, Host.revision, Host.name, Host.cluster_id, Host.max_cpu, Host.max_mem,
+                Host.reserved_cpu, Host.reserved_mem, Host.template, Host.monitoring)
+                .where(Host.id.in_(stale))):
+            cluster = clusters.get(row.cluster_id)
+            known[row.id] = (row.revision, cluster, host_view(row._mapping, cluster))
+    for gone in known.keys() - {row.id for row in usage}:
+        del known[gone]
+    return [known[row.id][2].renewed(row.cpu_usage, row.mem_usage, row.running_vms)
+            for row in usage if row.id in known]     # (not one deleted between the reads)
+
 
 
 def vm_groups(session, group_ids):
