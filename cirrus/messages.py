@@ -4,7 +4,7 @@
   changes come from ``lifecycle`` (event types ``vm.state`` and ``host.state``, and
   ``vm.updated`` for a VM's user template; a ``vm.state`` event's routing key
   says what changed, see ``vm_state_key``), driver results, host monitoring and hypervisor
-  events from ``node`` (``command.result``, ``host.monitor``, ``vm.event``), OneFlow
+  events from ``node`` (``command.results``, ``host.monitor``, ``vm.event``), OneFlow
   services' changes from ``flow`` (``flow.service``).
 - Driver commands go to one durable queue per host, ``cirrus.node.<host>``,
   through the direct exchange ``cirrus.commands``.
@@ -22,7 +22,8 @@ NODE = "node"
 VM_STATE = "vm.state"
 VM_UPDATED = "vm.updated"   # a VM's user template changed (READY=YES...)
 HOST_STATE = "host.state"
-COMMAND_RESULT = "command.result"
+COMMAND_RESULT = "command.result"     # one driver result (nodes before command.results)
+COMMAND_RESULTS = "command.results"   # {"results": [...]}: a node's results ready together
 HOST_MONITOR = "host.monitor"
 VM_EVENT = "vm.event"       # a domain changed state on its own (libvirt lifecycle event)
 FLOW = "flow"               # the OneFlow service (services/flow)

@@ -27,15 +27,21 @@ class Bus:
         events = messages.event_exchange(messages.NODE)
         self.queue = Queue(f"test-node-events-{uuid.uuid4().hex[:6]}", exclusive=True,
                            bindings=[binding(events, routing_key=key) for key in
-                                     (messages.COMMAND_RESULT, messages.HOST_MONITOR,
+                                     (messages.COMMAND_RESULTS, messages.HOST_MONITOR,
                                                          messages.VM_EVENT)])
         self.received = []
+        self.result_messages = []   # how many results each command.results message held
         self.consumer = Consumer(self.channel, queues=[self.queue], callbacks=[self._got],
                                  accept=["json"])
         self.consumer.consume()
 
     def _got(self, body, message):
-        self.received.append((message.delivery_info["routing_key"], body))
+        key = message.delivery_info["routing_key"]
+        if key == messages.COMMAND_RESULTS:     # a batch counts as each of its results
+            self.result_messages.append(len(body["results"]))
+            self.received.extend((messages.COMMAND_RESULT, result) for result in body["results"])
+        else:
+            self.received.append((key, body))
         message.ack()
 
     def send(self, host, body, **kwargs):

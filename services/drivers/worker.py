@@ -59,6 +59,7 @@ log = logging.getLogger("cirrus.node")
 HEARTBEAT = 10          # seconds; lets a dead broker connection be noticed
 STOP_GRACE = 30         # seconds running commands may take to finish on SIGTERM
 CHECK_INTERVAL = 1      # seconds between looks at a real host's usage between reports
+RESULTS_PER_MESSAGE = 500   # driver results sent together in one command.results message
 
 
 # ---------------------------------------------------------------- commands
@@ -377,15 +378,27 @@ class NodeWorker:
             reports, self.reports = self.reports, {}
         self.outbox.extend((None, messages.HOST_MONITOR, report) for report in reports.values())
         while self.outbox:
-            message, event_type, body = self.outbox[0]
+            sent = [self.outbox[0]]
+            event_type, body = sent[0][1], sent[0][2]
+            if event_type == messages.COMMAND_RESULT:
+                # results ready together go as one message: lifecycle applies
+                # them in one transaction anyway, and each message costs the
+                # broker, this node's wait for its confirm and lifecycle a worker
+                while (len(sent) < RESULTS_PER_MESSAGE and len(self.outbox) > len(sent)
+                       and self.outbox[len(sent)][1] == messages.COMMAND_RESULT):
+                    sent.append(self.outbox[len(sent)])
+                event_type, body = messages.COMMAND_RESULTS, {
+                    "results": [result for _, _, result in sent]}
+            request_id = sent[0][2].get("request_id") if len(sent) == 1 else None
             # Nameko gives lifecycle's handler the request id of these headers
             producer.publish(body, exchange=self.events, routing_key=event_type,
                              serializer="json", delivery_mode=2, retry=False,
-                             headers=tracing.headers(body.get("request_id")))
-            self.outbox.popleft()
-            # a delivery from a channel lost since will be redelivered anyway
-            if message is not None and message.channel is channel:
-                message.ack()
+                             headers=tracing.headers(request_id))
+            for message, _, _ in sent:
+                self.outbox.popleft()
+                # a delivery from a channel lost since will be redelivered anyway
+                if message is not None and message.channel is channel:
+                    message.ack()
         while self.replies:
             reply_to, correlation_id, body = self.replies[0]
             # through the default exchange ("" would mean the producer's own to kombu)

@@ -27,8 +27,8 @@ api = rpc(expected_exceptions=CirrusError)
 
 
 class Batches(DependencyProvider):
-    """Driver results (and creates) that arrive together are applied in one
-    transaction. Each handler queues its item and waits; whichever handler
+    """Driver results (each message's list of them) and creates that arrive
+    together are applied in one transaction. Each handler queues its item and waits; whichever handler
     finds no batch under way applies everything queued, again until nothing
     is, so a lone item never waits for others. The handlers return (and
     Nameko acks) only after their batch committed, each with its item's
@@ -135,13 +135,18 @@ class LifecycleService:
         with self.relay.transaction() as session:
             return logic.describe(session, user_template.update(session, vm_id, attrs, replace))
 
+    @event_handler(messages.NODE, messages.COMMAND_RESULTS, requeue_on_error=True)
+    def on_command_results(self, batch):
+        self.results.apply(batch["results"], self.apply_results)
+
     @event_handler(messages.NODE, messages.COMMAND_RESULT, requeue_on_error=True)
     def on_command_result(self, result):
-        self.results.apply(result, self.apply_results)
+        """One result, as nodes of earlier versions send them."""
+        self.results.apply([result], self.apply_results)
 
-    def apply_results(self, results):
+    def apply_results(self, batches):
         with self.relay.transaction() as session:
-            logic.handle_results(session, results)
+            logic.handle_results(session, [result for batch in batches for result in batch])
 
     @event_handler(messages.NODE, messages.HOST_MONITOR, requeue_on_error=True)
     def on_host_monitor(self, report):

@@ -67,6 +67,21 @@ def test_each_simulated_host_has_its_queue_domains_and_reports(start_simulator, 
         {host(sim, 1), host(sim, 3)}
 
 
+def test_results_ready_together_go_in_one_message(start_simulator, bus):
+    """Commands queued for 20 hosts before their node starts all arrive at
+    once and finish together: the node sends their results in fewer
+    messages than results."""
+    prefix = f"sim{uuid.uuid4().hex[:5]}"
+    names = [f"{prefix}-{index:04d}" for index in range(1, 21)]
+    commands = [bus.send(name, messages.command("deploy", vm["id"], name, vm=vm))
+                for name, vm in ((name, a_vm()) for name in names)]
+    start_simulator(20, prefix=prefix)
+    for cmd in commands:
+        assert bus.result(cmd)["success"]
+    assert sum(bus.result_messages) == 20 and len(bus.result_messages) < 20
+    assert all(len(bus.results_of(cmd)) == 1 for cmd in commands)
+
+
 def test_scripted_failures_hit_the_next_deploys_of_one_host_only(start_simulator, bus,
                                                                   amqp_uri):
     sim = start_simulator(3)
