@@ -497,6 +497,9 @@ class VmClass:
         self.planner, self.cpu, self.memory = planner, cpu, memory
         self.requirement, self.rank_fn, self.clusters = requirement, rank_fn, clusters
         self.eager = rank_rises or bool(requirement and requirement.attributes & DYNAMIC)
+        # whether each host matches, for a requirement that reservations cannot change:
+        # an eager class asks again for every host changed, thousands of times a pass
+        self.matched = None if requirement and requirement.attributes & DYNAMIC else {}
         self.failure = None
         self.heap = []
         for host_id in planner.order:
@@ -506,9 +509,19 @@ class VmClass:
 
     def consider(self, host, push=False):
         if (host.max_cpu - host.cpu_usage < self.cpu or host.max_mem - host.mem_usage < self.memory
-                or not self.planner.open(host)
-                or not self.planner.matches(self.requirement, self.clusters, host)):
+                or not self.planner.open(host)):
             return
+        matched = self.matched
+        if matched is None:
+            if not self.planner.matches(self.requirement, self.clusters, host):
+                return
+        else:
+            match = matched.get(host.id)
+            if match is None:
+                match = matched[host.id] = self.planner.matches(self.requirement, self.clusters,
+                                                                 host)
+            if not match:
+                return
         entry = (-self.rank_fn(host.attributes), host.id, host.version)
         if push:
             heapq.heappush(self.heap, entry)
