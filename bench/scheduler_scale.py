@@ -141,7 +141,8 @@ def commands_queued(vhost, settle=7):
     time.sleep(settle)
     out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages",
                           "--formatter", "json"], capture_output=True, text=True, check=True)
-    return sum(queue["messages"] for queue in json.loads(out.stdout)
+    # a queue RabbitMQ is still setting up lists its count as ""
+    return sum(int(queue["messages"] or 0) for queue in json.loads(out.stdout)
                if queue["name"].startswith("cirrus.node."))
 
 
