@@ -21,8 +21,10 @@ In the same run it measures:
   confirm (what each of the outbox's messages cost before it batched them);
 - the CPU seconds lifecycle and the scheduler used while placing (this
   machine's 2 cores are shared, so wall time swings with other load).
-It checks no host is over-committed and every placed VM satisfies its
-requirements. The last line printed is one JSON object.
+It checks no host is over-committed, every placed VM satisfies its
+requirements and every driver command reached its host's queue once, and
+says when the outbox had sent the last of them. The last line printed is one
+JSON object.
 """
 import argparse
 import json
@@ -135,15 +137,35 @@ def check(url):
     return over, wrong
 
 
-def commands_queued(vhost, settle=7):
-    """Driver commands waiting in the hosts' queues once the outbox has had
-    time to sweep (5 s grace): one per placed VM, unless some were sent twice."""
-    time.sleep(settle)
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages",
-                          "--formatter", "json"], capture_output=True, text=True, check=True)
-    # a queue RabbitMQ is still setting up lists its count as ""
-    return sum(int(queue["messages"] or 0) for queue in json.loads(out.stdout)
-               if queue["name"].startswith("cirrus.node."))
+def outbox_drained(url, timeout=300):
+    """Seconds until the outbox is empty: every event and driver command of
+    the placements handed to RabbitMQ and confirmed."""
+    from sqlalchemy import func, select
+    from cirrus import db
+    from cirrus.db.models import Outbox
+    factory, start = db.session_factory(url), time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        with factory() as s:
+            if not s.scalar(select(func.count()).select_from(Outbox)):
+                return time.perf_counter() - start
+        time.sleep(0.1)
+    raise SystemExit(f"the outbox still had rows {timeout} s after placement")
+
+
+def commands_queued(vhost, tries=15):
+    """Driver commands waiting in the hosts' queues: one per placed VM, unless
+    some were lost or sent twice. A busy queue may not answer rabbitmqctl in
+    time and list its depth as "": ask again until every queue answered."""
+    for _ in range(tries):
+        out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name",
+                              "messages", "--formatter", "json"],
+                             capture_output=True, text=True, check=True)
+        depths = [queue["messages"] for queue in json.loads(out.stdout)
+                  if queue["name"].startswith("cirrus.node.")]
+        if "" not in depths:
+            return sum(depths)
+        time.sleep(2)
+    raise SystemExit(f"RabbitMQ did not report the depth of {depths.count('')} node queues")
 
 
 def main():
@@ -176,6 +198,7 @@ def main():
         placement, placed = wake_and_wait(url, amqp_uri, args.vms)
         cpu = {name: used - cpu_before[name] for name, used in bench.cpu_seconds().items()}
         over, wrong = check(url)
+        drained = placement + outbox_drained(url)
         commands = commands_queued(bench.vhost)
 
     ms = lambda s: round(s * 1000, 1)  # noqa: E731
@@ -195,6 +218,8 @@ def main():
     print(f"  checks: over-committed hosts {0 if over is None else 'host ' + str(over)}, "
           f"placed VMs breaking their requirements {wrong}, driver commands sent "
           f"{commands} for {placed} VMs")
+    print(f"  every event and driver command of the placements out of the outbox and "
+          f"confirmed by RabbitMQ {drained:.2f} s after the wake-up")
     print(json.dumps({
         "bench": "scheduler_scale", "hosts": args.hosts, "vms": args.vms, "placed": placed,
         "lifecycles": args.lifecycles, "batch": args.batch,
@@ -206,7 +231,7 @@ def main():
         "cpu_s": {name: round(used, 2) for name, used in cpu.items()},
         "floor_confirmed_publish_ms": round(publish_floor * 1000, 3),
         "over_committed_hosts": 0 if over is None else 1, "requirement_violations": wrong,
-        "driver_commands_sent": commands}))
+        "driver_commands_sent": commands, "all_commands_out_s": round(drained, 3)}))
 
 
 def wake_and_wait(url, amqp_uri, n):
