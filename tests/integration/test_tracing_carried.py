@@ -191,7 +191,9 @@ def test_a_driver_command_carries_its_request_and_the_result_brings_it_back(star
         cmd = bus.send(host, messages.command("deploy", vm["id"], host, "drv-req", vm=vm))
         result = bus.result(cmd)
         assert result["success"] and result["request_id"] == "drv-req"
-        [headers] = [h for body, h in bus.headers if body.get("command_id") == cmd["id"]]
+        # the node's command.results message; holding one result, it carries its request id
+        [headers] = [h for body, h in bus.headers
+                     if any(r["command_id"] == cmd["id"] for r in body.get("results", ()))]
         assert headers[tracing.HEADER] == "drv-req"
         # the domain starting is reported as a request of its own
         event = bus.wait_for(lambda k, b: k == messages.VM_EVENT and b["vm_id"] == vm["id"])
