@@ -371,15 +371,23 @@ def unfit_reason(session, vm, host_id):
             f"and {host.max_mem - host.reserved_mem - host.mem_usage} MB free")
 
 
+def load_hosts(session, host_ids):
+    """Read the hosts ``host_ids`` in one query, for ``host_row``."""
+    hosts = db.per_transaction(session, "hosts")
+    wanted = set(host_ids) - set(hosts) - {None}
+    if wanted:
+        hosts.update(dict.fromkeys(wanted))
+        hosts.update((host.id, host) for host in
+                     session.scalars(select(Host).where(Host.id.in_(sorted(wanted)))))
+
+
 def host_row(session, host_id):
     """The Host ``host_id`` (None for none), for its name and URI: looked up
     once per transaction, since a batch's steps ask for the same few hosts."""
     if host_id is None:
         return None
-    hosts = db.per_transaction(session, "hosts")
-    if host_id not in hosts:
-        hosts[host_id] = session.get(Host, host_id)
-    return hosts[host_id]
+    load_hosts(session, [host_id])
+    return db.per_transaction(session, "hosts")[host_id]
 
 
 def driver_command(session, vm, transition):
@@ -509,8 +517,7 @@ def deploy_many(session, placements):
     batch is made again reserving first, its hosts' VMs one by one."""
     placements = parse_placements(placements)
     vm_ids = {vm_id for vm_id, _ in placements}
-    # held in the session for step() and driver_command(), which read the host's name
-    hosts = session.scalars(select(Host).where(Host.id.in_({h for _, h in placements}))).all()
+    load_hosts(session, {h for _, h in placements})    # for step() and driver_command()
     with session.no_autoflush:
         attempt, mark = session.begin_nested(), tracing.held(session)
         answers = deploy_batch(session, placements, lock_records(session, vm_ids),
@@ -523,7 +530,6 @@ def deploy_many(session, placements):
                                    reserve_last=False)
         else:
             attempt.commit()
-    del hosts
     return [{"vm_id": vm_id, **answers[vm_id]} for vm_id, _ in placements]
 
 
@@ -779,10 +785,9 @@ def handle_results(session, results):
     command it answered no longer in flight), then the VM rows, history and
     outbox are written with one statement each."""
     vms = lock_records(session, {result["vm_id"] for result in results})
-    devices.load(session, vms)     # for driver_command
-    # in the session's identity map for driver_command: host names
-    hosts = session.scalars(select(Host).where(Host.id.in_(
-        {h for vm in vms.values() for h in (vm.host_id, vm.target_host_id) if h}))).all()
+    # for step() and driver_command(): the VMs' devices, their hosts' names
+    devices.load(session, vms)
+    load_hosts(session, {h for vm in vms.values() for h in (vm.host_id, vm.target_host_id)})
     steps, moved = [], {}
     with tracing.detached():    # the results of many requests: each VM its own
         for result in results:
@@ -793,7 +798,6 @@ def handle_results(session, results):
                 moved[vm.id] = vm
     write_records(session, list(moved.values()))
     write_steps(session, steps)
-    del hosts
     return len(steps)
 
 

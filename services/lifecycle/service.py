@@ -28,13 +28,13 @@ api = rpc(expected_exceptions=CirrusError)
 
 class Batches(DependencyProvider):
     """Driver results (each message's list of them) and creates that arrive
-    together are applied in one transaction. Each handler queues its item and waits; whichever handler
-    finds no batch under way applies everything queued, again until nothing
-    is, so a lone item never waits for others. The handlers return (and
-    Nameko acks) only after their batch committed, each with its item's
-    answer (``apply_batch`` returns one per item, or None). A batch that
-    fails is retried one item at a time, so one bad item fails (and is
-    requeued, or answers its caller with the error) alone."""
+    together are applied in one transaction. Each handler queues its item and
+    waits; whichever handler finds no batch under way applies everything
+    queued, again until nothing is, so a lone item never waits for others.
+    The handlers return (and Nameko acks) only after their batch committed,
+    each with its item's answer (``apply_batch`` returns one per item, or
+    None). A batch that fails is retried one item at a time, so one bad item
+    fails (and is requeued, or answers its caller with the error) alone."""
 
     def setup(self):
         self.queued = []

@@ -496,10 +496,11 @@ class VmClass:
     def __init__(self, planner, cpu, memory, requirement, rank_fn, rank_rises, clusters):
         self.planner, self.cpu, self.memory = planner, cpu, memory
         self.requirement, self.rank_fn, self.clusters = requirement, rank_fn, clusters
-        self.eager = rank_rises or bool(requirement and requirement.attributes & DYNAMIC)
+        dynamic = bool(requirement and requirement.attributes & DYNAMIC)
+        self.eager = rank_rises or dynamic
         # whether each host matches, for a requirement that reservations cannot change:
         # an eager class asks again for every host changed, thousands of times a pass
-        self.matched = None if requirement and requirement.attributes & DYNAMIC else {}
+        self.matched = None if dynamic else {}
         self.failure = None
         self.heap = []
         for host_id in planner.order:
