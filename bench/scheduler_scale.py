@@ -29,7 +29,6 @@ JSON object.
 import argparse
 import json
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,6 +98,26 @@ def populate(url, n_hosts, n_vms, seed):
         s.execute(insert(VirtualMachine), vm_rows(n_vms, owner, rng))
 
 
+def declare_node_queues(amqp_uri, n_hosts):
+    """The hosts' command queues, as on a cluster that has been running: each
+    declared by its node and having carried a message before. (The first
+    message into a new queue costs RabbitMQ about 2 ms of CPU, setting up
+    its files: a one-off that 2,500 hosts would otherwise all pay in the
+    middle of the run.)"""
+    from kombu import Connection, Producer
+    from cirrus import messages
+    with Connection(amqp_uri) as connection:
+        channel = connection.channel()
+        producer = Producer(channel, exchange=messages.COMMANDS)
+        queues = [messages.node_queue(f"bench-host-{i}")(channel) for i in range(n_hosts)]
+        for queue in queues:
+            queue.declare()
+            producer.publish({}, routing_key=queue.routing_key, delivery_mode=2)
+        for queue in queues:
+            while queue.get(no_ack=True) is None:
+                time.sleep(0.01)
+
+
 def plan_in_process(url):
     """Planning alone: the scheduler's reading and planning of one pass, no reservation."""
     from cirrus import db
@@ -152,20 +171,22 @@ def outbox_drained(url, timeout=300):
     raise SystemExit(f"the outbox still had rows {timeout} s after placement")
 
 
-def commands_queued(vhost, tries=15):
-    """Driver commands waiting in the hosts' queues: one per placed VM, unless
-    some were lost or sent twice. A busy queue may not answer rabbitmqctl in
-    time and list its depth as "": ask again until every queue answered."""
-    for _ in range(tries):
-        out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name",
-                              "messages", "--formatter", "json"],
-                             capture_output=True, text=True, check=True)
-        depths = [queue["messages"] for queue in json.loads(out.stdout)
-                  if queue["name"].startswith("cirrus.node.")]
-        if "" not in depths:
-            return sum(depths)
-        time.sleep(2)
-    raise SystemExit(f"RabbitMQ did not report the depth of {depths.count('')} node queues")
+def commands_queued(amqp_uri, n_hosts):
+    """The driver commands waiting in the hosts' queues, taken off them, and
+    how many VMs got more than one: one each, unless some were lost or sent
+    twice; and in how many messages. A message holds the commands one transaction made for its host."""
+    from collections import Counter
+    from kombu import Connection
+    from cirrus import messages
+    vms, sent = Counter(), 0
+    with Connection(amqp_uri) as connection:
+        channel = connection.channel()
+        for i in range(n_hosts):
+            queue = messages.node_queue(f"bench-host-{i}")(channel)
+            while (message := queue.get(no_ack=True)) is not None:
+                vms.update(cmd["vm_id"] for cmd in messages.commands_in(message.payload))
+                sent += 1
+    return sum(vms.values()), sent, sum(1 for count in vms.values() if count > 1)
 
 
 def main():
@@ -184,6 +205,7 @@ def main():
         url, amqp_uri = bench.url, bench.amqp_uri
         start = time.perf_counter()
         populate(url, args.hosts, args.vms, args.seed)
+        declare_node_queues(amqp_uri, args.hosts)
         print(f"wrote {args.hosts} hosts and {args.vms} pending VMs in "
               f"{time.perf_counter() - start:.1f} s", flush=True)
         read, planned, plannable = plan_in_process(url)
@@ -194,12 +216,13 @@ def main():
         for i in range(args.lifecycles):
             bench.service(f"lifecycle-{i}", "lifecycle")
         bench.service("scheduler")
-        cpu_before = bench.cpu_seconds()
+        cpu_before, machine_before = bench.cpu_seconds(), cluster.machine_cpu()
         placement, placed = wake_and_wait(url, amqp_uri, args.vms)
         cpu = {name: used - cpu_before[name] for name, used in bench.cpu_seconds().items()}
+        machine = cluster.machine_cpu(since=machine_before)
         over, wrong = check(url)
         drained = placement + outbox_drained(url)
-        commands = commands_queued(bench.vhost)
+        commands, command_messages, repeated = commands_queued(amqp_uri, args.hosts)
 
     ms = lambda s: round(s * 1000, 1)  # noqa: E731
     print(f"scheduler + {args.lifecycles} lifecycle, batches of {args.batch}: {placed} of "
@@ -213,11 +236,14 @@ def main():
           f"{args.vms / set_floor:.0f} VMs/s ({set_floor:.2f} s for {args.vms})")
     print(f"  CPU used while placing: " + ", ".join(f"{name} {used:.2f} s"
                                                       for name, used in cpu.items()))
+    print(f"  the machine while placing: {machine['busy_share']:.0%} of {machine['cores']} cores "
+          f"busy; RabbitMQ {machine['rabbitmq_s']:.2f} s, PostgreSQL {machine['postgresql_s']:.2f} s")
     print(f"  floor: one confirmed persistent publish {ms(publish_floor)} ms; the outbox sends "
           f"2 per placed VM, so {2 * placed * publish_floor:.1f} s for {placed} VMs one by one")
     print(f"  checks: over-committed hosts {0 if over is None else 'host ' + str(over)}, "
           f"placed VMs breaking their requirements {wrong}, driver commands sent "
-          f"{commands} for {placed} VMs")
+          f"{commands} for {placed} VMs in {command_messages} messages ({repeated} VMs with "
+          f"more than one)")
     print(f"  every event and driver command of the placements out of the outbox and "
           f"confirmed by RabbitMQ {drained:.2f} s after the wake-up")
     print(json.dumps({
@@ -228,10 +254,11 @@ def main():
         "floor_sql_reservations_per_s": round(args.vms / sql_floor, 1),
         "floor_sql_reservation_s": round(sql_floor, 3),
         "floor_set_reservation_s": round(set_floor, 3), "floor_nameko_rpc_ms": ms(rpc_floor),
-        "cpu_s": {name: round(used, 2) for name, used in cpu.items()},
+        "cpu_s": {name: round(used, 2) for name, used in cpu.items()}, "machine": machine,
         "floor_confirmed_publish_ms": round(publish_floor * 1000, 3),
         "over_committed_hosts": 0 if over is None else 1, "requirement_violations": wrong,
-        "driver_commands_sent": commands, "all_commands_out_s": round(drained, 3)}))
+        "driver_commands_sent": commands, "command_messages": command_messages,
+        "vms_sent_twice": repeated, "all_commands_out_s": round(drained, 3)}))
 
 
 def wake_and_wait(url, amqp_uri, n):

@@ -7,7 +7,8 @@
   events from ``node`` (``command.results``, ``host.monitor``, ``vm.event``), OneFlow
   services' changes from ``flow`` (``flow.service``).
 - Driver commands go to one durable queue per host, ``cirrus.node.<host>``,
-  through the direct exchange ``cirrus.commands``.
+  through the direct exchange ``cirrus.commands``; a message carries the
+  commands one transaction sent that host (``commands_in``).
 """
 import functools
 import uuid
@@ -80,6 +81,17 @@ def command(action, vm_id, host, request_id=None, **args):
     assert action in DRIVER_ACTIONS, action
     return {"id": str(uuid.uuid4()), "action": action, "vm_id": vm_id, "host": host,
             "request_id": request_id, "args": args}
+
+
+def commands_in(body):
+    """The driver commands of a message in a node's queue: lifecycle sends
+    ``{"commands": [...]}``, the commands one transaction made for that host
+    (a batch of placements puts a dozen VMs on a host: one persistent message
+    instead of a dozen); a message without that list is one command (what
+    earlier lifecycles sent)."""
+    if isinstance(body, dict) and isinstance(body.get("commands"), list):
+        return body["commands"]
+    return [body]
 
 
 def result(cmd, success, info=None, error=None):

@@ -17,14 +17,24 @@ class FakeNodeTransport:
         self.host = host
         self.queue = messages.node_queue(host)(self.conn.default_channel)
         self.queue.declare()
+        self.taken = []     # commands of a message taken, not yet asked for
 
     def next_command(self, timeout=10):
         def got():
-            message = self.queue.get(no_ack=False)
-            if message:
-                message.ack()
-                return message.payload
+            if not self.taken:
+                message = self.queue.get(no_ack=False)
+                if message:
+                    message.ack()
+                    self.taken.extend(messages.commands_in(message.payload))
+            return self.taken.pop(0) if self.taken else None
         return wait_until(got, timeout, what=f"a command on {self.host}'s queue")
+
+    def waiting_commands(self):
+        """Every command in the queue now (taken from it)."""
+        taken, self.taken = self.taken, []
+        while (message := self.queue.get(no_ack=True)) is not None:
+            taken.extend(messages.commands_in(message.payload))
+        return taken
 
     def publish(self, event_type, payload):
         with self.conn.Producer() as producer:

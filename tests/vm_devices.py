@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from cirrus import db
 from cirrus.db.models import Outbox, User
-from cirrus.messages import COMMANDS
+from cirrus.messages import COMMANDS, commands_in
 from services.lifecycle import logic, monitoring
 
 
@@ -37,11 +37,21 @@ def unique(prefix):
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+def outbox_commands(s):
+    """Every driver command waiting in the outbox, oldest first."""
+    return [cmd for row in s.scalars(select(Outbox).where(Outbox.exchange == COMMANDS.name)
+                                     .order_by(Outbox.id))
+            for cmd in commands_in(row.payload)]
+
+
 def commands(s, vm_id):
     """The VM's driver commands in the outbox, oldest first."""
-    return [r.payload for r in s.scalars(select(Outbox).where(Outbox.exchange == COMMANDS.name)
-                                         .order_by(Outbox.id))
-            if r.payload.get("vm_id") == vm_id]
+    return [cmd for cmd in outbox_commands(s) if cmd.get("vm_id") == vm_id]
+
+
+def command_sent(s, command_id):
+    """The driver command ``command_id`` as queued in the outbox (None if not there)."""
+    return next((cmd for cmd in outbox_commands(s) if cmd["id"] == command_id), None)
 
 
 def answer(s, vm_id, success=True, info=None):

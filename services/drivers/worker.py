@@ -203,6 +203,25 @@ def run_command(backend, cmd, shutdown_timeout):
 
 # ---------------------------------------------------------------- the worker
 
+class SharedDelivery:
+    """A message carrying several commands, acked (by the main thread, in
+    ``flush``) once the result of every one of them is published: if the
+    node dies before, the whole message comes back, and the commands whose
+    results went out run again, harmlessly (their ids make them idempotent)."""
+
+    def __init__(self, message, commands):
+        self.message, self.unanswered = message, commands
+
+    @property
+    def channel(self):
+        return self.message.channel
+
+    def ack(self):
+        self.unanswered -= 1
+        if self.unanswered == 0:
+            self.message.ack()
+
+
 def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
@@ -422,15 +441,22 @@ class NodeWorker:
         if isinstance(body, dict) and CONTROL_KEY in body:
             self.on_control(agent, body[CONTROL_KEY], message)
             return
-        if message.delivery_info.get("redelivered"):
-            log.info("redelivered command %s", command_fields(body)["id"],
-                     extra=tracing.fields(*tracing_ids(body)))
-        try:
-            future = self.pool.submit(self.execute, agent, body)
-        except RuntimeError:
-            return      # stopping: leave it unacked, it goes back to the queue
-        self.running.add(future)
-        future.add_done_callback(lambda done: self.on_done(message, done))
+        cmds = messages.commands_in(body)
+        if not cmds:
+            log.warning("a message with no commands in %s's queue", agent.name)
+            message.ack()
+            return
+        delivery = message if len(cmds) == 1 else SharedDelivery(message, len(cmds))
+        for cmd in cmds:
+            if message.delivery_info.get("redelivered"):
+                log.info("redelivered command %s", command_fields(cmd)["id"],
+                         extra=tracing.fields(*tracing_ids(cmd)))
+            try:
+                future = self.pool.submit(self.execute, agent, cmd)
+            except RuntimeError:
+                return      # stopping: leave it unacked, it goes back to the queue
+            self.running.add(future)
+            future.add_done_callback(lambda done: self.on_done(delivery, done))
 
     def on_control(self, agent, request, message):
         """A control request in a host's queue (``cirrus-node simulate-fail``,

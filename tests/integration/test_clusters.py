@@ -9,6 +9,7 @@ from cirrus.db.models import Cluster, Host, Outbox, VmGroup
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.lifecycle import clusters, logic, monitoring
 from tests.integration.test_lifecycle_logic import admin_id, factory  # noqa: F401 (fixtures)
+from tests.vm_devices import outbox_commands
 
 
 def unique(prefix):
@@ -264,7 +265,7 @@ def test_deploy_many_reserves_per_host_all_or_one_by_one_and_answers_each_vm(fac
             shown = logic.get_vm(s, vm_id)
             assert shown["status"] == "PROLOG" and shown["history"][-1]["action"] == "deploy"
         assert logic.get_vm(s, vms[4])["status"] == "PENDING"
-        commands = [r.payload for r in s.scalars(select(Outbox)) if r.payload.get("action")]
+        commands = outbox_commands(s)
         assert {c["vm_id"] for c in commands if c["action"] == "clone"} >= \
             {vms[0], vms[1], vms[2], vms[3], held}
         assert vms[4] not in {c["vm_id"] for c in commands}

@@ -14,7 +14,7 @@ from cirrus.db.models import Host, Outbox, VirtualMachine, VmHistory
 from cirrus.errors import InvalidArgument
 from services.lifecycle import logic, monitoring
 from services.lifecycle.service import Batches
-from tests.vm_devices import admin_id, factory  # noqa: F401 (fixtures)
+from tests.vm_devices import admin_id, command_sent, factory  # noqa: F401 (fixtures)
 
 
 def make_host(factory, cpu=400, mem=4096):
@@ -39,7 +39,7 @@ def usage(s, host_id):
 
 def in_flight(s, vm_id):
     command_id = s.scalar(select(VirtualMachine.command_id).where(VirtualMachine.id == vm_id))
-    return s.scalar(select(Outbox.payload).where(Outbox.payload["id"].astext == command_id))
+    return command_sent(s, command_id)
 
 
 def written(s, vm_id):
@@ -51,18 +51,15 @@ def written(s, vm_id):
                                   .order_by(VmHistory.seq))]
     sent = []
     for row in s.scalars(select(Outbox).order_by(Outbox.id)):
-        payload = row.payload
         if row.exchange == messages.COMMANDS.name:
-            if payload["vm_id"] != vm_id:
-                continue
-        elif not row.routing_key.startswith(messages.VM_STATE + ".") or payload["id"] != vm_id:
-            continue
-        if row.exchange == messages.COMMANDS.name:
-            spec = payload["args"]["vm"]
-            sent.append(("command", row.routing_key, payload["action"],
-                         sorted(payload["args"]), spec["runtime"], spec["deploy_id"],
-                         sorted(spec), spec["disks"], spec["nics"]))
-        else:
+            for payload in messages.commands_in(row.payload):
+                if payload["vm_id"] == vm_id:
+                    spec = payload["args"]["vm"]
+                    sent.append(("command", row.routing_key, payload["action"],
+                                 sorted(payload["args"]), spec["runtime"], spec["deploy_id"],
+                                 sorted(spec), spec["disks"], spec["nics"]))
+        elif row.routing_key.startswith(messages.VM_STATE + ".") and row.payload["id"] == vm_id:
+            payload = row.payload
             sent.append(("event", row.routing_key, payload["key"].replace(str(vm_id), "ID"),
                          payload["status"], payload["seq"], payload["host"],
                          payload["host_id"], payload["error"], payload["freed"],

@@ -9,6 +9,7 @@ from cirrus import db, messages, tracing
 from cirrus.db.models import Host, Outbox, User, VirtualMachine, VmHistory
 from cirrus.errors import FailedPrecondition, InvalidArgument
 from services.lifecycle import logic, monitoring
+from tests.vm_devices import command_sent, outbox_commands
 
 
 @pytest.fixture
@@ -33,8 +34,11 @@ def host(factory, request):
 
 
 def outbox_rows(s, vm_id):
-    return [r.payload for r in s.scalars(select(Outbox).order_by(Outbox.id))
-            if r.payload.get("vm_id", r.payload.get("id")) == vm_id]
+    """The VM's events and driver commands in the outbox, oldest first."""
+    payloads = [payload for r in s.scalars(select(Outbox).order_by(Outbox.id))
+                for payload in (messages.commands_in(r.payload)
+                                if r.exchange == messages.COMMANDS.name else [r.payload])]
+    return [p for p in payloads if p.get("vm_id", p.get("id")) == vm_id]
 
 
 def test_a_vm_walks_to_running_with_history_events_and_commands(factory, admin_id, host):
@@ -202,7 +206,7 @@ def in_flight(s, vm):
     """The driver command the VM waits for, as queued in the outbox."""
     if vm.command_id is None:
         return None
-    return s.scalar(select(Outbox.payload).where(Outbox.payload["id"].astext == vm.command_id))
+    return command_sent(s, vm.command_id)
 
 
 def answer(s, vm, success=True, info=None, error="driver says no"):
@@ -484,8 +488,8 @@ def test_two_concurrent_actions_on_one_vm_one_wins(factory, admin_id, two_hosts)
         history = logic.get_vm(s, vm_id)["history"]
         assert [(h["seq"], h["action"], h["to"]) for h in history[seq:]] == \
             [(seq + 1, winner, entered)]
-        commands = [r for r in s.scalars(select(Outbox.payload)) if r.get("vm_id") == vm_id
-                    and r.get("action") in ("save", "shutdown")]
+        commands = [c for c in outbox_commands(s) if c["vm_id"] == vm_id
+                    and c["action"] in ("save", "shutdown")]
         assert len(commands) == 1
         assert usage(s, two_hosts["a"]) == HELD
 

@@ -15,6 +15,7 @@ import pytest
 from cirrus import config, messages
 from services.drivers.worker import send_control
 from tests.node_worker import a_vm, bus, now_iso, run_ok, start_node, vm_states  # noqa: F401
+from tests.procs import wait_until
 
 
 @pytest.fixture
@@ -214,6 +215,28 @@ def test_a_command_the_simulator_dies_on_is_done_after_a_restart(start_simulator
     assert result["success"] and result["info"] == {"deploy_id": f"cirrus-{vm['id']}"}
     assert result["host"] == host(second, 4)
     assert "redelivered command " + cmd["id"] in second.log_path.read_text()
+
+
+def test_a_message_of_several_commands_is_acked_once_all_are_answered(start_simulator, bus):
+    """Lifecycle sends a host the commands of one transaction in one message.
+    The node acks it when the last result is out: killed after the first,
+    it is handed the whole message again, and each command is answered."""
+    prefix = f"sim{uuid.uuid4().hex[:5]}"
+    first = start_simulator(1, "--sim-delay", "2", "--threads", "1", prefix=prefix)
+    name = host(first, 1)
+    bus.wait_for(lambda k, b: k == messages.HOST_MONITOR and b["host"] == name)
+    commands = [messages.command("deploy", vm["id"], name, vm=vm) for vm in (a_vm(), a_vm())]
+    bus.send(name, {"commands": commands})
+    bus.result(commands[0])             # one done, the other running...
+    first.send_signal(signal.SIGKILL)   # ...when the process dies: the message was not acked
+    first.wait()
+    assert bus.results_of(commands[1]) == []
+    second = start_simulator(1, prefix=prefix)
+    for cmd in commands:
+        assert bus.result(cmd)["success"]
+        wait_until(lambda: "redelivered command " + cmd["id"] in second.log_path.read_text(),
+                   what="the redelivery logged")
+    assert len(bus.results_of(commands[0])) == 2     # done again: harmless, by its id
 
 
 @pytest.mark.parametrize("args, named", [

@@ -3,9 +3,11 @@ relay (never sent by two), and a batch whose broker connection drops is
 kept whole for the next attempt (never lost)."""
 import socket
 import threading
+import uuid
 from datetime import timedelta
 
 import pytest
+from kombu import Connection
 from sqlalchemy import func, select, update
 
 from cirrus import db, messages, outbox
@@ -25,18 +27,15 @@ def write_commands(factory, host, n):
     """n driver commands for ``host`` committed to the outbox, as a service
     writes them; returns their ids."""
     with factory() as s, s.begin():
-        outbox.add_many(s, [outbox.command_row({"id": f"c{i}", "action": "poll", "vm_id": i,
-                                                "host": host, "args": {}})
-                            for i in range(n)])
+        for i in range(n):      # one row each: written together, they would be one message
+            outbox.add_command(s, {"id": f"c{i}", "action": "poll", "vm_id": i, "host": host,
+                                   "args": {}})
         return s.info.pop("outbox")
 
 
 def received(node):
     """The vm_ids of the commands waiting on a node's queue, taken off it."""
-    ids = []
-    while (message := node.queue.get(no_ack=True)) is not None:
-        ids.append(message.payload["vm_id"])
-    return ids
+    return [cmd["vm_id"] for cmd in node.waiting_commands()]
 
 
 def left_in_outbox(factory):
@@ -178,3 +177,39 @@ def test_a_transaction_publishes_its_rows_after_commit_and_none_on_rollback(fact
     assert relay.wait_sent(30)
     assert received(node) == [2, 3]
     assert left_in_outbox(factory) == 0
+
+
+def test_commands_written_together_go_to_each_host_as_one_message(factory, amqp_uri):
+    nodes = {name: FakeNodeTransport(amqp_uri, name) for name in ("outbox-a", "outbox-b")}
+    relay = outbox.Relay(amqp_uri, factory)
+    with relay.transaction() as s:
+        outbox.add_many(s, [outbox.command_row({"id": f"m{vm_id}", "action": "poll",
+                                                "vm_id": vm_id, "host": host, "args": {}})
+                            for vm_id, host in ((1, "outbox-a"), (2, "outbox-b"),
+                                                (3, "outbox-a"), (4, "outbox-a"))]
+                        + [outbox.event_row(messages.LIFECYCLE, messages.HOST_STATE, {"id": 0})])
+        assert len(s.info["outbox"]) == 3     # a message per host, and the event
+    assert relay.wait_sent(30)
+    bodies = {name: node.queue.get(no_ack=True).payload for name, node in nodes.items()}
+    assert [[cmd["vm_id"] for cmd in messages.commands_in(body)]
+            for body in bodies.values()] == [[1, 3, 4], [2]]
+    assert all(node.queue.get(no_ack=True) is None for node in nodes.values())
+    assert left_in_outbox(factory) == 0
+
+
+def test_a_command_for_a_host_whose_queue_does_not_exist_yet_waits_there(factory, amqp_uri):
+    """The broker returns a command no queue takes; the relay declares the
+    host's queue and sends it again, so the node finds it when it starts."""
+    host = f"outbox-new-{uuid.uuid4().hex[:6]}"
+    relay = outbox.Relay(amqp_uri, factory)
+    with relay.transaction() as s:
+        outbox.add_command(s, {"id": "first", "action": "poll", "vm_id": 5, "host": host,
+                               "args": {}})
+    assert relay.wait_sent(30) and left_in_outbox(factory) == 0
+    relay.publish_ids(write_commands(factory, host, 2))    # the queue exists now
+    with Connection(amqp_uri) as conn:
+        _, waiting, consumers = conn.default_channel.queue_declare(
+            messages.node_queue(host).name, passive=True)
+    assert (waiting, consumers) == (3, 0)
+    assert [cmd["vm_id"] for cmd in FakeNodeTransport(amqp_uri, host).waiting_commands()] == \
+        [5, 0, 1]

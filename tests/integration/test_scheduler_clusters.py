@@ -92,9 +92,7 @@ def test_clusters_requirements_anti_affinity_and_a_late_host(services, amqp_uri)
         assert (vm["status"], vm["host"], vm["sched_message"]) == ("PROLOG", "e2e-late", None)
         # every node got exactly the clones of the VMs placed on it
         for name, node in nodes.items():
-            got = []
-            while (message := node.queue.get(no_ack=True)) is not None:
-                got.append(message.payload["vm_id"])
+            got = [cmd["vm_id"] for cmd in node.waiting_commands()]
             assert sorted(got) == sorted(v for v in everyone if on[v] == name)
         for v in everyone + [big]:
             rpc.vm_action(v, "recover", {"operation": "delete"})

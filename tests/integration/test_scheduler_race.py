@@ -37,11 +37,9 @@ def services(cirrus_env, tmp_path_factory):
 
 def drain(node):
     """The VM ids of the clone commands waiting on a node's queue."""
-    ids = []
-    while (message := node.queue.get(no_ack=True)) is not None:
-        assert message.payload["action"] == "clone"
-        ids.append(message.payload["vm_id"])
-    return ids
+    cmds = node.waiting_commands()
+    assert {cmd["action"] for cmd in cmds} <= {"clone"}
+    return [cmd["vm_id"] for cmd in cmds]
 
 
 def test_three_schedulers_fill_hosts_exactly_and_never_beyond(services, amqp_uri):

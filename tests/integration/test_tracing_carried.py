@@ -18,15 +18,16 @@ from services.lifecycle import logic
 from tests.broker import join_node
 from tests.node_worker import Bus, a_vm, start_node  # noqa: F401 (fixture)
 from tests.procs import start_services, wait_until
-from tests.vm_devices import admin_id, factory, host  # noqa: F401 (fixtures)
+from tests.vm_devices import admin_id, factory, host, outbox_commands  # noqa: F401 (fixtures)
 
 
 def sent(s, vm_id):
     """(kind, what, request id) of what the outbox holds for a VM, in order."""
     out = []
     for row in s.scalars(select(Outbox).order_by(Outbox.id)):
-        if row.exchange == messages.COMMANDS.name and row.payload["vm_id"] == vm_id:
-            out.append(("command", row.payload["action"], row.payload["request_id"]))
+        if row.exchange == messages.COMMANDS.name:
+            out.extend(("command", cmd["action"], cmd["request_id"])
+                       for cmd in messages.commands_in(row.payload) if cmd["vm_id"] == vm_id)
         elif row.routing_key.startswith(messages.VM_STATE + ".") and row.payload["id"] == vm_id:
             out.append(("event", row.payload["status"], row.headers.get(tracing.HEADER)))
     return out
@@ -55,9 +56,8 @@ def test_batched_work_moves_each_vm_under_its_own_request(factory, admin_id, hos
             committed(factory, lambda s: logic.deploy_many(s, [[made["a"], host],
                                                               [made["b"], host]]))
         with factory() as s:
-            clones = {vm_id: s.scalar(select(Outbox.payload).where(
-                Outbox.payload["vm_id"].as_integer() == vm_id,
-                Outbox.payload["action"].astext == "clone")) for vm_id in made.values()}
+            clones = {cmd["vm_id"]: cmd for cmd in outbox_commands(s)
+                      if cmd["action"] == "clone" and cmd["vm_id"] in made.values()}
         with tracing.bound("one-result-handler"):    # its batch holds both results
             committed(factory, lambda s: logic.handle_results(
                 s, [messages.result(clone, True) for clone in clones.values()]))
