@@ -360,6 +360,7 @@ def _number_literal(text):
     return float(text) if "." in text else int(text)
 
 
+@functools.lru_cache(maxsize=4096)     # hosts' texts repeat: "3", "yes", "kvm"
 def _number_text(text):
     """The number a text stands for, or None when it does not look like one
     (no 'nan', 'inf' or '1_000', which float() would take)."""

@@ -25,6 +25,7 @@ only the host it changed. Capacity is checked before any expression, and an
 expression's result is cached for the whole pass unless it reads an attribute
 that reservations change (CPU_USAGE, MEM_USAGE, RUNNING_VMS).
 """
+import functools
 import heapq
 import json
 from collections import defaultdict
@@ -245,6 +246,7 @@ class Planner:
         self.changes = []           # ids of the hosts changed by reservations, in order
         self.classes = {}
         self.requirement_cache = {}
+        self.static_matches = {}    # (requirement, clusters) -> {host id: matches}
         self.compiled = {}
 
     # ------------------------------------------------------------ expressions
@@ -498,45 +500,51 @@ class VmClass:
         self.requirement, self.rank_fn, self.clusters = requirement, rank_fn, clusters
         dynamic = bool(requirement and requirement.attributes & DYNAMIC)
         self.eager = rank_rises or dynamic
-        # whether each host matches, for a requirement that reservations cannot change:
-        # an eager class asks again for every host changed, thousands of times a pass
-        self.matched = None if dynamic else {}
+        # whether each host matches, for a requirement that reservations cannot
+        # change, shared by the classes that ask it: an eager class asks again
+        # for every host changed, thousands of times a pass
+        self.matched = None if dynamic else planner.static_matches.setdefault(
+            (id(requirement), clusters), {})
         self.failure = None
         self.heap = []
-        for host_id in planner.order:
-            self.consider(planner.hosts[host_id])
+        self.push_fitting([planner.hosts[host_id] for host_id in planner.order], push=False)
         heapq.heapify(self.heap)
         self.seen = len(planner.changes)
 
     def consider(self, host, push=False):
-        if (host.max_cpu - host.cpu_usage < self.cpu or host.max_mem - host.mem_usage < self.memory
-                or not self.planner.open(host)):
-            return
-        matched = self.matched
-        if matched is None:
-            if not self.planner.matches(self.requirement, self.clusters, host):
-                return
-        else:
-            match = matched.get(host.id)
-            if match is None:
-                match = matched[host.id] = self.planner.matches(self.requirement, self.clusters,
-                                                                 host)
-            if not match:
-                return
-        entry = (-self.rank_fn(host.attributes), host.id, host.version)
-        if push:
-            heapq.heappush(self.heap, entry)
-        else:
-            self.heap.append(entry)
+        self.push_fitting([host], push)
+
+    def push_fitting(self, hosts, push=True):
+        """Add to the heap those of ``hosts`` this class's VMs fit and match
+        (pushed, or appended for a heapify); the loop of every pass, hence
+        written out."""
+        planner, matched = self.planner, self.matched
+        cpu, memory, rank_fn, requirement, clusters = (self.cpu, self.memory, self.rank_fn,
+                                                       self.requirement, self.clusters)
+        max_host = planner.max_host
+        add = functools.partial(heapq.heappush, self.heap) if push else self.heap.append
+        for host in hosts:
+            if host.max_cpu - host.cpu_usage < cpu or host.max_mem - host.mem_usage < memory:
+                continue
+            if max_host > 0 and host.dispatched >= max_host:
+                continue
+            if matched is None:
+                if not planner.matches(requirement, clusters, host):
+                    continue
+            else:
+                match = matched.get(host.id)
+                if match is None:
+                    match = matched[host.id] = planner.matches(requirement, clusters, host)
+                if not match:
+                    continue
+            add((-rank_fn(host.attributes), host.id, host.version))
 
     def refresh(self):
         changes = self.planner.changes
         if self.seen < len(changes):
             hosts = self.planner.hosts
-            for host_id in set(changes[self.seen:]):
-                host = hosts.get(host_id)
-                if host is not None:
-                    self.consider(host, push=True)
+            self.push_fitting([hosts[host_id] for host_id in set(changes[self.seen:])
+                               if host_id in hosts])
             self.seen = len(changes)
 
     def choose(self):
