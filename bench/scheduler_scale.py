@@ -120,9 +120,11 @@ def declare_node_queues(amqp_uri, n_hosts):
 
 def plan_in_process(url):
     """Planning alone: the scheduler's reading and planning of one pass, no reservation."""
-    from cirrus import db
+    import gc
+    from cirrus import db, instance
     from services.scheduler import service
     from services.scheduler.placement import Planner
+    gc.set_threshold(*instance.GC_THRESHOLDS)     # as in the scheduler's process
     with db.session_factory(url)() as session:
         start = time.perf_counter()
         vms, _ = service.waiting_vms(session)

@@ -6,6 +6,7 @@ name comes from ``CIRRUS_INSTANCE`` (the launcher sets ``lifecycle.2``, a
 systemd unit ``lifecycle@2``), else ``<service>@<host>:<pid>``, which is unique
 on a cluster of machines without any setting.
 """
+import gc
 import os
 import socket
 import time
@@ -25,6 +26,7 @@ class Identity:
 
 
 _current = None
+GC_THRESHOLDS = (10_000, 10, 10)    # (700, 10, 10) by default
 
 
 def identify(service, name=None):
@@ -45,6 +47,10 @@ def current():
 
 def start(service, name=None):
     """What every process does first: knows who it is, then logs as that."""
+    # Python's default collects young objects every 700 allocations, and a
+    # batch of 500 placements makes hundreds of thousands: a quarter of
+    # deploy_many's CPU went to collections that found little garbage
+    gc.set_threshold(*GC_THRESHOLDS)
     from cirrus import heartbeat
     from cirrus import metrics
     from cirrus.logs import setup_logging

@@ -96,19 +96,29 @@ def _short(name):
 SHORT_NAMES = {name: _short(name) for name in ALL_STATUSES}
 
 
+# every status word and its (state, lcm_state) pair, looked up rather than
+# worked out: a batch of placements asks thousands of times
+_PAIRS = {**{state.value: (state, LcmState.LCM_INIT) for state in VmState
+             if state is not VmState.ACTIVE},
+          **{lcm.value: (VmState.ACTIVE, lcm) for lcm in LcmState
+             if lcm is not LcmState.LCM_INIT}}
+_WORDS = {(state.value, lcm.value): word for word, (state, lcm) in _PAIRS.items()}
+
+
 def status(state, lcm_state):
     """One word for a (state, lcm_state) pair: the LCM state while ACTIVE."""
-    state = VmState(state)
-    return LcmState(lcm_state).value if state is VmState.ACTIVE else state.value
+    word = _WORDS.get((state, lcm_state if state == VmState.ACTIVE else LcmState.LCM_INIT))
+    if word is None:
+        raise ValueError(f"unknown VM state {state!r} / {lcm_state!r}")
+    return word
 
 
 def split(name):
     """The (state, lcm_state) pair behind a status word."""
-    if name in VmState.__members__ and name != "ACTIVE":
-        return VmState(name), LcmState.LCM_INIT
-    if name in LcmState.__members__ and name != "LCM_INIT":
-        return VmState.ACTIVE, LcmState(name)
-    raise ValueError(f"unknown VM status {name!r}")
+    try:
+        return _PAIRS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown VM status {name!r}") from None
 
 
 @dataclass(frozen=True)

@@ -386,8 +386,10 @@ def host_row(session, host_id):
     once per transaction, since a batch's steps ask for the same few hosts."""
     if host_id is None:
         return None
-    load_hosts(session, [host_id])
-    return db.per_transaction(session, "hosts")[host_id]
+    hosts = db.per_transaction(session, "hosts")
+    if host_id not in hosts:
+        load_hosts(session, [host_id])
+    return hosts[host_id]
 
 
 def driver_command(session, vm, transition):

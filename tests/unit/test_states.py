@@ -12,6 +12,14 @@ def test_status_names_lcm_state_only_while_active():
     assert split("DONE") == (states.VmState.DONE, states.LcmState.LCM_INIT)
     with pytest.raises(ValueError, match="ACTIVE"):
         split("ACTIVE")
+    with pytest.raises(ValueError, match="LCM_INIT"):
+        split("LCM_INIT")
+    with pytest.raises(ValueError, match="'BOGUS' / 'RUNNING'"):
+        status("BOGUS", "RUNNING")
+    with pytest.raises(ValueError, match="'ACTIVE' / 'BOGUS'"):
+        status("ACTIVE", "BOGUS")
+    # outside ACTIVE the LCM state does not count
+    assert status(states.VmState.POWEROFF, "RUNNING") == "POWEROFF"
 
 
 @pytest.mark.parametrize("name", states.ALL_STATUSES)
