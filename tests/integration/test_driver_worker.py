@@ -78,6 +78,15 @@ def test_bad_commands_get_a_failure_naming_the_problem(node, bus):
     garbled = bus.wait_for(lambda k, b: k == messages.COMMAND_RESULT and b["command_id"] is None)
     assert not garbled["success"] and "not a JSON object" in garbled["error"]
 
+    # a bad command in a message of several fails alone; an empty message is dropped
+    bus.send(node.host, {"commands": []})
+    good = messages.command("poll", vm["id"], node.host, vm=vm)
+    bus.send(node.host, {"commands": [{"id": "c-2", "action": "poll", "vm_id": 2}, good]})
+    assert "args.vm" in bus.wait_for(lambda k, b: k == messages.COMMAND_RESULT
+                                     and b["command_id"] == "c-2")["error"]
+    assert bus.result(good)["success"]
+    assert "a message with no commands" in node.output()
+
     # and the worker is still serving
     ok = bus.send(node.host, messages.command("poll", vm["id"], node.host, vm=vm))
     assert bus.result(ok)["success"]
