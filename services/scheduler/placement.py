@@ -521,12 +521,12 @@ class VmClass:
         planner, matched = self.planner, self.matched
         cpu, memory, rank_fn, requirement, clusters = (self.cpu, self.memory, self.rank_fn,
                                                        self.requirement, self.clusters)
-        max_host = planner.max_host
+        limited = planner.max_host > 0
         add = functools.partial(heapq.heappush, self.heap) if push else self.heap.append
         for host in hosts:
             if host.max_cpu - host.cpu_usage < cpu or host.max_mem - host.mem_usage < memory:
                 continue
-            if max_host > 0 and host.dispatched >= max_host:
+            if limited and not planner.open(host):
                 continue
             if matched is None:
                 if not planner.matches(requirement, clusters, host):
