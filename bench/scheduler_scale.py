@@ -178,9 +178,9 @@ def outbox_drained(url, timeout=300):
 
 
 def commands_queued(amqp_uri, n_hosts):
-    """The driver commands waiting in the hosts' queues, taken off them, and
-    how many VMs got more than one: one each, unless some were lost or sent
-    twice; and in how many messages. A message holds the commands one transaction made for its host."""
+    """The driver commands waiting in the hosts' queues (taken off them), the
+    messages they came in (one per host and transaction) and how many VMs got
+    more than one: one each, unless some were lost or sent twice."""
     from collections import Counter
     from kombu import Connection
     from cirrus import messages
@@ -212,7 +212,7 @@ def main():
         start = time.perf_counter()
         populate(url, args.hosts, args.vms, args.seed)
         declare_node_queues(amqp_uri, args.hosts)
-        print(f"wrote {args.hosts} hosts and {args.vms} pending VMs in "
+        print(f"wrote {args.hosts} hosts (and their queues) and {args.vms} pending VMs in "
               f"{time.perf_counter() - start:.1f} s", flush=True)
         read, planned, plannable = plan_in_process(url)
         sql_floor = floors.reservation_floor(url, args.vms)
@@ -242,10 +242,12 @@ def main():
           f"{args.vms / set_floor:.0f} VMs/s ({set_floor:.2f} s for {args.vms})")
     print(f"  CPU used while placing: " + ", ".join(f"{name} {used:.2f} s"
                                                       for name, used in cpu.items()))
-    print(f"  the machine while placing: {machine['busy_share']:.0%} of {machine['cores']} cores "
-          f"busy; RabbitMQ {machine['rabbitmq_s']:.2f} s, PostgreSQL {machine['postgresql_s']:.2f} s")
+    print(f"  the machine while placing: {machine['busy_share']:.0%} of {machine['cores']} "
+          f"cores busy; RabbitMQ {machine['rabbitmq_s']:.2f} s, "
+          f"PostgreSQL {machine['postgresql_s']:.2f} s")
+    sent = placed + command_messages    # an event per VM, and the commands' messages
     print(f"  floor: one confirmed persistent publish {ms(publish_floor)} ms; the outbox sends "
-          f"2 per placed VM, so {2 * placed * publish_floor:.1f} s for {placed} VMs one by one")
+          f"{sent} messages for {placed} VMs, so {sent * publish_floor:.1f} s one by one")
     print(f"  checks: over-committed hosts {0 if over is None else 'host ' + str(over)}, "
           f"placed VMs breaking their requirements {wrong}, driver commands sent "
           f"{commands} for {placed} VMs in {command_messages} messages ({repeated} VMs with "
