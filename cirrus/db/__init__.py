@@ -103,6 +103,16 @@ def per_transaction(session, key, make=dict):
     return kept[key]
 
 
+def read_missing(rows, keys, read):
+    """Fill ``rows`` (a per_transaction dict) with the ``keys`` it lacks, read
+    in one go: ``read(sorted keys)`` gives (key, row) pairs, and a key it
+    does not give maps to None, so it is not asked for again."""
+    wanted = sorted(set(keys) - rows.keys() - {None})
+    if wanted:
+        rows.update(dict.fromkeys(wanted))
+        rows.update(read(wanted))
+
+
 def forget_per_transaction(session, key):
     """Drop ``key`` before the end (a savepoint that wrote it rolled back)."""
     session.info.get("per_transaction", {}).pop(key, None)

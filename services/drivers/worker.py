@@ -447,8 +447,9 @@ class NodeWorker:
             message.ack()
             return
         delivery = message if len(cmds) == 1 else SharedDelivery(message, len(cmds))
+        redelivered = message.delivery_info.get("redelivered")
         for cmd in cmds:
-            if message.delivery_info.get("redelivered"):
+            if redelivered:
                 log.info("redelivered command %s", command_fields(cmd)["id"],
                          extra=tracing.fields(*tracing_ids(cmd)))
             try:

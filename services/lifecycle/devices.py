@@ -282,12 +282,9 @@ def take(session, vm):
 
 def load(session, vm_ids):
     """Read the devices of ``vm_ids`` in one query, for ``held_by``."""
-    rows = known(session)["rows"]
-    wanted = sorted(set(vm_ids) - set(rows))
-    if wanted:
-        rows.update(dict.fromkeys(wanted))
-        for row in session.execute(select(_held).where(_held.c.vm_id.in_(wanted))):
-            rows[row.vm_id] = Held(row._mapping)
+    db.read_missing(known(session)["rows"], vm_ids, lambda wanted: (
+        (row.vm_id, Held(row._mapping))
+        for row in session.execute(select(_held).where(_held.c.vm_id.in_(wanted)))))
 
 
 def held_by(session, vm):

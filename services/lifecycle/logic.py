@@ -373,12 +373,8 @@ def unfit_reason(session, vm, host_id):
 
 def load_hosts(session, host_ids):
     """Read the hosts ``host_ids`` in one query, for ``host_row``."""
-    hosts = db.per_transaction(session, "hosts")
-    wanted = set(host_ids) - set(hosts) - {None}
-    if wanted:
-        hosts.update(dict.fromkeys(wanted))
-        hosts.update((host.id, host) for host in
-                     session.scalars(select(Host).where(Host.id.in_(sorted(wanted)))))
+    db.read_missing(db.per_transaction(session, "hosts"), host_ids, lambda wanted: (
+        (host.id, host) for host in session.scalars(select(Host).where(Host.id.in_(wanted)))))
 
 
 def host_row(session, host_id):

@@ -289,7 +289,6 @@ def monitored_hosts(session, known=None):
             for row in usage if row.id in known]     # (not one deleted between the reads)
 
 
-
 def vm_groups(session, group_ids):
     """The groups of this pass, with the hosts their VMs are on (or moving to)."""
     if not group_ids:
