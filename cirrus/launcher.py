@@ -366,21 +366,22 @@ def cluster_specs(scale=None, nodes=("node-1",), uri="test:///default", node_arg
     return specs
 
 
-def wait_for_simulated_hosts(count, prefix, stop_requested, timeout, env=None):
-    """Wait until the simulator has registered its ``count`` hosts."""
+def wait_for_monitored(is_ours, count, stop_requested, timeout, env=None):
+    """Wait until ``count`` hosts whose names ``is_ours`` are MONITORED (a
+    node's report makes its host so), so that "cluster ready" means VMs can
+    be deployed on them."""
     deadline = time.monotonic() + timeout
     found = 0
     while not stop_requested.is_set():
         code, out, _err = run_once([program("cirrus"), "host", "list", "--json"],
                                    stop_requested, timeout=30, env=env)
         if code == 0:
-            found = sum(1 for name in re.findall(r'"name":\s*"([^"]+)"', out)
-                        if name.startswith(prefix + "-"))
+            found = sum(1 for shown in json.loads(out)
+                        if is_ours(shown["name"]) and shown["state"] == "MONITORED")
             if found >= count:
                 return True
         if time.monotonic() > deadline:
-            raise LaunchError(f"the simulator registered {found} of its {count} hosts in "
-                              f"{timeout:g} s")
+            raise LaunchError(f"{found} of the {count} hosts were MONITORED after {timeout:g} s")
         stop_requested.wait(1.0)
     return False
 
@@ -690,10 +691,17 @@ def main(argv=None):
                     and not stop_requested.is_set():
                 raise LaunchError(f"the gateway at {host}:{port} did not accept connections "
                                   f"within {args.ready_timeout:g} s")
+        if simulate:
+            count, prefix = simulate
+            timeout = max(args.ready_timeout, 120)
+
+            def ours(name):
+                return name.startswith(prefix + "-")
+        else:
+            count, ours, timeout = len(nodes), set(nodes).__contains__, args.ready_timeout
         if not stop_requested.is_set() and ensure_hosts(nodes, console, stop_requested,
                                                         args.ready_timeout) \
-                and (not simulate or wait_for_simulated_hosts(*simulate, stop_requested,
-                                                              max(args.ready_timeout, 120))):
+                and wait_for_monitored(ours, count, stop_requested, timeout):
             console.write(banner(nodes, host, port))
             console.note(READY_LINE)
         while not stop_requested.wait(0.5):
