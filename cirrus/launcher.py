@@ -6,7 +6,7 @@
 
 It migrates the database, starts the Nameko services, the gRPC gateway, the
 OneGate HTTP server (``cirrus-gate``) and one driver worker per node, waits for the gateway, makes sure each node's host
-exists, prints ``cirrus: cluster ready`` and then supervises: a child that dies
+exists and waits until it is MONITORED, prints ``cirrus: cluster ready`` and then supervises: a child that dies
 is restarted with backoff, and Ctrl-C or SIGTERM stops every child (SIGTERM,
 then SIGKILL after 10 s).
 
