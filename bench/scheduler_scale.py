@@ -7,7 +7,8 @@ templates with ZONE, SSD, RACK and PRIORITY, some RESERVED_CPU) and the
 pending VMs (mixed sizes, a few SCHED_REQUIREMENTS and SCHED_RANK, some
 USER_PRIORITY) straight into the database, declares the hosts' command
 queues as their nodes would have (each has carried a message before, as on a
-running cluster), starts `lifecycle` and one `scheduler` as processes, and
+running cluster) and a queue hearing every VM state change (as the gRPC
+gateway's Watch streams do), starts `lifecycle` and one `scheduler` as processes, and
 wakes the scheduler once. The figure is the
 time from that wake-up until no VM is PENDING: reading the hosts and VMs,
 planning, and lifecycle's reservation of every VM (deploy_many: row locks, one
@@ -25,9 +26,10 @@ In the same run it measures:
   the whole machine, RabbitMQ and PostgreSQL used meanwhile (this machine's
   2 cores are shared, so wall time swings with other load).
 It checks no host is over-committed, every placed VM satisfies its
-requirements and every driver command reached its host's queue once (and in
-how many messages: a host's commands of one transaction travel together),
-and says when the outbox had sent the last of them. The last line printed is one
+requirements, every driver command reached its host's queue once and every
+VM's state change was heard (and in how many messages: a host's commands of
+one transaction travel together, and so do its state changes under one
+routing key), and says when the outbox had sent the last of them. The last line printed is one
 JSON object.
 """
 import argparse
@@ -122,6 +124,36 @@ def declare_node_queues(amqp_uri, n_hosts):
                 time.sleep(0.01)
 
 
+WATCH_QUEUE = "bench-vm-state-watch"
+
+
+def watch_vm_states(amqp_uri):
+    """A queue hearing every VM state change, as the gRPC gateway's Watch
+    streams do (its hub binds ``vm.state.#``)."""
+    from kombu import Connection, Queue
+    from cirrus import messages
+    with Connection(amqp_uri) as connection:
+        Queue(WATCH_QUEUE, messages.event_exchange(messages.LIFECYCLE),
+              routing_key=messages.VM_STATE_ANY[0], durable=False,
+              auto_delete=False)(connection.channel()).declare()
+
+
+def vm_states_heard(amqp_uri):
+    """The VM state changes the watch queue got (taken off it), the messages
+    they came in (one per transaction and routing key) and how many VMs
+    changed: each placed VM once."""
+    from kombu import Connection, Queue
+    from cirrus import messages
+    changes, sent, vms = 0, 0, set()
+    with Connection(amqp_uri) as connection:
+        queue = Queue(WATCH_QUEUE)(connection.channel())
+        while (message := queue.get(no_ack=True)) is not None:
+            events = messages.events_in(message.payload)
+            changes, sent = changes + len(events), sent + 1
+            vms.update(event["id"] for event in events)
+    return changes, sent, len(vms)
+
+
 def plan_in_process(url):
     """Planning alone: the scheduler's reading and planning of one pass, no reservation."""
     import gc
@@ -212,6 +244,7 @@ def main():
         start = time.perf_counter()
         populate(url, args.hosts, args.vms, args.seed)
         declare_node_queues(amqp_uri, args.hosts)
+        watch_vm_states(amqp_uri)
         print(f"wrote {args.hosts} hosts (and their queues) and {args.vms} pending VMs in "
               f"{time.perf_counter() - start:.1f} s", flush=True)
         read, planned, plannable = plan_in_process(url)
@@ -229,6 +262,7 @@ def main():
         over, wrong = check(url)
         drained = placement + outbox_drained(url)
         commands, command_messages, repeated = commands_queued(amqp_uri, args.hosts)
+        changes, change_messages, changed_vms = vm_states_heard(amqp_uri)
 
     ms = lambda s: round(s * 1000, 1)  # noqa: E731
     print(f"scheduler + {args.lifecycles} lifecycle, batches of {args.batch}: {placed} of "
@@ -245,13 +279,14 @@ def main():
     print(f"  the machine while placing: {machine['busy_share']:.0%} of {machine['cores']} "
           f"cores busy; RabbitMQ {machine['rabbitmq_s']:.2f} s, "
           f"PostgreSQL {machine['postgresql_s']:.2f} s")
-    sent = placed + command_messages    # an event per VM, and the commands' messages
-    print(f"  floor: one confirmed persistent publish {ms(publish_floor)} ms; the outbox sends "
+    sent = change_messages + command_messages
+    print(f"  floor: one confirmed persistent publish {ms(publish_floor)} ms; the outbox sent "
           f"{sent} messages for {placed} VMs, so {sent * publish_floor:.1f} s one by one")
     print(f"  checks: over-committed hosts {0 if over is None else 'host ' + str(over)}, "
           f"placed VMs breaking their requirements {wrong}, driver commands sent "
           f"{commands} for {placed} VMs in {command_messages} messages ({repeated} VMs with "
-          f"more than one)")
+          f"more than one); state changes heard {changes} for {changed_vms} VMs in "
+          f"{change_messages} messages")
     print(f"  every event and driver command of the placements out of the outbox and "
           f"confirmed by RabbitMQ {drained:.2f} s after the wake-up")
     print(json.dumps({
@@ -266,7 +301,9 @@ def main():
         "floor_confirmed_publish_ms": round(publish_floor * 1000, 3),
         "over_committed_hosts": 0 if over is None else 1, "requirement_violations": wrong,
         "driver_commands_sent": commands, "command_messages": command_messages,
-        "vms_sent_twice": repeated, "all_commands_out_s": round(drained, 3)}))
+        "vms_sent_twice": repeated, "state_changes": changes,
+        "state_change_messages": change_messages, "vms_changed": changed_vms,
+        "all_commands_out_s": round(drained, 3)}))
 
 
 def wake_and_wait(url, amqp_uri, n):

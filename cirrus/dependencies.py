@@ -1,22 +1,30 @@
 """Nameko dependency providers, and one entrypoint, shared by the services."""
+import logging
 from contextlib import contextmanager
+from functools import partial
 
 import eventlet
 from kombu import Queue, binding
 from nameko.events import EventHandler
-from nameko.exceptions import RemoteError
+from nameko.exceptions import ContainerBeingKilled, RemoteError
 from nameko.extensions import DependencyProvider
 from nameko.rpc import RpcProxy
 
-from cirrus import config, db, errors, messages
+from cirrus import config, db, errors, messages, tracing
 from cirrus.outbox import Relay
+
+log = logging.getLogger(__name__)
 
 
 class VmStateHandler(EventHandler):
     """``@vm_state_handler(*patterns)``: a Nameko event_handler of lifecycle's
     ``vm.state`` events whose queue is bound only to ``patterns``
     (``messages.VM_STATE_*``), so the broker drops the changes this handler
-    would ignore. The queue keeps event_handler's name."""
+    would ignore. The queue keeps event_handler's name.
+
+    A message of several changes (``messages.events_in``) is handled as that
+    many events, each by its own worker for the request it names, and acked
+    once all of them are done."""
 
     def __init__(self, *patterns, **kwargs):
         super().__init__(messages.LIFECYCLE, messages.VM_STATE, **kwargs)
@@ -29,6 +37,25 @@ class VmStateHandler(EventHandler):
                            exclusive=queue.exclusive,
                            bindings=[binding(queue.exchange, routing_key=pattern)
                                      for pattern in self.patterns])
+
+    def handle_message(self, body, message):
+        events = messages.events_in(body)
+        if events and events[0] is body:    # one event, as Nameko hands it
+            return super().handle_message(body, message)
+        if not events:
+            log.warning("a vm.state message with no events in %s", self.queue.name)
+            return self.queue_consumer.ack_message(message)
+        context = self.unpack_message_headers(message)
+        delivery = messages.SharedDelivery(message, len(events))
+        for event in events:
+            try:
+                self.container.spawn_worker(
+                    self, (event,), {},
+                    context_data={**context, tracing.KEY: isinstance(event, dict)
+                                  and event.get(tracing.KEY) or context.get(tracing.KEY)},
+                    handle_result=partial(self.handle_result, delivery))
+            except ContainerBeingKilled:
+                return self.queue_consumer.requeue_message(delivery)
 
 
 vm_state_handler = VmStateHandler.decorator

@@ -3,7 +3,8 @@
 - Events are Nameko events, so Nameko ``event_handler``s receive them: VM state
   changes come from ``lifecycle`` (event types ``vm.state`` and ``host.state``, and
   ``vm.updated`` for a VM's user template; a ``vm.state`` event's routing key
-  says what changed, see ``vm_state_key``), driver results, host monitoring and hypervisor
+  says what changed, see ``vm_state_key``, and a message may carry several
+  such changes, see ``events_in``), driver results, host monitoring and hypervisor
   events from ``node`` (``command.results``, ``host.monitor``, ``vm.event``), OneFlow
   services' changes from ``flow`` (``flow.service``).
 - Driver commands go to one durable queue per host, ``cirrus.node.<host>``,
@@ -92,6 +93,41 @@ def commands_in(body):
     if isinstance(body, dict) and isinstance(body.get("commands"), list):
         return body["commands"]
     return [body]
+
+
+def events_in(body):
+    """The VM state changes of a ``vm.state`` message: lifecycle sends
+    ``{"events": [...]}`` for the changes one transaction made under one
+    routing key (a batch of placements: one message instead of 500), each
+    with the ``request_id`` it serves; any other body is one change."""
+    if isinstance(body, dict) and isinstance(body.get("events"), list):
+        return body["events"]
+    return [body]
+
+
+class SharedDelivery:
+    """A message carrying several commands or events, each handled on its
+    own: acked once every one is, or put back once if one asks for that. If
+    the consumer dies before, the whole message comes back and the parts
+    already handled run again, harmlessly (command ids and VM ``seq`` make
+    them idempotent). Stands in for the message where an ack is due."""
+
+    def __init__(self, message, parts):
+        self.message, self.unsettled, self.requeued = message, parts, False
+
+    @property
+    def channel(self):
+        return self.message.channel
+
+    def ack(self):
+        self.unsettled -= 1
+        if self.unsettled == 0 and not self.requeued:
+            self.message.ack()
+
+    def requeue(self):
+        if not self.requeued:
+            self.requeued = True
+            self.message.requeue()
 
 
 def result(cmd, success, info=None, error=None):

@@ -45,14 +45,13 @@ _INSERT = bulk.insert(_outbox, ("exchange", "routing_key", "payload", "headers")
 
 def add_many(session, rows):
     """Write messages, each a dict of exchange, routing_key, payload and
-    headers, in one INSERT; their ids are kept in ``session.info`` for the
-    relay to publish after commit. Driver commands for one host become one
-    message (``messages.commands_in``). A row without a request id in its
-    headers takes the current one (cirrus.tracing), which Nameko hands the
-    handler."""
+    headers, merged into as few as ``merge`` can, in one INSERT; their ids
+    are kept in ``session.info`` for the relay to publish after commit. A
+    row without a request id in its headers takes the current one
+    (cirrus.tracing), which Nameko hands the handler."""
     if not rows:
         return
-    ids = session.execute(_INSERT, bulk.params(tracing.stamp(merge_commands(rows)))
+    ids = session.execute(_INSERT, bulk.params(tracing.stamp(merge(rows)))
                           ).scalars().all()
     session.info.setdefault("outbox", []).extend(ids)
 
@@ -67,21 +66,39 @@ def command_row(cmd):
             "payload": {"commands": [cmd]}, "headers": {}}
 
 
-def merge_commands(rows):
-    """``rows`` with the command rows for each host merged into its first
-    one, in the order given."""
-    merged, by_host = [], {}
+def merge(rows):
+    """``rows`` as fewer messages, in the order given: the driver commands for
+    each host merged into its first row (``messages.commands_in``), and the
+    ``vm.state`` events under one routing key into one row
+    (``events_row``), each VM's events still in their order: an event joins
+    its key's row only if no later row holds one of its VM's."""
+    merged, by_host, by_key, last_of_vm = [], {}, {}, {}
     for row in rows:
-        if row["exchange"] != messages.COMMANDS.name:
-            merged.append(row)
-        elif row["routing_key"] in by_host:
-            by_host[row["routing_key"]]["payload"]["commands"].extend(
-                row["payload"]["commands"])
+        key = row["routing_key"]
+        if row["exchange"] == messages.COMMANDS.name:
+            if key not in by_host:
+                by_host[key] = {**row, "payload": {"commands": []}}
+                merged.append(by_host[key])
+            by_host[key]["payload"]["commands"].extend(row["payload"]["commands"])
+        elif key.startswith(messages.VM_STATE + "."):
+            vm_id, at = row["payload"]["id"], by_key.get(key)
+            if at is None or last_of_vm.get(vm_id, -1) > at:
+                at = by_key[key] = len(merged)
+                merged.append([])
+            merged[at].append(row)
+            last_of_vm[vm_id] = at
         else:
-            row = by_host[row["routing_key"]] = {**row, "payload": {
-                "commands": list(row["payload"]["commands"])}}
             merged.append(row)
-    return merged
+    return [row if not isinstance(row, list) else row[0] if len(row) == 1 else events_row(row)
+            for row in merged]
+
+
+def events_row(rows):
+    """One row of several ``vm.state`` event rows under one routing key; each
+    event keeps the request id its row's headers gave it, as ``request_id``."""
+    return {**rows[0], "headers": {}, "payload": {"events": [
+        {tracing.KEY: (row.get("headers") or {}).get(tracing.HEADER), **row["payload"]}
+        for row in rows]}}
 
 
 def add_event(session, source, event_type, payload, headers=None):

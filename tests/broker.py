@@ -55,11 +55,13 @@ def join_node(lifecycle, amqp_uri, name, cpu=400, memory_mb=4096):
 
 
 def vm_events(amqp_uri):
+    """A consumer of every VM state change: ``seen`` gets each change, one by
+    one also when a message carries several."""
     conn = Connection(amqp_uri)
     queue = Queue(exchange=messages.event_exchange(messages.LIFECYCLE),
                   routing_key=messages.VM_STATE_ANY[0], exclusive=True, auto_delete=True)
     seen = []
-    consumer = Consumer(conn, [queue], callbacks=[lambda body, msg: (seen.append(body), msg.ack())],
+    consumer = Consumer(conn, [queue], callbacks=[lambda body, msg: (seen.extend(messages.events_in(body)), msg.ack())],
                         accept=["json"])
     consumer.consume()
     return conn, seen

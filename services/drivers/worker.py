@@ -203,25 +203,6 @@ def run_command(backend, cmd, shutdown_timeout):
 
 # ---------------------------------------------------------------- the worker
 
-class SharedDelivery:
-    """A message carrying several commands, acked (by the main thread, in
-    ``flush``) once the result of every one of them is published: if the
-    node dies before, the whole message comes back, and the commands whose
-    results went out run again, harmlessly (their ids make them idempotent)."""
-
-    def __init__(self, message, commands):
-        self.message, self.unanswered = message, commands
-
-    @property
-    def channel(self):
-        return self.message.channel
-
-    def ack(self):
-        self.unanswered -= 1
-        if self.unanswered == 0:
-            self.message.ack()
-
-
 def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
@@ -446,7 +427,7 @@ class NodeWorker:
             log.warning("a message with no commands in %s's queue", agent.name)
             message.ack()
             return
-        delivery = message if len(cmds) == 1 else SharedDelivery(message, len(cmds))
+        delivery = message if len(cmds) == 1 else messages.SharedDelivery(message, len(cmds))
         redelivered = message.delivery_info.get("redelivered")
         for cmd in cmds:
             if redelivered:

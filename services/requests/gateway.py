@@ -416,8 +416,9 @@ class EventHub:
             offer(events, item)
 
     def _on_message(self, body, message):
-        if isinstance(body, dict) and "id" in body:
-            self._broadcast(body)
+        for event in messages.events_in(body):
+            if isinstance(event, dict) and "id" in event:
+                self._broadcast(event)
 
     def _run(self):
         delay = 0.5

@@ -22,7 +22,7 @@ from cirrus import auth, config, db, messages
 from cirrus.client import Client, ClientError
 from cirrus.db.models import User
 from cirrus.v1 import host_pb2, host_pb2_grpc, vm_pb2, vm_pb2_grpc
-from tests.broker import join_node
+from tests.broker import join_node, rpc_proxy
 from tests.procs import Proc, start_services, wait_until
 
 API = ["cirrus.v1.VirtualMachineService", "cirrus.v1.HostService",
@@ -461,6 +461,27 @@ def test_a_vm_on_a_node_is_powered_off_resumed_and_shown_with_its_stay(api, node
     node.answer("delete")
     [stay] = wait_status(api, vm["id"], "DONE")["stays"]
     assert stay["end"] and stay["reason"] == "terminate_hard"
+
+
+def test_watch_shows_each_vm_of_placements_made_together(api, node, amqp_uri):
+    """A scheduler's batch of placements is one lifecycle transaction, whose
+    VMs' changes travel as one message: the stream shows each of them."""
+    vms = sorted(api.create_vm(name=unique("gw-batch"), cpu=0.5, vcpu=1, memory=64)["id"]
+                 for _ in range(2))
+    stream = api.watch_vms()
+    assert set(vms) <= currents(stream, len(api.list_vms())).keys()
+    with rpc_proxy(amqp_uri, "lifecycle") as lifecycle:
+        assert [a["outcome"] for a in lifecycle.deploy_many([[vm, node.id] for vm in vms])] \
+            == ["deployed", "deployed"]
+    changes = []
+    reader = threading.Thread(target=lambda: changes.extend(
+        next(c for c in stream if c["id"] in vms) for _ in vms), daemon=True)
+    reader.start()
+    reader.join(15)
+    assert not reader.is_alive(), f"the stream showed {changes} of VMs {vms}"
+    stream.close()
+    assert sorted(c["id"] for c in changes) == vms
+    assert {(c["status"], c["current"]) for c in changes} == {("PROLOG", False)}
 
 
 def test_migrate_to_the_host_it_is_on_is_refused(api, node):

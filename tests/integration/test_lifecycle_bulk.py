@@ -9,7 +9,7 @@ import eventlet
 import pytest
 from sqlalchemy import func, select
 
-from cirrus import messages
+from cirrus import messages, tracing
 from cirrus.db.models import Host, Outbox, VirtualMachine, VmHistory
 from cirrus.errors import InvalidArgument
 from services.lifecycle import logic, monitoring
@@ -58,12 +58,13 @@ def written(s, vm_id):
                     sent.append(("command", row.routing_key, payload["action"],
                                  sorted(payload["args"]), spec["runtime"], spec["deploy_id"],
                                  sorted(spec), spec["disks"], spec["nics"]))
-        elif row.routing_key.startswith(messages.VM_STATE + ".") and row.payload["id"] == vm_id:
-            payload = row.payload
-            sent.append(("event", row.routing_key, payload["key"].replace(str(vm_id), "ID"),
+        elif row.routing_key.startswith(messages.VM_STATE + "."):
+            sent.extend(("event", row.routing_key, payload["key"].replace(str(vm_id), "ID"),
                          payload["status"], payload["seq"], payload["host"],
                          payload["host_id"], payload["error"], payload["freed"],
-                         sorted(payload)))
+                         sorted(set(payload) - {tracing.KEY}))    # in a message of several
+                        for payload in messages.events_in(row.payload)
+                        if payload["id"] == vm_id)
     return (vm.state, vm.lcm_state, vm.seq, vm.host_id, vm.deploy_id, vm.runtime, vm.error,
             vm.command_id is not None), history, sent
 

@@ -28,8 +28,11 @@ def sent(s, vm_id):
         if row.exchange == messages.COMMANDS.name:
             out.extend(("command", cmd["action"], cmd["request_id"])
                        for cmd in messages.commands_in(row.payload) if cmd["vm_id"] == vm_id)
-        elif row.routing_key.startswith(messages.VM_STATE + ".") and row.payload["id"] == vm_id:
-            out.append(("event", row.payload["status"], row.headers.get(tracing.HEADER)))
+        elif row.routing_key.startswith(messages.VM_STATE + "."):
+            # a change in a message of several names its own request
+            out.extend(("event", event["status"],
+                        event.get(tracing.KEY) or row.headers.get(tracing.HEADER))
+                       for event in messages.events_in(row.payload) if event["id"] == vm_id)
     return out
 
 
