@@ -1,19 +1,22 @@
 """Set-based writes: any number of rows in one statement with one parameter,
-a JSON array the database unpacks with ``jsonb_to_recordset``. The statement
+a JSON array the database unpacks with ``json(b)_to_recordset``. The statement
 is compiled once whatever the count, and the rows are encoded by one
-``json.dumps`` instead of one bind parameter per value."""
-import json
-
+``db.to_json`` instead of one bind parameter per value."""
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
+
+from cirrus.db import to_json
 
 _dialect = postgresql.dialect()
 
 
 def _recordset(table, names):
-    columns = ", ".join(f"{name} {table.c[name].type.compile(dialect=_dialect)}"
-                        for name in names)
-    return f"jsonb_to_recordset(CAST(:rows AS jsonb)) AS new({columns})"
+    """The rows as records: parsed as jsonb when a column is jsonb (its values
+    arrive parsed), else as json (nothing parsed into jsonb for nothing)."""
+    types = [table.c[name].type.compile(dialect=_dialect) for name in names]
+    kind = "jsonb" if "JSONB" in types else "json"
+    columns = ", ".join(f"{name} {type_}" for name, type_ in zip(names, types))
+    return f"{kind}_to_recordset(CAST(:rows AS {kind})) AS new({columns})"
 
 
 def insert(table, names, returning=None):
@@ -34,4 +37,4 @@ def update(table, names, key="id"):
 def params(rows):
     """The one parameter of a bulk statement: rows (dicts) as a JSON array;
     dates and times as ISO text."""
-    return {"rows": json.dumps(rows, default=lambda value: value.isoformat())}
+    return {"rows": to_json(rows)}

@@ -2,6 +2,7 @@
 from functools import lru_cache
 from pathlib import Path
 
+import orjson
 from sqlalchemy import create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,11 +17,19 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03")
 
 
+def to_json(value):
+    """The JSON text the database gets for ``value``. orjson is several times
+    quicker than json.dumps, and a batch of 500 placements writes half a
+    megabyte of it; keys that are not text become text, as with json.dumps."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 @lru_cache(maxsize=None)
 def engine(url=None):
     cfg = config.get()["database"]
     made = create_engine(url or cfg["url"], pool_size=cfg.get("pool_size", 10),
                          max_overflow=10, pool_pre_ping=True,
+                         json_serializer=to_json, json_deserializer=orjson.loads,
                          connect_args={"connect_timeout": cfg.get("connect_timeout", 5)})
     event.listen(made, "handle_error", raise_unavailable)
     return made

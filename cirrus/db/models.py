@@ -2,7 +2,7 @@
 from datetime import datetime, timezone
 
 from sqlalchemy import (
-    BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+    JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
     UniqueConstraint, func, text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -161,8 +161,9 @@ class Outbox(Base):
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     exchange: Mapped[str] = mapped_column(String(128))
     routing_key: Mapped[str] = mapped_column(String(256))
-    payload: Mapped[dict] = mapped_column(JSONB)
-    headers: Mapped[dict] = mapped_column(JSONB, default=dict)
+    # JSON text, not jsonb: written once, read back once as text (migration 0011)
+    payload: Mapped[dict] = mapped_column(JSON)
+    headers: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
