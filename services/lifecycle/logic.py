@@ -371,15 +371,20 @@ def unfit_reason(session, vm, host_id):
             f"and {host.max_mem - host.reserved_mem - host.mem_usage} MB free")
 
 
+# what a step needs of a host: its name (events, commands) and URI (migrations);
+# plain rows, since building Host objects cost a batch more than its UPDATEs
+_HOST_ADDRESS = select(Host.id, Host.name, Host.monitoring["URI"].astext.label("uri"))
+
+
 def load_hosts(session, host_ids):
     """Read the hosts ``host_ids`` in one query, for ``host_row``."""
     db.read_missing(db.per_transaction(session, "hosts"), host_ids, lambda wanted: (
-        (host.id, host) for host in session.scalars(select(Host).where(Host.id.in_(wanted)))))
+        (row.id, row) for row in session.execute(_HOST_ADDRESS.where(Host.id.in_(wanted)))))
 
 
 def host_row(session, host_id):
-    """The Host ``host_id`` (None for none), for its name and URI: looked up
-    once per transaction, since a batch's steps ask for the same few hosts."""
+    """Host ``host_id``'s id, name and URI (a row; None for no host): looked
+    up once per transaction, since a batch's steps ask for the same few hosts."""
     if host_id is None:
         return None
     hosts = db.per_transaction(session, "hosts")
@@ -400,7 +405,7 @@ def driver_command(session, vm, transition):
         args["from_dir"] = vm.runtime["vm_dir"]     # where save or mv out left the files
     if transition.command == "migrate":
         target = host_row(session, vm.target_host_id)
-        args.update(dest_host=target.name, dest_uri=(target.monitoring or {}).get("URI"))
+        args.update(dest_host=target.name, dest_uri=target.uri)
     return messages.command(transition.command, vm.id, host.name, vm.last_request_id, **args)
 
 
