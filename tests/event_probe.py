@@ -3,7 +3,10 @@
 changes (a status no VM has, so other tests' events never reach it) and
 writes each as a JSON line to FILE, with the request id its worker served.
 A change with ``"fail": true`` fails the first time it comes, and its
-message goes back to the queue (``requeue_on_error``)."""
+message goes back to the queue (``requeue_on_error``).
+
+Run it, never import it: importing it applies eventlet's monkey patch to the
+importer, and a pytest process patched so hangs in unrelated tests."""
 import cirrus.runner  # noqa: F401  (eventlet's monkey patch, before anything else)
 
 import json  # noqa: E402
@@ -17,7 +20,6 @@ from cirrus.dependencies import vm_state_handler  # noqa: E402
 from cirrus.runner import nameko_config  # noqa: E402
 
 PATTERN = "vm.state.PROBE.#"
-QUEUE = "evt-lifecycle-vm.state--event_probe.on_vm_state"     # Nameko's name for it
 failed = set()
 
 

@@ -9,8 +9,11 @@ import pytest
 from kombu import Connection
 
 from cirrus import db, messages, outbox, tracing
-from tests import event_probe
 from tests.procs import Proc, wait_until
+
+# Nameko's name for the queue of tests/event_probe.py (a process: importing it
+# here would monkey-patch this one)
+PROBE_QUEUE = "evt-lifecycle-vm.state--event_probe.on_vm_state"
 
 
 @pytest.fixture
@@ -41,7 +44,7 @@ def waiting_in_queue(amqp_uri):
     """Messages ready in the probe's queue: an unacked one is back there once
     its consumer has gone."""
     with Connection(amqp_uri) as conn:
-        return conn.default_channel.queue_declare(event_probe.QUEUE, passive=True)[1]
+        return conn.default_channel.queue_declare(PROBE_QUEUE, passive=True)[1]
 
 
 def test_each_change_of_a_message_is_handled_for_its_own_request_and_acked_once(
