@@ -109,7 +109,8 @@ def test_a_user_action_takes_the_vm_to_its_request(factory, admin_id):
 # ---------------------------------------------------------------- through the broker
 
 class Listener:
-    """Messages of one exchange and routing key, with their headers."""
+    """Messages of one exchange and routing key, with their headers; a
+    message of several VM state changes is taken change by change."""
 
     def __init__(self, amqp_uri, exchange, routing_key):
         self.conn = Connection(amqp_uri)
@@ -117,7 +118,9 @@ class Listener:
         queue = Queue(exchange=exchange, routing_key=routing_key, exclusive=True,
                       auto_delete=True)
         self.consumer = Consumer(self.conn, [queue], accept=["json"], callbacks=[
-            lambda body, message: (self.got.append((body, message.headers)), message.ack())])
+            lambda body, message: (self.got.extend((one, message.headers)
+                                                   for one in messages.events_in(body)),
+                                   message.ack())])
         self.consumer.consume()
 
     def wait_for(self, match, timeout=20):
