@@ -147,7 +147,7 @@ def measure(vms, hosts, clients, lifecycles=1, schedulers=1, timeout=300, floors
     every VM was RUNNING in time), with the CPU each process, RabbitMQ and
     PostgreSQL used and the machine's busy share over the run."""
     settings = {"lifecycle_host_timeout": 3600, "scheduler_sweep_interval": 5,
-                "scheduler_batch": 500, "lifecycle_max_workers": 50}
+                "scheduler_batch": 1000, "lifecycle_max_workers": 50}
     with cluster.BenchCluster(**settings) as bench:
         from sqlalchemy import select
         from cirrus import db

@@ -19,7 +19,7 @@ sends the events and commands after each commit, concurrently.
 In the same run it measures:
 - planning alone: the same Planner over the same rows, in this process;
 - the floors: raw SQL reservation throughput, one conditional UPDATE per VM
-  and set-based (one UPDATE per 500 VMs, as deploy_many), nothing else; a
+  and set-based (one UPDATE per batch, as deploy_many), nothing else; a
   bare Nameko RPC round trip; and one persistent publish with a publisher
   confirm (what each of the outbox's messages cost before it batched them);
 - the CPU seconds lifecycle and the scheduler used while placing, and what
@@ -232,7 +232,7 @@ def main():
     parser.add_argument("--hosts", type=int, default=2500)
     parser.add_argument("--vms", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=500,
+    parser.add_argument("--batch", type=int, default=1000,
                         help="placements per deploy_many call (scheduler.batch)")
     parser.add_argument("--lifecycles", type=int, default=1,
                         help="lifecycle processes sharing the work (default 1)")
@@ -249,7 +249,7 @@ def main():
               f"{time.perf_counter() - start:.1f} s", flush=True)
         read, planned, plannable = plan_in_process(url)
         sql_floor = floors.reservation_floor(url, args.vms)
-        set_floor = floors.set_reservation_floor(url, args.vms)
+        set_floor = floors.set_reservation_floor(url, args.vms, args.batch)
         rpc_floor = floors.nameko_rpc_round_trip(amqp_uri, 200)
         publish_floor = floors.confirmed_publish_floor(amqp_uri)
         for i in range(args.lifecycles):
@@ -272,7 +272,7 @@ def main():
           f"({plannable} VMs plannable)")
     print(f"  floor: raw SQL reservation {args.vms / sql_floor:.0f} UPDATEs/s "
           f"({sql_floor:.2f} s for {args.vms}); bare Nameko RPC round trip {ms(rpc_floor)} ms")
-    print(f"  floor: set-based SQL reservation (one UPDATE per 500 VMs, as deploy_many) "
+    print(f"  floor: set-based SQL reservation (one UPDATE per {args.batch} VMs, as deploy_many) "
           f"{args.vms / set_floor:.0f} VMs/s ({set_floor:.2f} s for {args.vms})")
     print(f"  CPU used while placing: " + ", ".join(f"{name} {used:.2f} s"
                                                       for name, used in cpu.items()))

@@ -58,7 +58,7 @@ class Settings:
         self.max_vm = int(setting("max_vm", 0))
         self.max_dispatch = int(setting("max_dispatch", 0))
         self.max_host = int(setting("max_host", 0))
-        self.batch = max(1, int(setting("batch", 500)))
+        self.batch = max(1, int(setting("batch", 1000)))
         self.in_flight = max(1, int(setting("in_flight", 4)))
         self.live_migration = bool(setting("live_migration", True))
 
