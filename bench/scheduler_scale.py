@@ -8,9 +8,9 @@ pending VMs (mixed sizes, a few SCHED_REQUIREMENTS and SCHED_RANK, some
 USER_PRIORITY) straight into the database, declares the hosts' command
 queues as their nodes would have (each has carried a message before, as on a
 running cluster) and a queue hearing every VM state change (as the gRPC
-gateway's Watch streams do), starts `lifecycle` and one `scheduler` as processes, and
-wakes the scheduler once. The figure is the
-time from that wake-up until no VM is PENDING: reading the hosts and VMs,
+gateway's Watch streams do), starts `lifecycle` and one `scheduler` as
+processes, and wakes the scheduler once. The figure is the time from that
+wake-up until no VM is PENDING: reading the hosts and VMs,
 planning, and lifecycle's reservation of every VM (deploy_many: row locks, one
 conditional UPDATE per batch for the hosts' shares, the state changes, history,
 events and driver commands written to the outbox) all in the loop. The outbox
@@ -29,8 +29,8 @@ It checks no host is over-committed, every placed VM satisfies its
 requirements, every driver command reached its host's queue once and every
 VM's state change was heard (and in how many messages: a host's commands of
 one transaction travel together, and so do its state changes under one
-routing key), and says when the outbox had sent the last of them. The last line printed is one
-JSON object.
+routing key), and says when the outbox had sent the last of them. The last
+line printed is one JSON object.
 """
 import argparse
 import json
