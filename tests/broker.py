@@ -61,8 +61,8 @@ def vm_events(amqp_uri):
     queue = Queue(exchange=messages.event_exchange(messages.LIFECYCLE),
                   routing_key=messages.VM_STATE_ANY[0], exclusive=True, auto_delete=True)
     seen = []
-    consumer = Consumer(conn, [queue], callbacks=[lambda body, msg: (seen.extend(messages.events_in(body)), msg.ack())],
-                        accept=["json"])
+    consumer = Consumer(conn, [queue], accept=["json"], callbacks=[
+        lambda body, msg: (seen.extend(messages.events_in(body)), msg.ack())])
     consumer.consume()
     return conn, seen
 

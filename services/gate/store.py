@@ -9,13 +9,12 @@ the writes of concurrent requests into one such transaction, applied
 set-wise by ``apply_writes`` (lifecycle's ``user_template`` checks the
 names and values; the event is the one its ``update`` sends).
 """
-import json
 from dataclasses import dataclass
 
 from sqlalchemy import Integer, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from cirrus import messages, outbox
+from cirrus import db, messages, outbox
 from cirrus.db.models import utcnow
 from cirrus.errors import FailedPrecondition
 from services.gate.protocol import Conflict
@@ -172,7 +171,7 @@ def apply_writes(session, writes):
         at = utcnow()
         changed = sorted(templates)
         session.execute(SET_USER_TEMPLATES, {
-            "ids": changed, "templates": [json.dumps(templates[i]) for i in changed], "at": at})
+            "ids": changed, "templates": [db.to_json(templates[i]) for i in changed], "at": at})
         outbox.add_many(session, [outbox.event_row(messages.LIFECYCLE, messages.VM_UPDATED, {
             "id": i, "owner_id": vms[i]["owner_id"], "seq": vms[i]["seq"],
             "user_template": templates[i], "at": at.isoformat()}) for i in changed])

@@ -17,13 +17,12 @@ Locks: these functions never wait for a VM row while they hold a host row
 (VM rows are taken with SKIP LOCKED), since actions lock a VM and then its
 host; a VM skipped now is caught by the next event, sync or sweep.
 """
-import json
 import logging
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import and_, case, func, or_, select, text, update
 
-from cirrus import config, messages, outbox, states
+from cirrus import config, db, messages, outbox, states
 from cirrus.db.models import Host, VirtualMachine, utcnow
 from cirrus.errors import FailedPrecondition, InvalidArgument
 from services.lifecycle import logic
@@ -158,7 +157,7 @@ def store_metrics(session, host_id, domains, at, keep):
         samples.append({"id": vm_id, "latest": {k: v for k, v in entry.items() if k != "VM_ID"},
                         "point": point})
     if samples:
-        session.execute(STORE_METRICS, {"samples": json.dumps(samples), "host_id": host_id,
+        session.execute(STORE_METRICS, {"samples": db.to_json(samples), "host_id": host_id,
                                         "at": at, "keep": max(1, int(keep))})
 
 
