@@ -105,12 +105,12 @@ class ExpressionError(InvalidArgument):
 # --------------------------------------------------------------------- API
 
 class _Compiled:
-    __slots__ = ("text", "evaluate", "attributes", "source")
+    __slots__ = ("text", "evaluate", "attributes", "source", "trends")
 
     def __init__(self, text, compiled):
         self.text = text
         # evaluate is the generated lambda itself: no method call in between.
-        self.evaluate, self.attributes, self.source = compiled
+        self.evaluate, self.attributes, self.source, self.trends = compiled
 
     def __repr__(self):
         return f"{type(self).__name__}({self.text!r})"
@@ -126,9 +126,15 @@ class Requirement(_Compiled):
 
 class Rank(_Compiled):
     """A compiled SCHED_RANK. ``evaluate(host)`` is its float value for the
-    host dict (higher is better); ``attributes`` and ``source`` as in Requirement."""
+    host dict (higher is better); ``attributes`` and ``source`` as in
+    Requirement. ``trends`` says, for each attribute it reads, how the rank
+    moves when that attribute's number grows: FALLS, RISES or None when the
+    expression does not say (``2 * A``: RISES; ``PRIORITY * A``: None)."""
 
     __slots__ = ()
+
+
+RISES, FALLS = 1, -1
 
 
 def compile_requirements(text, vm_template=None, what="SCHED_REQUIREMENTS"):
@@ -171,22 +177,24 @@ def _compile_cached(kind, text, what):
 
 def _compile_uncached(kind, text, vm_template, what):
     if not text.strip():
-        return ((lambda host: True) if kind == "requirements" else (lambda host: 0.0)), frozenset(), ""
+        return ((lambda host: True) if kind == "requirements" else (lambda host: 0.0)), frozenset(), "", {}
     try:
         tree = _PARSERS[kind].parse(text)
     except UnexpectedInput as exc:
         raise _syntax_error(kind, text, exc, what) from None
     builder = _Builder(text, vm_template, what)
     try:
+        trends = {}
         if kind == "requirements":
             body = builder.requirement(tree)
         else:
             body = f"(_r if (_r := float({builder.rank(tree)})) == _r else 0.0)"  # NaN (inf-inf) ranks 0
+            trends = builder.trends(tree)[1]
         source = f"lambda h: {body}"
         function = eval(compile(source, f"<{what}>", "eval"), builder.namespace)  # our own generated code
     except (SyntaxError, RecursionError, MemoryError):  # Python's limits on nesting
         raise ExpressionError("is nested too deeply to compile: simplify it", what) from None
-    return function, frozenset(builder.attributes), source
+    return function, frozenset(builder.attributes), source, trends
 
 
 class _Builder:
@@ -324,6 +332,39 @@ class _Builder:
         divisor = f"_d{self.temporaries}"  # one name per division: they can nest
         return f"(({self.rank(left)} / {divisor}) if ({divisor} := {self.rank(right)}) else 0.0)"
 
+    def trends(self, node):
+        """(the rank's value if it is a constant, else None; {attribute: RISES,
+        FALLS or None}) of a rank tree: how it moves as each attribute grows.
+        A host value that is not a number ranks 0, so for a numeric attribute
+        the rank follows the number."""
+        if isinstance(node, Token):
+            if node.type == "NAME":
+                return None, {node.value.upper(): RISES}
+            if node.type == "NUMBER":
+                return float(node.value), {}
+            return float(_number_text(self.variable(node.value, node.line, node.column))), {}
+        if node.data == "negative":
+            sign, operand = node.children
+            value, trends = self.trends(operand)
+            if sign.value == "+":
+                return value, trends
+            return (None if value is None else -value), _scaled(trends, -1)
+        (left, left_trends), operator, (right, right_trends) = (
+            self.trends(node.children[0]), node.children[1].value, self.trends(node.children[2]))
+        if left is not None and right is not None:
+            return _constant(left, operator, right), {}
+        if operator in "+-":
+            right_trends = _scaled(right_trends, 1 if operator == "+" else -1)
+            return None, {name: left_trends[name] if name not in right_trends
+                          else right_trends[name] if name not in left_trends
+                          else left_trends[name] if left_trends[name] == right_trends[name]
+                          else None for name in {**left_trends, **right_trends}}
+        if operator == "*" and left is not None:
+            return None, _scaled(right_trends, left)
+        if right is not None:   # A * 2, A / 2 (A / 0 ranks 0)
+            return None, _scaled(left_trends, right)
+        return None, dict.fromkeys({**left_trends, **right_trends})    # A * B, 2 / A
+
     # -- errors
 
     def fail(self, token, message, expected=None):
@@ -333,6 +374,21 @@ class _Builder:
         """Raise ExpressionError; ``{where}`` in the message becomes 'at column N'."""
         message = message.replace("{where}", _where(self.text, line, column))
         raise ExpressionError(message, self.what, line, column, expected)
+
+
+def _constant(left, operator, right):
+    """``left operator right`` as the generated rank computes it (x / 0 is 0)."""
+    if operator == "/":
+        return left / right if right else 0.0
+    return left + right if operator == "+" else left - right if operator == "-" else left * right
+
+
+def _scaled(trends, factor):
+    """``trends`` of an expression multiplied by ``factor``."""
+    if factor == 0:
+        return {}
+    return {name: None if trend is None else trend * (1 if factor > 0 else -1)
+            for name, trend in trends.items()}
 
 
 def _chain(node, same):

@@ -25,13 +25,12 @@ only the host it changed. Capacity is checked before any expression, and an
 expression's result is cached for the whole pass unless it reads an attribute
 that reservations change (CPU_USAGE, MEM_USAGE, RUNNING_VMS).
 """
-import functools
 import heapq
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from cirrus.expressions import ExpressionError, compile_rank, compile_requirements
+from cirrus.expressions import FALLS, ExpressionError, compile_rank, compile_requirements
 
 # attributes that change as VMs are placed within a pass
 DYNAMIC = frozenset({"CPU_USAGE", "MEM_USAGE", "RUNNING_VMS"})
@@ -42,8 +41,8 @@ POLICIES = {
     "load-aware": lambda a: a["FREE_CPU"],
     "fixed": lambda a: number(a.get("PRIORITY")),
 }
-# policies whose rank of a host may rise when a VM is reserved on it (an
-# expression reading CPU_USAGE, MEM_USAGE or RUNNING_VMS is counted as such)
+# policies whose rank of a host may rise when a VM is reserved on it (a rank
+# expression may too: see ``rises_with_use``)
 RISING_POLICIES = {"packing"}
 POLICY_NUMBERS = {"0": "packing", "1": "striping", "2": "load-aware", "3": "custom",
                   "4": "fixed"}
@@ -247,6 +246,7 @@ class Planner:
         self.classes = {}
         self.requirement_cache = {}
         self.static_matches = {}    # (requirement, clusters) -> {host id: matches}
+        self.ranked_matches = {}    # (requirement, clusters, rank) -> see ``ranked``
         self.compiled = {}
 
     # ------------------------------------------------------------ expressions
@@ -275,7 +275,7 @@ class Planner:
         except ExpressionError as exc:
             raise Unplaceable(str(exc)) from None
         if rank is not None:
-            rank_fn, rank_rises = rank.evaluate, bool(rank.attributes & DYNAMIC)
+            rank_fn, rank_rises = rank.evaluate, rises_with_use(rank)
         elif self.policy == "custom":
             rank_fn, rank_rises = (lambda a: 0.0), False
         else:
@@ -297,6 +297,27 @@ class Planner:
 
     def open(self, host):
         return self.max_host <= 0 or host.dispatched < self.max_host
+
+    def ranked(self, requirement, clusters, rank_fn, matched):
+        """The hosts that match a static requirement, as heap entries sorted
+        best first, with the hosts and how many changes the pass had then:
+        made once for the classes that differ only in VM size (``matched``
+        is the requirement's shared match table)."""
+        key = (requirement, clusters, rank_fn)
+        found = self.ranked_matches.get(key)
+        if found is None:
+            hosts = []
+            for host_id in self.order:
+                host = self.hosts[host_id]
+                match = matched.get(host_id)
+                if match is None:
+                    match = matched[host_id] = self.matches(requirement, clusters, host)
+                if match:
+                    hosts.append(host)
+            entries = sorted(zip([(-rank_fn(host.attributes), host.id, host.version)
+                                  for host in hosts], hosts), key=lambda pair: pair[0])
+            found = self.ranked_matches[key] = (entries, len(self.changes))
+        return found
 
     # ------------------------------------------------------------ choosing
 
@@ -406,7 +427,7 @@ class Planner:
         self.changes.append(host.id)
         for vm_class in self.classes.values():
             vm_class.failure = None
-            vm_class.consider(host, push=True)
+            vm_class.consider(host)
 
     def forget(self, host):
         """Lifecycle refused ``host`` (another scheduler filled it): skip it
@@ -469,6 +490,15 @@ class Planner:
         return [m for m in group_members[vm.group] if m.role in roles]
 
 
+def rises_with_use(rank):
+    """Whether a rank expression may rise for a host as VMs are reserved on
+    it: reservations only add to CPU_USAGE, MEM_USAGE and RUNNING_VMS, so a
+    rank that falls (or stays) as each of them grows, as ``-RUNNING_VMS`` or
+    ``PRIORITY * 10 - RUNNING_VMS``, never rises. Such a class skips the
+    eager refresh (VmClass)."""
+    return any(rank.trends.get(name, FALLS) != FALLS for name in rank.attributes & DYNAMIC)
+
+
 def cluster_ids(template):
     """The automatic requirement: a template's CLUSTER_ID ("1" or "1,2")."""
     value = template.get("CLUSTER_ID")
@@ -491,8 +521,8 @@ class VmClass:
     - if the host's rank can only have stayed or fallen, and whether it
       matches cannot have changed, the stale entry is checked again when it
       reaches the top (and pushed back with its new rank if the host still fits);
-    - otherwise (packing, or an expression reading what reservations change)
-      the class is *eager*: before choosing, it pushes afresh every host
+    - otherwise (packing, a rank that may rise as reservations add to what it
+      reads, or a requirement reading what they change) the class is *eager*: before choosing, it pushes afresh every host
       changed since it last looked, and drops stale entries."""
 
     def __init__(self, planner, cpu, memory, requirement, rank_fn, rank_rises, clusters):
@@ -506,45 +536,52 @@ class VmClass:
         self.matched = None if dynamic else planner.static_matches.setdefault(
             (id(requirement), clusters), {})
         self.failure = None
-        self.heap = []
-        self.push_fitting([planner.hosts[host_id] for host_id in planner.order], push=False)
-        heapq.heapify(self.heap)
-        self.seen = len(planner.changes)
+        if self.matched is None:
+            self.heap = [entry for entry in map(self.entry, planner.hosts.values()) if entry]
+            heapq.heapify(self.heap)
+            self.seen = len(planner.changes)
+        else:
+            # the sorted entries of the hosts it fits: a heap already. Entries of
+            # hosts changed since they were ranked are stale and handled as any
+            # (an eager class pushes those hosts afresh: it has seen no change since)
+            entries, self.seen = planner.ranked(requirement, clusters, rank_fn, self.matched)
+            limited = planner.max_host > 0
+            self.heap = [entry for entry, host in entries
+                         if host.max_cpu - host.cpu_usage >= cpu
+                         and host.max_mem - host.mem_usage >= memory
+                         and (not limited or planner.open(host))]
 
-    def consider(self, host, push=False):
-        self.push_fitting([host], push)
-
-    def push_fitting(self, hosts, push=True):
-        """Add to the heap those of ``hosts`` this class's VMs fit and match
-        (pushed, or appended for a heapify); the loop of every pass, hence
-        written out."""
+    def entry(self, host):
+        """The heap entry of ``host`` as it is now, or None if this class's VMs
+        do not fit it or do not match it (the test of every pass: kept flat)."""
+        if host.max_cpu - host.cpu_usage < self.cpu or host.max_mem - host.mem_usage < self.memory:
+            return None
         planner, matched = self.planner, self.matched
-        cpu, memory, rank_fn, requirement, clusters = (self.cpu, self.memory, self.rank_fn,
-                                                       self.requirement, self.clusters)
-        limited = planner.max_host > 0
-        add = functools.partial(heapq.heappush, self.heap) if push else self.heap.append
-        for host in hosts:
-            if host.max_cpu - host.cpu_usage < cpu or host.max_mem - host.mem_usage < memory:
-                continue
-            if limited and not planner.open(host):
-                continue
-            if matched is None:
-                if not planner.matches(requirement, clusters, host):
-                    continue
-            else:
-                match = matched.get(host.id)
-                if match is None:
-                    match = matched[host.id] = planner.matches(requirement, clusters, host)
-                if not match:
-                    continue
-            add((-rank_fn(host.attributes), host.id, host.version))
+        if planner.max_host > 0 and not planner.open(host):
+            return None
+        if matched is None:
+            if not planner.matches(self.requirement, self.clusters, host):
+                return None
+        else:
+            match = matched.get(host.id)
+            if match is None:
+                match = matched[host.id] = planner.matches(self.requirement, self.clusters, host)
+            if not match:
+                return None
+        return -self.rank_fn(host.attributes), host.id, host.version
+
+    def consider(self, host):
+        entry = self.entry(host)
+        if entry is not None:
+            heapq.heappush(self.heap, entry)
 
     def refresh(self):
         changes = self.planner.changes
         if self.seen < len(changes):
             hosts = self.planner.hosts
-            self.push_fitting([hosts[host_id] for host_id in set(changes[self.seen:])
-                               if host_id in hosts])
+            for host_id in set(changes[self.seen:]):
+                if host_id in hosts:
+                    self.consider(hosts[host_id])
             self.seen = len(changes)
 
     def choose(self):
@@ -559,9 +596,12 @@ class VmClass:
             if host is None:
                 heapq.heappop(heap)
             elif host.version != version:
-                heapq.heappop(heap)
-                if not self.eager:
-                    self.consider(host, push=True)
+                # stale; an eager class has the host's fresh entry already
+                entry = None if self.eager else self.entry(host)
+                if entry is None:
+                    heapq.heappop(heap)
+                else:
+                    heapq.heapreplace(heap, entry)
             elif not self.planner.open(host):
                 heapq.heappop(heap)
             else:

@@ -5,7 +5,8 @@ import random
 import pytest
 
 from cirrus.errors import InvalidArgument
-from cirrus.expressions import ExpressionError, compile_rank, compile_requirements, host_attributes
+from cirrus.expressions import (FALLS, RISES, ExpressionError, compile_rank, compile_requirements,
+                                host_attributes)
 from cirrus.template import parse
 
 HOST = {
@@ -463,6 +464,40 @@ def test_rank_of_random_arithmetic_equals_pythons_value():
     for _ in range(500):
         text, expected = _random_arithmetic(rng, 5)
         assert compile_rank(text).evaluate(ARITH_HOST) == pytest.approx(expected), text
+
+
+@pytest.mark.parametrize("text, trends", [
+    ("RUNNING_VMS", {"RUNNING_VMS": RISES}),
+    ("-RUNNING_VMS", {"RUNNING_VMS": FALLS}),
+    ("PRIORITY * 10 - RUNNING_VMS", {"PRIORITY": RISES, "RUNNING_VMS": FALLS}),
+    ("-(A - B) / 2", {"A": FALLS, "B": RISES}),
+    ("(2 - 3) * A + 0 * B", {"A": FALLS}),
+    ("$FACTOR * A", {"A": FALLS}),
+    ("A / (1 - 1)", {}),
+    ("A - A", {"A": None}),
+    ("PRIORITY * RUNNING_VMS", {"PRIORITY": None, "RUNNING_VMS": None}),
+    ("100 / RUNNING_VMS", {"RUNNING_VMS": None}),
+    ("", {}),
+])
+def test_a_rank_says_how_it_moves_as_each_attribute_grows(text, trends):
+    assert compile_rank(text, {"FACTOR": "-3"}).trends == trends
+
+
+def test_the_trend_a_rank_claims_holds_as_the_attribute_grows():
+    rng = random.Random(20261125)
+    claimed = 0
+    for _ in range(1000):
+        text, _ = _random_arithmetic(rng, 4)
+        rank = compile_rank(text)
+        trend = rank.trends.get("A")
+        if trend is None:
+            continue
+        claimed += 1
+        values = [rank.evaluate({**ARITH_HOST, "A": a}) for a in range(-20, 21)]
+        steps = [later - earlier for earlier, later in zip(values, values[1:])]
+        assert all(step * trend >= -1e-9 * max(1.0, abs(later))
+                   for step, later in zip(steps, values[1:])), (text, trend, values)
+    assert claimed > 100    # the claims were put to the test
 
 
 def test_random_requirements_agree_with_a_python_evaluation_left_to_right():

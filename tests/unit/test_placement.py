@@ -1,8 +1,9 @@
 """Placement as pure functions: policies, requirements, capacity, limits and VM groups."""
 import pytest
 
+from cirrus.expressions import compile_rank
 from services.scheduler.placement import (Group, HostView, Planner, VmRequest, host_view,
-                                          policy_name)
+                                          policy_name, rises_with_use)
 
 
 def host(id, cpu=400, mem=4096, vms=0, cpu_usage=0, mem_usage=0, **attributes):
@@ -268,3 +269,21 @@ def test_an_affined_set_whose_role_must_stay_apart_waits_with_the_contradiction(
                  [member(1, "a"), member(2, "a"), member(3, "b")])
     assert out == {i: "VM group g: role a must share one host with its affined roles but keep "
                       "apart from a" for i in (1, 2, 3)}
+
+
+@pytest.mark.parametrize("rank, rises", [
+    ("RUNNING_VMS", True), ("CPU_USAGE / 100 - FREE_CPU", True), ("PRIORITY * RUNNING_VMS", True),
+    ("-RUNNING_VMS", False), ("PRIORITY * 10 - RUNNING_VMS", False), ("FREE_CPU", False),
+    ("MAX_MEM - MEM_USAGE", False)])
+def test_only_a_rank_that_may_rise_as_vms_are_reserved_refreshes_eagerly(rank, rises):
+    assert rises_with_use(compile_rank(rank)) is rises
+    planner = Planner([host(1), host(2)])
+    assert planner.vm_class(VmRequest(1, 100, 512, {"SCHED_RANK": rank})).eager is rises
+
+
+def test_classes_of_every_size_share_one_ranking_of_the_hosts():
+    planner = Planner([host(1, vms=3), host(2, vms=1), host(3, cpu=150)])
+    small, big = (planner.vm_class(VmRequest(i, cpu, 512)) for i, cpu in ((1, 100), (2, 200)))
+    assert len(planner.ranked_matches) == 1
+    assert [entry[1] for entry in small.heap] == [1, 2, 3]     # packing: most VMs first
+    assert [entry[1] for entry in big.heap] == [1, 2]          # host 3 has no room for it

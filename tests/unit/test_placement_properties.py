@@ -12,7 +12,10 @@ from services.scheduler.placement import HostView, Planner, VmRequest  # noqa: E
 
 REQUIREMENTS = [None, 'SSD = "yes"', 'ZONE = "a" | ZONE = "b"', "RUNNING_VMS < 3",
                 'MAX_CPU > 200 & !(ZONE = "c")', "PRIORITY > 2", "CPU_USAGE < 300"]
-RANKS = [None, "FREE_CPU", "-RUNNING_VMS", "PRIORITY * 2 - RUNNING_VMS", "MAX_MEM - MEM_USAGE"]
+# ranks that rise as VMs are reserved (the classes refresh eagerly), that fall
+# (their stale entries are checked when they reach the top) and that stay
+RANKS = [None, "FREE_CPU", "-RUNNING_VMS", "PRIORITY * 2 - RUNNING_VMS", "MAX_MEM - MEM_USAGE",
+         "RUNNING_VMS * 2 + CPU_USAGE / 100", "PRIORITY * RUNNING_VMS"]
 POLICY_RANKS = {
     "packing": lambda a: a["RUNNING_VMS"],
     "striping": lambda a: -a["RUNNING_VMS"],
