@@ -299,10 +299,10 @@ class Planner:
         return self.max_host <= 0 or host.dispatched < self.max_host
 
     def ranked(self, requirement, clusters, rank_fn, matched):
-        """The hosts that match a static requirement, as heap entries sorted
-        best first, with the hosts and how many changes the pass had then:
-        made once for the classes that differ only in VM size (``matched``
-        is the requirement's shared match table)."""
+        """([(heap entry, host)] of the hosts that match a static requirement,
+        best first; how many changes the pass had then): made once for the
+        classes that differ only in VM size (``matched`` is the
+        requirement's shared match table)."""
         key = (requirement, clusters, rank_fn)
         found = self.ranked_matches.get(key)
         if found is None:
@@ -521,9 +521,10 @@ class VmClass:
     - if the host's rank can only have stayed or fallen, and whether it
       matches cannot have changed, the stale entry is checked again when it
       reaches the top (and pushed back with its new rank if the host still fits);
-    - otherwise (packing, a rank that may rise as reservations add to what it
-      reads, or a requirement reading what they change) the class is *eager*: before choosing, it pushes afresh every host
-      changed since it last looked, and drops stale entries."""
+    - otherwise (packing, a rank that may rise as reservations add to what
+      it reads, or a requirement reading what they change) the class is
+      *eager*: before choosing, it pushes afresh every host changed since it
+      last looked, and drops stale entries."""
 
     def __init__(self, planner, cpu, memory, requirement, rank_fn, rank_rises, clusters):
         self.planner, self.cpu, self.memory = planner, cpu, memory

@@ -48,9 +48,10 @@ class Settings:
     """The scheduler's knobs, read once: policy and default rank, MAX_VM
     (waiting VMs read per pass), MAX_DISPATCH (placements per pass), MAX_HOST
     (placements per host per pass), 0 meaning no limit, how many placements
-    are planned before they leave grouped by host (``plan_ahead``), the size
-    of the batches sent to lifecycle and how many may be in flight at once,
-    and whether a VM flagged resched moves by live migration (else cold)."""
+    are planned before they leave grouped by host after a pass's first batch
+    (``plan_ahead``), the size of the batches sent to lifecycle and how many
+    may be in flight at once, and whether a VM flagged resched moves by live
+    migration (else cold)."""
 
     def __init__(self):
         self.policy = policy_name(setting("policy", "packing"))
