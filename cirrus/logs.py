@@ -43,7 +43,7 @@ def _encode(line):
     which json escapes, or a value orjson refuses."""
     try:
         text = orjson.dumps(line, default=str).decode()
-    except TypeError:   # an int beyond 64 bits
+    except TypeError:   # an int beyond 64 bits, a lone surrogate
         return _ascii_encode(line)
     return text if text.isascii() else _ascii_encode(line)
 
