@@ -354,11 +354,11 @@ class _Builder:
         if left is not None and right is not None:
             return _constant(left, operator, right), {}
         if operator in "+-":
-            right_trends = _scaled(right_trends, 1 if operator == "+" else -1)
-            return None, {name: left_trends[name] if name not in right_trends
-                          else right_trends[name] if name not in left_trends
-                          else left_trends[name] if left_trends[name] == right_trends[name]
-                          else None for name in {**left_trends, **right_trends}}
+            trends = dict(left_trends)
+            for name, trend in _scaled(right_trends, 1 if operator == "+" else -1).items():
+                # two terms moving apart with one attribute: the sum may go either way
+                trends[name] = trend if trends.get(name, trend) == trend else None
+            return None, trends
         if operator == "*" and left is not None:
             return None, _scaled(right_trends, left)
         if right is not None:   # A * 2, A / 2 (A / 0 ranks 0)

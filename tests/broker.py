@@ -32,9 +32,15 @@ class FakeNodeTransport:
     def waiting_commands(self):
         """Every command in the queue now (taken from it)."""
         taken, self.taken = self.taken, []
+        return taken + [cmd for sent in self.waiting_messages() for cmd in sent]
+
+    def waiting_messages(self):
+        """The commands of each message in the queue now (taken from it): a
+        message holds the commands one transaction made for this host."""
+        sent = []
         while (message := self.queue.get(no_ack=True)) is not None:
-            taken.extend(messages.commands_in(message.payload))
-        return taken
+            sent.append(messages.commands_in(message.payload))
+        return sent
 
     def publish(self, event_type, payload):
         with self.conn.Producer() as producer:

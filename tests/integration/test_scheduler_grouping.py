@@ -3,7 +3,6 @@ after the pass's first batch, each host's VMs go to lifecycle together, and
 its node gets them in one message."""
 import pytest
 
-from cirrus import messages
 from tests.broker import join_node, rpc_proxy
 from tests.procs import wait_until
 from tests.scheduling import running
@@ -35,9 +34,7 @@ def test_after_the_first_batch_each_host_gets_its_vms_of_a_pass_in_one_message(
                    timeout=30, what="every VM placed")
         assert rpc.get_host(host_a["id"])["running_vms"] == 4
     for node, first, rest in ((node_a, vms[0], vms[2::2]), (node_b, vms[1], vms[3::2])):
-        sent = []
-        while (message := node.queue.get(no_ack=True)) is not None:
-            sent.append([cmd["vm_id"] for cmd in messages.commands_in(message.payload)])
+        sent = [[cmd["vm_id"] for cmd in commands] for commands in node.waiting_messages()]
         # the first batch left as soon as it was planned, the host's other three
         # together (batches in flight commit in any order)
         assert sorted(sent) == sorted([[first], rest]), node.host
