@@ -4,7 +4,9 @@ from pathlib import Path
 
 import orjson
 from sqlalchemy import create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from cirrus import config
 from cirrus.errors import NotFound, Unavailable
@@ -15,6 +17,10 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # SQLSTATEs of a server going away or not taking connections yet: connection
 # exceptions (class 08), admin/crash shutdown, "the database system is starting up"
 UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03")
+# The advisory lock upgrades of one database take turns on ("cirr").
+UPGRADE_LOCK = 0x63697272
+# CREATE DATABASE losing a race: "already exists", or the catalog's unique index
+DATABASE_EXISTS_STATES = ("42P04", "23505")
 
 
 def to_json(value):
@@ -71,26 +77,42 @@ def alembic_config(url=None):
 
 def upgrade(url=None, revision="head"):
     """Migrate the database, creating it first if the server lacks it, and
-    ensure the bootstrap admin exists."""
+    ensure the bootstrap admin exists. Upgrades started at once (the units
+    of several machines, say) take turns on an advisory lock, so the later
+    ones find the schema migrated instead of failing halfway through it."""
     from alembic import command
     url = url or config.get()["database"]["url"]
     create_database(url)
-    command.upgrade(alembic_config(url), revision)
-    from cirrus.auth import ensure_admin
-    with session_factory(url)() as session, session.begin():
-        ensure_admin(session)
+    lock_holder = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with lock_holder.connect() as lock:
+            lock.exec_driver_sql("SELECT pg_advisory_lock(%s)", (UPGRADE_LOCK,))
+            command.upgrade(alembic_config(url), revision)
+            from cirrus.auth import ensure_admin
+            with session_factory(url)() as session, session.begin():
+                ensure_admin(session)
+            # closing the connection would release it too; this says so
+            lock.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (UPGRADE_LOCK,))
+    finally:
+        lock_holder.dispose()
 
 
 def create_database(url):
     from sqlalchemy.engine import make_url
     target = make_url(url)
     admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        exists = conn.exec_driver_sql(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (target.database,)).scalar()
-        if not exists:
-            conn.exec_driver_sql(f'CREATE DATABASE "{target.database}"')
-    admin.dispose()
+    try:
+        with admin.connect() as conn:
+            exists = conn.exec_driver_sql(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (target.database,)).scalar()
+            if not exists:
+                conn.exec_driver_sql(f'CREATE DATABASE "{target.database}"')
+    except DBAPIError as exc:
+        # another upgrade made it between our look and our CREATE
+        if getattr(exc.orig, "pgcode", None) not in DATABASE_EXISTS_STATES:
+            raise
+    finally:
+        admin.dispose()
 
 
 def get_row(session, model, row_id, what, lock=False):
