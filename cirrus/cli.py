@@ -523,7 +523,8 @@ class UsageError(Exception):
 
 def client(args):
     from cirrus.client import Client
-    return Client(address=args.address, request_id=getattr(args, "request_id", None))
+    return Client(address=args.address, request_id=getattr(args, "request_id", None),
+                  tls_ca=args.tls_ca)
 
 
 def read_file(path):
@@ -557,7 +558,8 @@ def cmd_login(args):
         password = os.environ.get("CIRRUS_PASSWORD")
     if password is None:
         password = getpass.getpass(f"password for {user}: ")
-    with Client(address=args.address, username=user, password=password) as api:
+    with Client(address=args.address, username=user, password=password,
+                tls_ca=args.tls_ca) as api:
         session = api.login(user, password)
     path = save_token(session["token"])
     print(f"logged in as {session['user']['name']} ({session['user']['role']}); token saved to "
@@ -574,7 +576,7 @@ def cmd_logout(args):
     if token is None:
         print(f"not logged in: no token at {path}")
         return 0
-    with Client(address=args.address, token=token) as api:
+    with Client(address=args.address, token=token, tls_ca=args.tls_ca) as api:
         try:
             api.logout()
             said = "the server forgot the token"
@@ -899,6 +901,10 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--address", metavar="HOST:PORT",
                         help="the gateway (default: gateway.address:port of the configuration)")
+    parser.add_argument("--tls-ca", metavar="PEM",
+                        help="reach the gateway over TLS, trusting the CAs in this file, or "
+                             "'system' for the system's (default: gateway.tls_ca of the "
+                             "configuration; unset: plaintext)")
     parser.add_argument("--request-id", metavar="ID", type=request_id_text,
                         help="the request id this command's calls carry, which `cirrus trace "
                              "ID` follows across the services (default: a new one)")
@@ -1878,6 +1884,20 @@ def add_flow_commands(groups, command):
                       help="seconds (default 600)")
 
 
+def unreachable_hint(args, details):
+    """What to check when the gateway could not be reached, from gRPC's words."""
+    from cirrus import config
+    from cirrus.client import default_address
+    address = args.address or default_address()
+    if "handshake failed" in details.lower():
+        return (f"the certificate of the gateway at {address} is not signed by a CA of "
+                "--tls-ca or gateway.tls_ca")
+    if "socket closed" in details.lower() and not (args.tls_ca or
+                                                     config.get()["gateway"].get("tls_ca")):
+        return f"does the gateway at {address} serve TLS? then give its CA with --tls-ca"
+    return f"is cirrus-gateway running at {address}?"
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.request_id = args.request_id or uuid.uuid4().hex    # every call of this command
@@ -1890,8 +1910,7 @@ def main(argv=None):
     except (ClientError, UsageError) as exc:
         details = exc.details
         if exc.code == "UNAVAILABLE" and "failed to connect" in details.lower():
-            from cirrus.client import default_address
-            details += f" (is cirrus-gateway running at {args.address or default_address()}?)"
+            details += f" ({unreachable_hint(args, details)})"
         print(f"cirrus: {exc.code}: {details}", file=sys.stderr)
         code = 1
     except ConfigError as exc:

@@ -109,6 +109,18 @@ def default_address():
     return f"{gateway['address']}:{gateway['port']}"
 
 
+def channel(address, tls_ca=None):
+    """A channel to the gateway at ``address``: TLS when ``tls_ca`` (default:
+    the configuration's gateway.tls_ca) is the PEM file of the CAs to trust,
+    or "system" for the system's own; plaintext when neither says so."""
+    tls_ca = tls_ca or config.get()["gateway"].get("tls_ca")
+    if not tls_ca:
+        return grpc.insecure_channel(address)
+    roots = None if tls_ca == "system" else config.read_pem("gateway.tls_ca", tls_ca,
+                                                             "CERTIFICATE")
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots))
+
+
 def to_dict(message):
     """A message as a dict with the proto's field names. Unset optional
     fields are None, rather than missing, so ``vm["host"]`` always works."""
@@ -150,7 +162,7 @@ def resolve_id(ref, listing, kind):
 
 class Client:
     def __init__(self, address=None, token=None, username=None, password=None, timeout=30,
-                 request_id=None):
+                 request_id=None, tls_ca=None):
         self.address = address or default_address()
         self.request_id = request_id    # every call's x-request-id, unless one is given
         if token:
@@ -160,7 +172,7 @@ class Client:
         else:
             self.credentials = default_credentials()
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = channel(self.address, tls_ca)
         self.vms = vm_pb2_grpc.VirtualMachineServiceStub(self.channel)
         self.hosts = host_pb2_grpc.HostServiceStub(self.channel)
         self.templates = template_pb2_grpc.TemplateServiceStub(self.channel)

@@ -56,6 +56,19 @@ def load(path=None, environ=None):
     return tree
 
 
+def read_pem(key, path, kind):
+    """The bytes of the PEM file at ``path``, set by ``key``, which must hold
+    a ``kind`` ("CERTIFICATE", "PRIVATE KEY"): a wrong file is refused here,
+    naming it, rather than failing every TLS handshake later."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+    if f"{kind}-----".encode() not in data:
+        raise ConfigError(f"{key}: {path} holds no PEM {kind}")
+    return data
+
+
 _cached = None
 
 

@@ -21,6 +21,7 @@ import logging
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -1112,6 +1113,20 @@ class StatusServicer(Servicer, status_pb2_grpc.StatusServiceServicer):
 
 # ----------------------------------------------------------------- server
 
+def server_credentials(gw):
+    """TLS credentials from gateway.tls_cert and tls_key, or None (plaintext)
+    when neither is set; one without the other is a ConfigError."""
+    cert, key = gw.get("tls_cert"), gw.get("tls_key")
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        missing, given = ("tls_key", "tls_cert") if cert else ("tls_cert", "tls_key")
+        raise config.ConfigError(f"gateway.{given} is set but gateway.{missing} is not")
+    return grpc.ssl_server_credentials([(config.read_pem("gateway.tls_key", key, "PRIVATE KEY"),
+                                         config.read_pem("gateway.tls_cert", cert,
+                                                         "CERTIFICATE"))])
+
+
 class Gateway:
     def __init__(self, cfg):
         gw = cfg["gateway"]
@@ -1156,7 +1171,12 @@ class Gateway:
         reflection.enable_server_reflection(
             names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.service_names = names
-        self.port = self.server.add_insecure_port(self.address)
+        credentials = server_credentials(gw)
+        self.tls = credentials is not None
+        if self.tls:
+            self.port = self.server.add_secure_port(self.address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(self.address)
         if not self.port:
             raise RuntimeError(f"cannot listen on {self.address}")
 
@@ -1175,7 +1195,7 @@ class Gateway:
         self.server.start()
         for name in ["", *self.service_names]:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("gateway listening on %s", self.address)
+        log.info("gateway listening on %s (%s)", self.address, "TLS" if self.tls else "plaintext")
 
     def stop(self, grace=5):
         log.info("gateway stopping")
@@ -1190,7 +1210,11 @@ class Gateway:
 def main(argv=None):
     from cirrus import heartbeat, instance
     instance.start("gateway")
-    gateway = Gateway(config.get())
+    try:
+        gateway = Gateway(config.get())
+    except config.ConfigError as exc:
+        log.error("configuration: %s", exc)
+        sys.exit(2)
     stopping = threading.Event()
 
     def stop(signum, frame):

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -17,13 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BASE_AMQP, BASE_DB, rabbitmqctl
-from tests.procs import BIN, Proc, wait_until
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.procs import BIN, Proc, free_port, wait_until
 
 
 class CliError(AssertionError):

@@ -5,7 +5,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import ProgrammingError
 
 from cirrus import db, errors
-from tests.e2e.conftest import free_port
+from tests.procs import free_port
 
 
 def test_a_server_not_listening_is_unavailable_naming_the_database():

@@ -18,8 +18,7 @@ from cirrus import db
 from cirrus.db.models import (AuditEntry, FlowNode, FlowRole, FlowService, User, VirtualMachine,
                               VmDevices)
 from services.lifecycle import logic, monitoring
-from tests.e2e.conftest import free_port
-from tests.procs import Proc
+from tests.procs import Proc, free_port
 from tests.vm_devices import answer, deploy_to_running
 
 TOKEN_VM = 'CPU = 0.1\nMEMORY = 32\nCONTEXT = [ TOKEN = "YES" ]\n'

@@ -3,7 +3,6 @@ lifecycle services, on the real broker and database."""
 import base64
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,16 +22,10 @@ from cirrus.client import Client, ClientError
 from cirrus.db.models import User
 from cirrus.v1 import host_pb2, host_pb2_grpc, vm_pb2, vm_pb2_grpc
 from tests.broker import join_node, rpc_proxy
-from tests.procs import Proc, start_services, wait_until
+from tests.procs import Proc, free_port, start_services, wait_until
 
 API = ["cirrus.v1.VirtualMachineService", "cirrus.v1.HostService",
        "cirrus.v1.TemplateService", "cirrus.v1.SessionService"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_gateway(cirrus_env, log_dir):

@@ -10,8 +10,7 @@ from cirrus.db.models import Outbox, VirtualMachine
 from cirrus.errors import NotFound
 from cirrus.metrics import ClusterCollector
 from tests.broker import FakeNodeTransport, rpc_proxy
-from tests.e2e.conftest import free_port
-from tests.procs import start_services, wait_until
+from tests.procs import free_port, start_services, wait_until
 from tests.scrape import scrape, total
 
 

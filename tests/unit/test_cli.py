@@ -1,13 +1,13 @@
 """The cirrus CLI without a gateway: argument parsing, output formats, the
 token file and where credentials come from."""
 import os
-import socket
 import stat
 from datetime import datetime, timezone
 
 import pytest
 
 from cirrus import cli, client
+from tests.procs import free_port
 
 
 def parse(*argv):
@@ -190,12 +190,6 @@ def test_template_create_needs_a_file(capsys):
 
 
 # ----------------------------------------------------------------- errors
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_an_unreachable_gateway_prints_the_status_and_exits_1(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -1,0 +1,145 @@
+"""The gateway over TLS (gateway.tls_cert and tls_key), with the requests
+service behind it on the real broker and database, and the clients that
+trust its CA (gateway.tls_ca, `cirrus --tls-ca`) or do not."""
+import subprocess
+import sys
+
+import pytest
+
+from cirrus import config
+from cirrus.client import Client, ClientError
+from tests.procs import Proc, free_port, start_services
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_ca(directory, name):
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "1",
+            "-subj", f"/CN={name}", cwd=directory)
+    return directory / f"{name}.pem"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, the gateway's certificate for 127.0.0.1 signed by it, and a CA
+    that signed nothing."""
+    directory = tmp_path_factory.mktemp("pki")
+    ca = make_ca(directory, "ca")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", "gateway.key", "-out", "gateway.csr", "-subj", "/CN=127.0.0.1",
+            cwd=directory)
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "gateway.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "gateway.pem", "-days", "1", "-extfile", "san.cnf",
+            cwd=directory)
+    return {"ca": ca, "cert": directory / "gateway.pem", "key": directory / "gateway.key",
+            "other_ca": make_ca(directory, "other")}
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory):
+    return tmp_path_factory.mktemp("gateway-tls")
+
+
+@pytest.fixture(scope="module")
+def requests_service(cirrus_env, logs):
+    procs = start_services(["requests"], cirrus_env, logs)
+    yield
+    for proc in procs:
+        proc.stop()
+
+
+def gateway_env(cirrus_env, port, cert=None, key=None):
+    env = {**cirrus_env, "CIRRUS_GATEWAY_PORT": str(port)}
+    if cert:
+        env["CIRRUS_GATEWAY_TLS_CERT"] = str(cert)
+    if key:
+        env["CIRRUS_GATEWAY_TLS_KEY"] = str(key)
+    return env
+
+
+@pytest.fixture(scope="module")
+def gateway(requests_service, cirrus_env, logs, pki):
+    port = free_port()
+    proc = Proc(["cirrus-gateway"], gateway_env(cirrus_env, port, pki["cert"], pki["key"]),
+                logs / "gateway.log").start()
+    proc.wait_for(r"gateway listening on .* \(TLS\)")
+    yield f"127.0.0.1:{port}"
+    proc.stop()
+
+
+def cirrus(gateway, env, *argv):
+    return subprocess.run([sys.executable, "-m", "cirrus.cli", "--address", gateway, *argv],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_client_trusting_the_ca_works_over_tls(gateway, pki):
+    with Client(gateway, tls_ca=str(pki["ca"])) as api:
+        session = api.login(str(config.get()["auth"]["admin_user"]),
+                            str(config.get()["auth"]["admin_password"]))
+        assert session["user"]["role"] == "admin"
+        assert "admin" in [user["name"] for user in api.list_users()]
+
+
+def test_the_cli_takes_the_ca_from_the_flag_or_the_configuration(gateway, cirrus_env, pki,
+                                                                  tmp_path):
+    env = {**cirrus_env, "HOME": str(tmp_path)}
+    by_flag = cirrus(gateway, env, "--tls-ca", str(pki["ca"]), "user", "list")
+    assert by_flag.returncode == 0, by_flag.stderr
+    by_config = cirrus(gateway, {**env, "CIRRUS_GATEWAY_TLS_CA": str(pki["ca"])}, "user", "list")
+    assert by_config.returncode == 0, by_config.stderr
+    assert by_config.stdout == by_flag.stdout
+
+
+@pytest.mark.parametrize("argv, hint", [
+    ((), "does the gateway at 127.0.0.1:{port} serve TLS? then give its CA with --tls-ca"),
+    (("--tls-ca", "{other_ca}"),
+     "the certificate of the gateway at 127.0.0.1:{port} is not signed by a CA of --tls-ca"),
+])
+def test_the_cli_says_what_to_check_when_tls_fails(gateway, cirrus_env, pki, tmp_path,
+                                                  argv, hint):
+    fill = {"port": gateway.split(":")[1], "other_ca": str(pki["other_ca"])}
+    done = cirrus(gateway, {**cirrus_env, "HOME": str(tmp_path)},
+                  *(arg.format(**fill) for arg in argv), "user", "list")
+    assert done.returncode == 1
+    assert "cirrus: UNAVAILABLE" in done.stderr and hint.format(**fill) in done.stderr
+
+
+@pytest.mark.parametrize("trust", ["plaintext", "other_ca", "system"])
+def test_a_client_that_cannot_verify_the_gateway_gets_nothing(gateway, pki, trust):
+    tls_ca = {"plaintext": None, "other_ca": str(pki["other_ca"]), "system": "system"}[trust]
+    with Client(gateway, tls_ca=tls_ca, timeout=5) as api:
+        with pytest.raises(ClientError) as exc_info:
+            api.list_users()
+    assert exc_info.value.code == "UNAVAILABLE"
+
+
+def test_a_ca_file_that_is_missing_or_not_a_certificate_is_named(gateway, cirrus_env, pki,
+                                                                 tmp_path):
+    env = {**cirrus_env, "HOME": str(tmp_path)}
+    missing = cirrus(gateway, env, "--tls-ca", str(tmp_path / "nope.pem"), "host", "list")
+    assert missing.returncode == 1
+    assert f"gateway.tls_ca: cannot read {tmp_path / 'nope.pem'}" in missing.stderr
+    with pytest.raises(config.ConfigError, match="holds no PEM CERTIFICATE"):
+        Client(gateway, tls_ca=str(pki["key"]))
+
+
+@pytest.mark.parametrize("given, error", [
+    ({"cert": "cert"}, "gateway.tls_cert is set but gateway.tls_key is not"),
+    ({"key": "key"}, "gateway.tls_key is set but gateway.tls_cert is not"),
+    ({"cert": "key", "key": "key"}, "gateway.tls_cert: .*gateway.key holds no PEM CERTIFICATE"),
+])
+def test_a_gateway_with_a_wrong_tls_setting_says_which_and_exits(cirrus_env, logs, pki,
+                                                                 given, error):
+    files = {name: pki[which] for name, which in given.items()}
+    proc = Proc(["cirrus-gateway"], gateway_env(cirrus_env, free_port(), **files),
+                logs / f"gateway-wrong-{'-'.join(given)}.log").start()
+    try:
+        assert proc.popen.wait(timeout=30) == 2
+        proc.wait_for(f"configuration: {error}", timeout=5)
+    finally:
+        proc.stop()
+
