@@ -69,6 +69,21 @@ def read_pem(key, path, kind):
     return data
 
 
+def tls_files(section, values):
+    """The (certificate, key) PEM paths of ``section``'s tls_cert and tls_key,
+    each checked to hold what it should, or None (plaintext) when neither is
+    set; one without the other is a ConfigError."""
+    cert, key = values.get("tls_cert"), values.get("tls_key")
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        missing, given = ("tls_key", "tls_cert") if cert else ("tls_cert", "tls_key")
+        raise ConfigError(f"{section}.{given} is set but {section}.{missing} is not")
+    read_pem(f"{section}.tls_cert", cert, "CERTIFICATE")
+    read_pem(f"{section}.tls_key", key, "PRIVATE KEY")
+    return cert, key
+
+
 _cached = None
 
 

@@ -101,12 +101,16 @@ def make_app(cfg):
     return Gate(Settings.from_config(gate), reads, relay, sessions, rpc), rpc
 
 
-def serve(sock, cfg, name, children=()):
-    """Answer on ``sock`` until SIGTERM/SIGINT, which stops ``children`` first."""
+def serve(sock, cfg, name, tls=None, children=()):
+    """Answer on ``sock`` until SIGTERM/SIGINT, which stops ``children`` first;
+    over TLS with ``tls``, the (certificate, key) paths."""
     from eventlet import wsgi
     from cirrus import heartbeat
     app, rpc = make_app(cfg)
-    log.info("%s listening on %s:%s", name, *sock.getsockname()[:2])
+    log.info("%s listening on %s:%s (%s)", name, *sock.getsockname()[:2],
+             "TLS" if tls else "plaintext")
+    if tls:
+        sock = eventlet.wrap_ssl(sock, certfile=tls[0], keyfile=tls[1], server_side=True)
 
     def stop(signum, frame):
         for pid in children:
@@ -147,6 +151,11 @@ def main(argv=None):
     address = args.address or gate.get("address", "127.0.0.1")
     port = args.port if args.port is not None else int(gate.get("port", 5030))
     processes = max(1, args.processes or int(gate.get("processes", 1)))
+    try:
+        tls = config.tls_files("gate", gate)
+    except config.ConfigError as exc:
+        print(f"cirrus-gate: configuration: {exc}", file=sys.stderr)
+        return 2
     # several processes: each its own socket on the port (SO_REUSEPORT), so the
     # kernel spreads connections instead of every process waking on each one
     reuse_port = processes > 1 and hasattr(socket, "SO_REUSEPORT")
@@ -166,13 +175,13 @@ def main(argv=None):
             if reuse_port:
                 sock.close()            # the parent's; this process answers on its own
                 sock = listen(address, port, True)
-            serve(sock, cfg, f"gate process {index + 1}/{processes}")
+            serve(sock, cfg, f"gate process {index + 1}/{processes}", tls)
             os._exit(0)
         children.append(pid)
 
     heartbeat.start(instance.current())
     log.info("gate started on %s:%s (%d process(es))", address, port, processes)
-    serve(sock, cfg, f"gate process 1/{processes}", children)
+    serve(sock, cfg, f"gate process 1/{processes}", tls, children)
     return 0
 
 

@@ -27,6 +27,7 @@ import time
 import uuid
 from concurrent import futures
 from datetime import datetime, timezone
+from pathlib import Path
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
@@ -1114,17 +1115,12 @@ class StatusServicer(Servicer, status_pb2_grpc.StatusServiceServicer):
 # ----------------------------------------------------------------- server
 
 def server_credentials(gw):
-    """TLS credentials from gateway.tls_cert and tls_key, or None (plaintext)
-    when neither is set; one without the other is a ConfigError."""
-    cert, key = gw.get("tls_cert"), gw.get("tls_key")
-    if not cert and not key:
+    """TLS credentials from gateway.tls_cert and tls_key, or None: plaintext."""
+    files = config.tls_files("gateway", gw)
+    if files is None:
         return None
-    if not (cert and key):
-        missing, given = ("tls_key", "tls_cert") if cert else ("tls_cert", "tls_key")
-        raise config.ConfigError(f"gateway.{given} is set but gateway.{missing} is not")
-    return grpc.ssl_server_credentials([(config.read_pem("gateway.tls_key", key, "PRIVATE KEY"),
-                                         config.read_pem("gateway.tls_cert", cert,
-                                                         "CERTIFICATE"))])
+    cert, key = (Path(path).read_bytes() for path in files)
+    return grpc.ssl_server_credentials([(key, cert)])
 
 
 class Gateway:

@@ -1,8 +1,14 @@
-"""The gateway over TLS (gateway.tls_cert and tls_key), with the requests
-service behind it on the real broker and database, and the clients that
-trust its CA (gateway.tls_ca, `cirrus --tls-ca`) or do not."""
+"""TLS served by the gateway (gateway.tls_cert and tls_key, with the requests
+service behind it) and by the gate (gate.tls_cert and tls_key), on the real
+broker and database, and the clients that trust their CA (gateway.tls_ca,
+`cirrus --tls-ca`) or do not."""
+import http.client
+import json
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -143,3 +149,42 @@ def test_a_gateway_with_a_wrong_tls_setting_says_which_and_exits(cirrus_env, log
     finally:
         proc.stop()
 
+
+
+# ----------------------------------------------------------------- the gate (OneGate)
+
+def start_gate(cirrus_env, logs, **files):
+    port = free_port()
+    env = {**cirrus_env, "CIRRUS_GATE_PORT": str(port),
+           **{f"CIRRUS_GATE_TLS_{name.upper()}": str(path) for name, path in files.items()}}
+    return Proc(["cirrus-gate"], env, logs / f"gate-{port}.log").start(), port
+
+
+def test_the_gate_serves_https_and_refuses_plain_http(cirrus_env, logs, pki):
+    proc, port = start_gate(cirrus_env, logs, cert=pki["cert"], key=pki["key"])
+    try:
+        proc.wait_for(r"gate process 1/1 listening on .* \(TLS\)")
+        trusting = ssl.create_default_context(cafile=str(pki["ca"]))
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/vm", context=trusting, timeout=10)
+        # the gate's own refusal of a guest without a token, over TLS
+        assert answer.value.code == 401
+        assert "error" in json.loads(answer.value.read())
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/vm", timeout=10)
+        distrusting = ssl.create_default_context(cafile=str(pki["other_ca"]))
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/vm", context=distrusting,
+                                   timeout=10)
+    finally:
+        proc.stop()
+
+
+def test_a_gate_with_a_wrong_tls_setting_says_which_and_exits(cirrus_env, logs, pki):
+    proc, _ = start_gate(cirrus_env, logs, key=pki["key"])
+    try:
+        assert proc.popen.wait(timeout=30) == 2
+        proc.wait_for("cirrus-gate: configuration: gate.tls_key is set but gate.tls_cert "
+                      "is not", timeout=5)
+    finally:
+        proc.stop()
