@@ -1126,6 +1126,7 @@ def server_credentials(gw):
 class Gateway:
     def __init__(self, cfg):
         gw = cfg["gateway"]
+        credentials = server_credentials(gw)     # first: a wrong setting leaves nothing started
         self.address = f"{gw['address']}:{gw['port']}"
         workers = int(gw.get("workers", 16))
         self.requests = Requests(cfg["amqp"]["uri"], float(gw.get("rpc_timeout", 30)))
@@ -1167,7 +1168,6 @@ class Gateway:
         reflection.enable_server_reflection(
             names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.service_names = names
-        credentials = server_credentials(gw)
         self.tls = credentials is not None
         if self.tls:
             self.port = self.server.add_secure_port(self.address, credentials)
