@@ -153,23 +153,28 @@ def test_a_gateway_with_a_wrong_tls_setting_says_which_and_exits(cirrus_env, log
 
 # ----------------------------------------------------------------- the gate (OneGate)
 
-def start_gate(cirrus_env, logs, **files):
+def start_gate(cirrus_env, logs, processes=1, **files):
     port = free_port()
-    env = {**cirrus_env, "CIRRUS_GATE_PORT": str(port),
+    env = {**cirrus_env, "CIRRUS_GATE_PORT": str(port), "CIRRUS_GATE_PROCESSES": str(processes),
            **{f"CIRRUS_GATE_TLS_{name.upper()}": str(path) for name, path in files.items()}}
     return Proc(["cirrus-gate"], env, logs / f"gate-{port}.log").start(), port
 
 
-def test_the_gate_serves_https_and_refuses_plain_http(cirrus_env, logs, pki):
-    proc, port = start_gate(cirrus_env, logs, cert=pki["cert"], key=pki["key"])
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_gate_serves_https_and_refuses_plain_http(cirrus_env, logs, pki, processes):
+    """With two processes, each wraps its own socket (SO_REUSEPORT)."""
+    proc, port = start_gate(cirrus_env, logs, processes, cert=pki["cert"], key=pki["key"])
     try:
-        proc.wait_for(r"gate process 1/1 listening on .* \(TLS\)")
+        for index in range(1, processes + 1):
+            proc.wait_for(rf"gate process {index}/{processes} listening on .* \(TLS\)")
         trusting = ssl.create_default_context(cafile=str(pki["ca"]))
-        with pytest.raises(urllib.error.HTTPError) as answer:
-            urllib.request.urlopen(f"https://127.0.0.1:{port}/vm", context=trusting, timeout=10)
-        # the gate's own refusal of a guest without a token, over TLS
-        assert answer.value.code == 401
-        assert "error" in json.loads(answer.value.read())
+        for _ in range(4 * processes):      # new connections: the kernel spreads them
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(f"https://127.0.0.1:{port}/vm", context=trusting,
+                                       timeout=10)
+            # the gate's own refusal of a guest without a token, over TLS
+            assert answer.value.code == 401
+            assert "error" in json.loads(answer.value.read())
         with pytest.raises((http.client.HTTPException, ConnectionError)):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/vm", timeout=10)
         distrusting = ssl.create_default_context(cafile=str(pki["other_ca"]))
