@@ -1888,12 +1888,14 @@ def unreachable_hint(args, details):
     """What to check when the gateway could not be reached, from gRPC's words."""
     from cirrus import config
     from cirrus.client import default_address
-    address = args.address or default_address()
-    if "handshake failed" in details.lower():
+    address, said = args.address or default_address(), details.lower()
+    if "certificate_verify_failed" in said:
         return (f"the certificate of the gateway at {address} is not signed by a CA of "
                 "--tls-ca or gateway.tls_ca")
-    if "socket closed" in details.lower() and not (args.tls_ca or
-                                                     config.get()["gateway"].get("tls_ca")):
+    if "wrong_version_number" in said:
+        return (f"the gateway at {address} does not serve TLS: leave out --tls-ca and "
+                "gateway.tls_ca")
+    if "socket closed" in said and not (args.tls_ca or config.get()["gateway"].get("tls_ca")):
         return f"does the gateway at {address} serve TLS? then give its CA with --tls-ca"
     return f"is cirrus-gateway running at {address}?"
 

@@ -100,15 +100,28 @@ def test_the_cli_takes_the_ca_from_the_flag_or_the_configuration(gateway, cirrus
     assert by_config.stdout == by_flag.stdout
 
 
-@pytest.mark.parametrize("argv, hint", [
-    ((), "does the gateway at 127.0.0.1:{port} serve TLS? then give its CA with --tls-ca"),
-    (("--tls-ca", "{other_ca}"),
-     "the certificate of the gateway at 127.0.0.1:{port} is not signed by a CA of --tls-ca"),
+@pytest.fixture(scope="module")
+def plaintext_gateway(requests_service, cirrus_env, logs):
+    port = free_port()
+    proc = Proc(["cirrus-gateway"], gateway_env(cirrus_env, port),
+                logs / "gateway-plaintext.log").start()
+    proc.wait_for(r"gateway listening on .* \(plaintext\)")
+    yield f"127.0.0.1:{port}"
+    proc.stop()
+
+
+@pytest.mark.parametrize("which, argv, hint", [
+    ("tls", (), "does the gateway at {address} serve TLS? then give its CA with --tls-ca"),
+    ("tls", ("--tls-ca", "{other_ca}"),
+     "the certificate of the gateway at {address} is not signed by a CA of --tls-ca"),
+    ("plaintext", ("--tls-ca", "{ca}"),
+     "the gateway at {address} does not serve TLS: leave out --tls-ca"),
 ])
-def test_the_cli_says_what_to_check_when_tls_fails(gateway, cirrus_env, pki, tmp_path,
-                                                  argv, hint):
-    fill = {"port": gateway.split(":")[1], "other_ca": str(pki["other_ca"])}
-    done = cirrus(gateway, {**cirrus_env, "HOME": str(tmp_path)},
+def test_the_cli_says_what_to_check_when_tls_fails(gateway, plaintext_gateway, cirrus_env, pki,
+                                                  tmp_path, which, argv, hint):
+    address = gateway if which == "tls" else plaintext_gateway
+    fill = {"address": address, "ca": str(pki["ca"]), "other_ca": str(pki["other_ca"])}
+    done = cirrus(address, {**cirrus_env, "HOME": str(tmp_path)},
                   *(arg.format(**fill) for arg in argv), "user", "list")
     assert done.returncode == 1
     assert "cirrus: UNAVAILABLE" in done.stderr and hint.format(**fill) in done.stderr
