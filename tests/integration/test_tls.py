@@ -4,6 +4,7 @@ broker and database, and the clients that trust their CA (gateway.tls_ca,
 `cirrus --tls-ca`) or do not."""
 import http.client
 import json
+import socket
 import ssl
 import subprocess
 import sys
@@ -181,6 +182,8 @@ def test_the_gate_serves_https_and_refuses_plain_http(cirrus_env, logs, pki, pro
         for index in range(1, processes + 1):
             proc.wait_for(rf"gate process {index}/{processes} listening on .* \(TLS\)")
         trusting = ssl.create_default_context(cafile=str(pki["ca"]))
+        # a client that connects and never says hello holds up no one
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(processes)]
         for _ in range(4 * processes):      # new connections: the kernel spreads them
             with pytest.raises(urllib.error.HTTPError) as answer:
                 urllib.request.urlopen(f"https://127.0.0.1:{port}/vm", context=trusting,
@@ -194,6 +197,8 @@ def test_the_gate_serves_https_and_refuses_plain_http(cirrus_env, logs, pki, pro
         with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
             urllib.request.urlopen(f"https://127.0.0.1:{port}/vm", context=distrusting,
                                    timeout=10)
+        for sock in silent:
+            sock.close()
     finally:
         proc.stop()
 
