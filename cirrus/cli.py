@@ -36,7 +36,8 @@ def resource_id(text):
 def named_ref(kind):
     """An argparse type: a resource by id (digits) or by name; the client looks names up."""
     def parse(text):
-        if text.isdigit():
+        from cirrus.template import is_digits
+        if is_digits(text):
             return resource_id(text)
         if not text.strip():
             raise argparse.ArgumentTypeError(f"invalid {kind}: give its name or id")

@@ -22,6 +22,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from cirrus import config, states
+from cirrus.template import is_digits
 from cirrus.v1 import (
     host_pb2, host_pb2_grpc, session_pb2, session_pb2_grpc, template_pb2,
     template_pb2_grpc, vm_pb2, vm_pb2_grpc,
@@ -149,7 +150,7 @@ def _add_nones(message, data):
 def resolve_id(ref, listing, kind):
     """The id of a resource given by id (an int or a string of digits) or by
     name, looked up among ``listing()``; a name that several share is refused."""
-    if isinstance(ref, int) or str(ref).isdigit():
+    if isinstance(ref, int) or is_digits(str(ref)):
         return int(ref)
     ids = [found["id"] for found in listing() if found["name"] == ref]
     if not ids:

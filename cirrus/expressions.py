@@ -409,7 +409,7 @@ _VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)(?:\[([^\]]*)\])?")
 _VARIABLE_IN_TEXT = _VARIABLE
 _SELECTOR = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*'
                        r'(?:,\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*("[^"]*"|[^\s,"]+)\s*)?')
-_NUMBER_TEXT = re.compile(r"\s*-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*")
+_NUMBER_TEXT = re.compile(r"\s*-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*", re.ASCII)
 
 
 def _number_literal(text):

@@ -176,9 +176,16 @@ def _single_value(template, key):
     return value
 
 
+def is_digits(text):
+    """Whether ``text`` is a whole number in ASCII digits. str.isdigit alone
+    also takes "³", which int() refuses, and "٣", which it reads as 3: an id
+    or a size from a user is neither."""
+    return text.isascii() and text.isdigit()
+
+
 def _positive_int(text):
     text = text.strip()
-    if text.isascii() and text.isdigit() and int(text) > 0:
+    if is_digits(text) and int(text) > 0:
         return int(text)
     return None
 

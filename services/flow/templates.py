@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 import jsonschema
 
 from cirrus.errors import InvalidArgument
-from cirrus.template import parse as parse_vm_template
+from cirrus.template import is_digits, parse as parse_vm_template
 from services.flow import elasticity
 
 SHUTDOWN_ACTIONS = ["terminate", "terminate-hard", "shutdown", "shutdown-hard"]
@@ -386,7 +386,7 @@ def vm_template_for(role, base, service_id, custom_attrs, networks):
 
 def parse_time(value):
     """A scheduled policy's start_time: epoch seconds or ISO 8601 (UTC if no zone)."""
-    if isinstance(value, (int, float)) or (isinstance(value, str) and value.isdigit()):
+    if isinstance(value, (int, float)) or (isinstance(value, str) and is_digits(value)):
         return datetime.fromtimestamp(int(value), timezone.utc)
     parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

@@ -171,7 +171,7 @@ def parse_cardinality(body):
         raise BadRequest(f"body: unknown field(s) {', '.join(map(str, unknown))[:100]}; "
                          "only cardinality can be given")
     cardinality = value["cardinality"]
-    if isinstance(cardinality, str) and cardinality.isdigit():
+    if isinstance(cardinality, str) and template.is_digits(cardinality):
         cardinality = int(cardinality)
     if not isinstance(cardinality, int) or isinstance(cardinality, bool) or cardinality < 0:
         raise BadRequest(f"cardinality: must be a whole number >= 0, got {cardinality!r:.40}")
@@ -199,7 +199,7 @@ def parse_action(body):
 
 
 def parse_vm_id(raw, where):
-    if not raw or not raw.isdigit() or len(raw) > 12:
+    if not template.is_digits(raw) or len(raw) > 12:
         raise BadRequest(f"{where}: {raw[:20]!r} is not a VM id")
     return int(raw)
 

@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from cirrus.template import is_digits
 from services.gate.protocol import Forbidden, TooManyRequests, Unauthorized
 from services.lifecycle.devices import vm_token
 
@@ -61,7 +62,7 @@ def claimed_vm_id(headers):
     if raw is None:
         raise Unauthorized("X-ONEGATE-VMID: missing (the VMID of your context)")
     raw = raw.strip()
-    if not raw.isdigit() or len(raw) > 12:
+    if not is_digits(raw) or len(raw) > 12:
         raise Unauthorized(f"X-ONEGATE-VMID: {raw[:20]!r} is not a VM id")
     return int(raw)
 

@@ -29,6 +29,7 @@ from sqlalchemy import select, text
 from cirrus import bulk, config, db
 from cirrus.db.models import Image, VmDevices, utcnow
 from cirrus.errors import CirrusError, FailedPrecondition, InvalidArgument
+from cirrus.template import is_digits
 from services.drivers.backend import disk_specs, disk_target, sections
 from services.lifecycle import images, vnets
 
@@ -57,7 +58,7 @@ def size_mb(disk, where, required):
         if required:
             raise InvalidArgument(f"{where} SIZE: a {disk.get('TYPE')} disk needs its size in MB")
         return None
-    if not str(raw).isdigit() or int(raw) <= 0:
+    if not is_digits(str(raw)) or int(raw) <= 0:
         raise InvalidArgument(f"{where} SIZE: must be a whole number of MB above 0, got {raw!r}")
     return int(raw)
 

@@ -22,6 +22,7 @@ from sqlalchemy import func, select, text
 from cirrus.db import get_row, iso
 from cirrus.db.models import Datastore, Host, Image, ImageUser, User
 from cirrus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from cirrus.template import is_digits
 
 DATASTORE_TYPES = ("IMAGE", "SYSTEM")
 IMAGE_FORMATS = ("qcow2", "raw")
@@ -77,7 +78,7 @@ def create_datastore(session, name, type, path, host_id=None):
 def find_named(session, model, ref, what, where):
     """A row of ``model`` by id (an int or digits) or by name; NotFound
     naming ``where`` (the field that gave ``ref``) and ``what`` it is."""
-    if isinstance(ref, int) or str(ref).isdigit():
+    if isinstance(ref, int) or is_digits(str(ref)):
         row = session.get(model, int(ref))
     else:
         row = session.scalar(select(model).where(model.name == str(ref)))
@@ -241,7 +242,7 @@ def find_image(session, owner_id, ref, where):
     """A DISK's image: IMAGE_ID (any owner's) or IMAGE (a name among the VM owner's)."""
     if ref.get("IMAGE_ID") not in (None, ""):
         raw = str(ref["IMAGE_ID"])
-        image = session.get(Image, int(raw)) if raw.isdigit() else None
+        image = session.get(Image, int(raw)) if is_digits(raw) else None
         if image is None:
             raise NotFound(f"{where} IMAGE_ID: image {raw!r} does not exist")
         return image

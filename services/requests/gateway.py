@@ -43,8 +43,8 @@ from cirrus import config, messages, states, tracing  # noqa: E402
 from cirrus.metrics import GrpcMetrics  # noqa: E402
 from cirrus.errors import grpc_status_name  # noqa: E402
 # grpc_status_name finds error kinds among the CirrusError subclasses defined
-# in this process: import the modules that define more (TemplateError)
-import cirrus.template  # noqa: E402,F401
+# in this process: cirrus.template defines more (TemplateError)
+from cirrus.template import is_digits  # noqa: E402
 from cirrus.v1 import (  # noqa: E402
     host_pb2, host_pb2_grpc, session_pb2, session_pb2_grpc, template_pb2,
     template_pb2_grpc, vm_pb2, vm_pb2_grpc,
@@ -949,7 +949,7 @@ class FlowServicer(Servicer, flow_pb2_grpc.FlowServiceServicer):
 
 def ref_value(text):
     """A user or group reference from the API: digits are an id, else a name."""
-    return int(text) if text.isdigit() else text
+    return int(text) if is_digits(text) else text
 
 
 def quota_limits(values):

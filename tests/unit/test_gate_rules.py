@@ -89,6 +89,17 @@ def test_headers_name_what_is_missing():
         security.claimed_token({"X-ONEGATE-VMID": "1"})
 
 
+@pytest.mark.parametrize("raw", ["\u00b3", "\u0663", "1\u00b2"])
+def test_digits_that_are_not_ascii_are_no_vm_id(raw):
+    """str.isdigit takes "³" (which int() refuses: a 503 before) and "٣"."""
+    with pytest.raises(Unauthorized, match="is not a VM id"):
+        security.claimed_vm_id({"X-ONEGATE-VMID": raw})
+    with pytest.raises(BadRequest, match="is not a VM id"):
+        protocol.parse_vm_id(raw, "path")
+    with pytest.raises(BadRequest, match="cardinality: must be a whole number"):
+        protocol.parse_cardinality(f'{{"cardinality": "{raw}"}}'.encode())
+
+
 def test_reach_restrictions_and_route_groups():
     settings = security.Settings.from_config({"restricted_attributes": ["secret_key"],
                                               "routes": {"vm_action": False}})

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from cirrus.errors import InvalidArgument
-from cirrus.template import MULTI, TemplateError, dumps, parse, vm_resources
+from cirrus.template import MULTI, TemplateError, dumps, is_digits, parse, vm_resources
 
 # As an operator would paste it from OpenNebula: comments, odd spacing, a
 # lower-case key, bare and quoted values, a multi-line quoted script.
@@ -278,3 +278,10 @@ def test_vm_resources_names_what_is_wrong(template, message):
     with pytest.raises(InvalidArgument) as caught:
         vm_resources(template)
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("text, digits", [
+    ("0", True), ("42", True), ("", False), ("-1", False), (" 1", False), ("1.0", False),
+    ("\u00b3", False), ("\u0663", False), ("\uff11", False)])
+def test_is_digits_takes_ascii_digits_only(text, digits):
+    assert is_digits(text) is digits
