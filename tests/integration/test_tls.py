@@ -7,7 +7,6 @@ import json
 import socket
 import ssl
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 
@@ -15,6 +14,8 @@ import pytest
 
 from cirrus import config
 from cirrus.client import Client, ClientError
+from tests.integration.test_gate_api import start_gate
+from tests.integration.test_gateway import cirrus, start_gateway
 from tests.procs import Proc, free_port, start_services
 
 
@@ -59,28 +60,28 @@ def requests_service(cirrus_env, logs):
         proc.stop()
 
 
-def gateway_env(cirrus_env, port, cert=None, key=None):
-    env = {**cirrus_env, "CIRRUS_GATEWAY_PORT": str(port)}
-    if cert:
-        env["CIRRUS_GATEWAY_TLS_CERT"] = str(cert)
-    if key:
-        env["CIRRUS_GATEWAY_TLS_KEY"] = str(key)
-    return env
+def tls_env(env, section, cert=None, key=None):
+    """``env`` with CIRRUS_<SECTION>_TLS_CERT and _TLS_KEY for the files given."""
+    return {**env, **{f"CIRRUS_{section}_TLS_{name}": str(path)
+                      for name, path in (("CERT", cert), ("KEY", key)) if path}}
+
+
+def exits_naming(program, env, log_path, error):
+    """``program`` started with a wrong setting exits 2 with a line naming it."""
+    proc = Proc([program], env, log_path).start()
+    try:
+        assert proc.popen.wait(timeout=30) == 2
+        proc.wait_for(error, timeout=5)
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="module")
 def gateway(requests_service, cirrus_env, logs, pki):
-    port = free_port()
-    proc = Proc(["cirrus-gateway"], gateway_env(cirrus_env, port, pki["cert"], pki["key"]),
-                logs / "gateway.log").start()
+    proc, address = start_gateway(tls_env(cirrus_env, "GATEWAY", pki["cert"], pki["key"]), logs)
     proc.wait_for(r"gateway listening on .* \(TLS\)")
-    yield f"127.0.0.1:{port}"
+    yield address
     proc.stop()
-
-
-def cirrus(gateway, env, *argv):
-    return subprocess.run([sys.executable, "-m", "cirrus.cli", "--address", gateway, *argv],
-                          env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_a_client_trusting_the_ca_works_over_tls(gateway, pki):
@@ -103,11 +104,9 @@ def test_the_cli_takes_the_ca_from_the_flag_or_the_configuration(gateway, cirrus
 
 @pytest.fixture(scope="module")
 def plaintext_gateway(requests_service, cirrus_env, logs):
-    port = free_port()
-    proc = Proc(["cirrus-gateway"], gateway_env(cirrus_env, port),
-                logs / "gateway-plaintext.log").start()
+    proc, address = start_gateway(cirrus_env, logs)
     proc.wait_for(r"gateway listening on .* \(plaintext\)")
-    yield f"127.0.0.1:{port}"
+    yield address
     proc.stop()
 
 
@@ -155,29 +154,20 @@ def test_a_ca_file_that_is_missing_or_not_a_certificate_is_named(gateway, cirrus
 def test_a_gateway_with_a_wrong_tls_setting_says_which_and_exits(cirrus_env, logs, pki,
                                                                  given, error):
     files = {name: pki[which] for name, which in given.items()}
-    proc = Proc(["cirrus-gateway"], gateway_env(cirrus_env, free_port(), **files),
-                logs / f"gateway-wrong-{'-'.join(given)}.log").start()
-    try:
-        assert proc.popen.wait(timeout=30) == 2
-        proc.wait_for(f"configuration: {error}", timeout=5)
-    finally:
-        proc.stop()
+    env = {**tls_env(cirrus_env, "GATEWAY", **files), "CIRRUS_GATEWAY_PORT": str(free_port())}
+    exits_naming("cirrus-gateway", env, logs / f"gateway-wrong-{'-'.join(given)}.log",
+                 f"configuration: {error}")
 
 
 
 # ----------------------------------------------------------------- the gate (OneGate)
 
-def start_gate(cirrus_env, logs, processes=1, **files):
-    port = free_port()
-    env = {**cirrus_env, "CIRRUS_GATE_PORT": str(port), "CIRRUS_GATE_PROCESSES": str(processes),
-           **{f"CIRRUS_GATE_TLS_{name.upper()}": str(path) for name, path in files.items()}}
-    return Proc(["cirrus-gate"], env, logs / f"gate-{port}.log").start(), port
-
-
 @pytest.mark.parametrize("processes", [1, 2])
 def test_the_gate_serves_https_and_refuses_plain_http(cirrus_env, logs, pki, processes):
     """With two processes, each wraps its own socket (SO_REUSEPORT)."""
-    proc, port = start_gate(cirrus_env, logs, processes, cert=pki["cert"], key=pki["key"])
+    proc, url = start_gate(tls_env(cirrus_env, "GATE", pki["cert"], pki["key"]), logs,
+                           processes=processes)
+    port = int(url.rsplit(":", 1)[1])
     try:
         for index in range(1, processes + 1):
             proc.wait_for(rf"gate process {index}/{processes} listening on .* \(TLS\)")
@@ -204,10 +194,6 @@ def test_the_gate_serves_https_and_refuses_plain_http(cirrus_env, logs, pki, pro
 
 
 def test_a_gate_with_a_wrong_tls_setting_says_which_and_exits(cirrus_env, logs, pki):
-    proc, _ = start_gate(cirrus_env, logs, key=pki["key"])
-    try:
-        assert proc.popen.wait(timeout=30) == 2
-        proc.wait_for("cirrus-gate: configuration: gate.tls_key is set but gate.tls_cert "
-                      "is not", timeout=5)
-    finally:
-        proc.stop()
+    env = {**tls_env(cirrus_env, "GATE", key=pki["key"]), "CIRRUS_GATE_PORT": str(free_port())}
+    exits_naming("cirrus-gate", env, logs / "gate-wrong.log",
+                 "cirrus-gate: configuration: gate.tls_key is set but gate.tls_cert is not")
